@@ -1,0 +1,310 @@
+package defuss
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrInvalidOption is wrapped by every error that [Start] returns for a bad
+// option; the message names the option.
+var ErrInvalidOption = errors.New("defuss: invalid option")
+
+// Defaults of the options. The heartbeat is much faster than the Node
+// reference's (60 s / 150 s): a stuck worker is noticed within seconds, and a
+// heartbeat frame costs the primary next to nothing.
+const (
+	DefaultAddr              = ":3000"
+	DefaultWorkerHost        = "127.0.0.1"
+	DefaultInspectionTimeout = 10 * time.Millisecond
+	DefaultMaxHeaderBytes    = 16 << 10
+	DefaultHeartbeatInterval = 1 * time.Second
+	DefaultHeartbeatStale    = 5 * time.Second
+	DefaultShutdownTimeout   = 10 * time.Second
+	DefaultStartTimeout      = 30 * time.Second
+	DefaultDialTimeout       = 1 * time.Second
+)
+
+// An Option configures [Start]. Options are created by the With* functions.
+type Option interface {
+	apply(*config)
+}
+
+type optionFunc func(*config)
+
+func (f optionFunc) apply(c *config) { f(c) }
+
+// config is resolved once, in newConfig, and read-only afterwards.
+type config struct {
+	addr              string
+	listener          net.Listener
+	workers           int
+	workerHost        string
+	baseWorkerPort    int
+	inspectionTimeout time.Duration
+	maxHeaderBytes    int
+	halfOpen          bool
+	heartbeat         time.Duration
+	staleAfter        time.Duration
+	shutdownTimeout   time.Duration
+	startTimeout      time.Duration
+	dialTimeout       time.Duration
+	respawn           bool
+	balancer          Balancer
+	logger            *slog.Logger
+	workerEnv         []string
+	signals           bool
+
+	// onExit, when set (tests only), sees every worker exit.
+	onExit func(slot, pid int, err error)
+
+	// errs collects option errors; validate reports them all at once.
+	errs []error
+}
+
+// WithAddr sets the public address the primary listens on, in the form
+// accepted by [net.Listen] ("host:port"). The default is ":3000"; when the
+// option is not given, the environment variables PORT (or LISTEN_PORT) and
+// LISTEN_HOST override the default's port and host. HOST is deliberately not
+// read: many shells set it to the machine's name.
+func WithAddr(addr string) Option {
+	return optionFunc(func(c *config) { c.addr = addr })
+}
+
+// WithListener makes the primary accept on l instead of listening on an
+// address; [WithAddr] is then ignored. The primary closes l when it stops.
+// A nil l keeps the default.
+func WithListener(l net.Listener) Option {
+	return optionFunc(func(c *config) {
+		if l != nil {
+			c.listener = l
+		}
+	})
+}
+
+// WithWorkers sets the number of worker processes. Zero, the default, means
+// one per CPU available to the process (runtime.GOMAXPROCS(0)).
+func WithWorkers(n int) Option {
+	return optionFunc(func(c *config) {
+		if n < 0 {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithWorkers(%d): must be >= 0", ErrInvalidOption, n))
+			return
+		}
+		c.workers = n
+	})
+}
+
+// WithWorkerHost sets the loopback host workers listen on. The default is
+// "127.0.0.1".
+func WithWorkerHost(host string) Option {
+	return optionFunc(func(c *config) { c.workerHost = host })
+}
+
+// WithBaseWorkerPort makes worker i listen on port base+i. Zero, the
+// default, lets each worker listen on an ephemeral port that it reports to
+// the primary.
+func WithBaseWorkerPort(base int) Option {
+	return optionFunc(func(c *config) { c.baseWorkerPort = base })
+}
+
+// WithInspectionTimeout bounds how long the primary waits for a complete
+// request head before it routes whatever has arrived. The default is 10ms.
+func WithInspectionTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.inspectionTimeout = d })
+}
+
+// WithMaxHeaderBytes caps how many bytes the primary buffers while sniffing
+// a request head; once the cap is reached it routes what it has. The
+// default is 16384.
+func WithMaxHeaderBytes(n int) Option {
+	return optionFunc(func(c *config) { c.maxHeaderBytes = n })
+}
+
+// WithHalfOpen sets whether a FIN from one side of a proxied connection is
+// passed on while the other direction keeps flowing (true, the default), or
+// closes the whole connection (false).
+func WithHalfOpen(on bool) Option {
+	return optionFunc(func(c *config) { c.halfOpen = on })
+}
+
+// WithHeartbeat sets how often workers report their stats (default 1s), and
+// after how long without a report a worker is stale (default 5s): a stale
+// worker gets no new connections, and one that stays silent for another
+// staleAfter is killed and replaced. staleAfter must exceed interval.
+func WithHeartbeat(interval, staleAfter time.Duration) Option {
+	return optionFunc(func(c *config) {
+		c.heartbeat = interval
+		c.staleAfter = staleAfter
+	})
+}
+
+// WithShutdownTimeout bounds a graceful shutdown: in-flight requests get
+// this long to finish before the remaining workers are killed. The default
+// is 10s.
+func WithShutdownTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.shutdownTimeout = d })
+}
+
+// WithStartTimeout bounds how long a new worker may take to report that it
+// is ready; a worker that takes longer is killed. The default is 30s.
+func WithStartTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.startTimeout = d })
+}
+
+// WithRespawn sets whether workers that exit unexpectedly are replaced
+// (true, the default).
+func WithRespawn(on bool) Option {
+	return optionFunc(func(c *config) { c.respawn = on })
+}
+
+// WithBalancer sets the function that picks a worker for each new
+// connection. A nil b keeps the default, [RoundRobin].
+func WithBalancer(b Balancer) Option {
+	return optionFunc(func(c *config) {
+		if b != nil {
+			c.balancer = b
+		}
+	})
+}
+
+// WithLogger sets the logger. A nil l keeps the default, [slog.Default].
+func WithLogger(l *slog.Logger) Option {
+	return optionFunc(func(c *config) {
+		if l != nil {
+			c.logger = l
+		}
+	})
+}
+
+// WithWorkerEnv adds "KEY=value" entries to the environment of every
+// worker, on top of the primary's own environment.
+func WithWorkerEnv(env ...string) Option {
+	return optionFunc(func(c *config) {
+		for _, kv := range env {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				c.errs = append(c.errs, fmt.Errorf("%w: WithWorkerEnv(%q): want KEY=value", ErrInvalidOption, kv))
+				continue
+			}
+			c.workerEnv = append(c.workerEnv, kv)
+		}
+	})
+}
+
+// WithSignalHandling sets whether Start handles SIGINT and SIGTERM (true,
+// the default): the first signal starts a graceful shutdown, a second one
+// stops at once. With false, call [Server.Shutdown] yourself.
+func WithSignalHandling(on bool) Option {
+	return optionFunc(func(c *config) { c.signals = on })
+}
+
+// newConfig sets every default, applies opts, and validates the result.
+// getenv is os.Getenv outside tests.
+func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
+	c := &config{
+		addr:              envAddr(getenv),
+		workerHost:        DefaultWorkerHost,
+		inspectionTimeout: DefaultInspectionTimeout,
+		maxHeaderBytes:    DefaultMaxHeaderBytes,
+		halfOpen:          true,
+		heartbeat:         DefaultHeartbeatInterval,
+		staleAfter:        DefaultHeartbeatStale,
+		shutdownTimeout:   DefaultShutdownTimeout,
+		startTimeout:      DefaultStartTimeout,
+		dialTimeout:       DefaultDialTimeout,
+		respawn:           true,
+		signals:           true,
+		logger:            slog.Default(),
+	}
+	for _, o := range opts {
+		if o != nil {
+			o.apply(c)
+		}
+	}
+	if c.workers == 0 {
+		c.workers = runtime.GOMAXPROCS(0)
+	}
+	if c.balancer == nil {
+		c.balancer = RoundRobin()
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// envAddr is the default public address: ":3000", with PORT/LISTEN_PORT and
+// LISTEN_HOST applied as the reference does.
+func envAddr(getenv func(string) string) string {
+	host, port := "", "3000"
+	if p := getenv("PORT"); p != "" {
+		port = p
+	} else if p := getenv("LISTEN_PORT"); p != "" {
+		port = p
+	}
+	if h := getenv("LISTEN_HOST"); h != "" {
+		host = h
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func (c *config) validate() error {
+	errs := c.errs
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
+	}
+	publicPort := -1
+	if c.listener == nil {
+		_, port, err := net.SplitHostPort(c.addr)
+		if err != nil {
+			bad("WithAddr(%q) (or PORT/LISTEN_HOST): %v", c.addr, err)
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad("WithAddr(%q) (or PORT/LISTEN_PORT): port must be a number from 0 to 65535", c.addr)
+		} else {
+			publicPort = p
+		}
+	} else if a, ok := c.listener.Addr().(*net.TCPAddr); ok {
+		publicPort = a.Port
+	}
+	if c.workers > 1024 {
+		bad("WithWorkers(%d): at most 1024", c.workers)
+	}
+	if c.workerHost == "" {
+		bad("WithWorkerHost(%q): empty host", c.workerHost)
+	} else if ip := net.ParseIP(c.workerHost); c.workerHost != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		bad("WithWorkerHost(%q): workers must listen on a loopback address", c.workerHost)
+	}
+	if c.baseWorkerPort < 0 || c.baseWorkerPort+c.workers-1 > 65535 {
+		bad("WithBaseWorkerPort(%d): worker ports must lie within 1-65535 for %d workers", c.baseWorkerPort, c.workers)
+	} else if c.baseWorkerPort > 0 && publicPort > 0 && publicPort >= c.baseWorkerPort && publicPort < c.baseWorkerPort+c.workers {
+		bad("WithBaseWorkerPort(%d): worker ports %d-%d collide with the public port %d", c.baseWorkerPort, c.baseWorkerPort, c.baseWorkerPort+c.workers-1, publicPort)
+	}
+	if c.inspectionTimeout <= 0 {
+		bad("WithInspectionTimeout(%v): must be > 0", c.inspectionTimeout)
+	}
+	if c.maxHeaderBytes < 64 || c.maxHeaderBytes > 1<<20 {
+		bad("WithMaxHeaderBytes(%d): must be within 64 to 1048576", c.maxHeaderBytes)
+	}
+	if c.heartbeat < time.Millisecond {
+		bad("WithHeartbeat(%v, %v): interval must be >= 1ms", c.heartbeat, c.staleAfter)
+	} else if c.staleAfter <= c.heartbeat {
+		bad("WithHeartbeat(%v, %v): staleAfter must exceed interval", c.heartbeat, c.staleAfter)
+	}
+	if c.shutdownTimeout <= 0 {
+		bad("WithShutdownTimeout(%v): must be > 0", c.shutdownTimeout)
+	}
+	if c.startTimeout <= 0 {
+		bad("WithStartTimeout(%v): must be > 0", c.startTimeout)
+	}
+	return errors.Join(errs...)
+}
+
+// workerProcs is the GOMAXPROCS each worker gets: the primary's CPUs shared
+// among the workers, at least one.
+func (c *config) workerProcs() int {
+	return max(1, runtime.GOMAXPROCS(0)/c.workers)
+}

@@ -1,0 +1,476 @@
+// Package defuss turns a net/http program into a multi-process server with
+// one call: a primary process that balances connections across N worker
+// processes running the same binary.
+//
+// Typical usage:
+//
+//	func main() {
+//		mux := http.NewServeMux()
+//		mux.HandleFunc("/", hello)
+//		if err := defuss.Run(mux); err != nil {
+//			log.Fatal(err)
+//		}
+//	}
+//
+// # Code before Start runs in every process
+//
+// Start re-executes the program's own binary (os.Executable, with the same
+// arguments) once per worker. EVERYTHING main does before it calls Start or
+// Run therefore runs in the primary AND IN EVERY WORKER: opening files,
+// connecting to databases, printing banners, binding other ports. Keep such
+// work cheap and idempotent, or do it after Start returns and only when
+// [IsWorker] says which role this process has.
+//
+// # Process model
+//
+// The primary listens on the public address (":3000" by default). For each
+// new TCP connection it reads the start of the HTTP/1.x request head (for
+// at most 10ms and 16 KiB by default), asks a [Balancer] which worker takes
+// the connection, dials that worker on its loopback port, writes the bytes
+// it read and then splices the two TCP streams (splice(2) on Linux). Routing
+// is per connection: every request on a keep-alive connection goes to the
+// same worker. Workers serve the handler with an http.Server on a loopback
+// port and report readiness and heartbeats (CPU, RSS, Go heap, connections)
+// to the primary over an inherited pipe. The primary replaces workers that
+// die, with exponential backoff, and on SIGINT/SIGTERM or [Server.Shutdown]
+// stops accepting, lets in-flight requests finish, and kills what is left
+// after the shutdown timeout.
+//
+// # What defuss does not do
+//
+// It does not terminate TLS or speak HTTP/2 to clients (such bytes are
+// routed as "unknown" and passed through unchanged), it does not route
+// request by request, and it does not run on Windows, which has no
+// inherited pipes. Under "go run", the binary that workers re-execute is a
+// temporary build; that works, but build the program for production.
+package defuss
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/defuss-go/defuss/internal/proc"
+)
+
+// Sentinel errors. Errors returned by this package wrap them; test with
+// errors.Is.
+var (
+	// ErrNotSupported: the platform cannot run workers.
+	ErrNotSupported = errors.New("defuss: not supported on this platform")
+	// ErrNoWorkers: every worker has exited and none will be respawned.
+	ErrNoWorkers = errors.New("defuss: no workers left")
+	// ErrInterrupted: a signal arrived while Start waited for the workers.
+	ErrInterrupted = errors.New("defuss: interrupted during start-up")
+)
+
+// IsWorker reports whether this process is a defuss worker, started by a
+// primary.
+func IsWorker() bool { return os.Getenv(envSlot) != "" }
+
+// Run starts the server and waits until it stops: [Start], then
+// [Server.Wait]. It is what main calls.
+func Run(handler http.Handler, opts ...Option) error {
+	s, err := Start(handler, opts...)
+	if err != nil {
+		return err
+	}
+	return s.Wait()
+}
+
+// Start starts the server in the role of this process. In the primary it
+// spawns the workers and returns once every worker has reported ready (or
+// at least one has, and the others are still starting when the start
+// timeout passes) and the public listener accepts; if a worker fails before
+// it ever reports ready, Start stops everything and returns an error saying
+// why. In a worker, Start returns once the handler is served on the
+// worker's port and readiness is reported.
+func Start(handler http.Handler, opts ...Option) (*Server, error) {
+	if !proc.Supported {
+		return nil, ErrNotSupported
+	}
+	c, err := newConfig(os.Getenv, opts...)
+	if handler == nil {
+		err = errors.Join(fmt.Errorf("%w: handler is nil", ErrInvalidOption), err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if IsWorker() {
+		return startWorker(handler, c)
+	}
+	return startPrimary(c)
+}
+
+// A Server is a running primary or worker.
+type Server struct {
+	p *primary // set in the primary
+	w *worker  // set in a worker
+}
+
+// Wait blocks until the server has stopped and returns why: nil after a
+// graceful shutdown, otherwise the error that stopped it.
+func (s *Server) Wait() error {
+	if s.w != nil {
+		<-s.w.finished
+		return s.w.err
+	}
+	<-s.p.done
+	return s.p.err
+}
+
+// Shutdown stops the server gracefully: the primary stops accepting, lets
+// in-flight requests finish within the shutdown timeout, then kills the
+// workers that are left; a worker stops serving in the same way. If ctx
+// ends first, Shutdown stops at once and returns ctx.Err(). It may be
+// called more than once and from several goroutines.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var done <-chan struct{}
+	if s.w != nil {
+		t := s.w.shutdownTimeout
+		if d, ok := ctx.Deadline(); ok {
+			t = max(time.Until(d), time.Nanosecond)
+		}
+		s.w.requestStop(t)
+		done = s.w.finished
+	} else {
+		s.p.beginShutdown()
+		done = s.p.done
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		if s.p != nil {
+			s.p.forceShutdown()
+		} else {
+			s.w.requestStop(0)
+		}
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Addr returns the address the server accepts on: the public address in
+// the primary, the worker's loopback address in a worker.
+func (s *Server) Addr() net.Addr {
+	if s.w != nil {
+		return s.w.ln.Addr()
+	}
+	return s.p.ln.Addr()
+}
+
+// IsWorker reports whether s runs as a worker.
+func (s *Server) IsWorker() bool { return s.w != nil }
+
+// WorkerIndex returns the worker's slot index, or -1 in the primary.
+func (s *Server) WorkerIndex() int {
+	if s.w != nil {
+		return s.w.slot
+	}
+	return -1
+}
+
+// Workers returns a consistent snapshot of every worker slot, in slot
+// order. In a worker it returns nil.
+func (s *Server) Workers() []WorkerInfo {
+	if s.p == nil {
+		return nil
+	}
+	return s.p.snapshot().all
+}
+
+// primary is the primary role: the public listener, the slot table, one
+// supervisor per slot, and the connection goroutines.
+type primary struct {
+	cfg      *config
+	log      *slog.Logger
+	exe      string
+	ln       net.Listener
+	dialer   net.Dialer
+	fallback Balancer
+	slots    []*slot
+
+	mu      sync.Mutex               // guards slot.info and publishing
+	view    atomic.Pointer[poolView] // published on every state change
+	changed chan struct{}            // closed and replaced on every publish
+	gone    int                      // slots that will never run again
+
+	bufs sync.Pool // *[]byte of cfg.maxHeaderBytes
+	reqs sync.Pool // *Request
+
+	connMu sync.Mutex
+	live   map[net.Conn]struct{} // nil once the primary stops accepting
+	conns  sync.WaitGroup        // connection goroutines
+
+	supervisors sync.WaitGroup
+	acceptDone  chan struct{}
+
+	drain       chan struct{} // closed: graceful shutdown has begun
+	force       chan struct{} // closed: stop at once
+	drainOnce   sync.Once
+	forceOnce   sync.Once
+	fatal       chan error // a loop's fatal error; ends the primary
+	done        chan struct{}
+	err         error
+	stopSignals func()
+
+	acceptLog, noWorkerLog, balancerLog, dialLog burstLog
+}
+
+// poolView is an immutable snapshot of the slot table.
+type poolView struct {
+	all   []WorkerInfo
+	cands []WorkerInfo // the healthy subset, handed to the Balancer
+}
+
+func startPrimary(c *config) (*Server, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("defuss: find own binary: %w", err)
+	}
+	ln := c.listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", c.addr); err != nil {
+			return nil, fmt.Errorf("defuss: listen: %w", err)
+		}
+	}
+	p := &primary{
+		cfg:        c,
+		log:        c.logger.With("component", "defuss", "role", "primary", "pid", os.Getpid()),
+		exe:        exe,
+		ln:         ln,
+		dialer:     net.Dialer{Timeout: c.dialTimeout},
+		fallback:   RoundRobin(),
+		changed:    make(chan struct{}),
+		live:       make(map[net.Conn]struct{}),
+		acceptDone: make(chan struct{}),
+		drain:      make(chan struct{}),
+		force:      make(chan struct{}),
+		fatal:      make(chan error, 1),
+		done:       make(chan struct{}),
+	}
+	p.bufs.New = func() any { b := make([]byte, c.maxHeaderBytes); return &b }
+	p.reqs.New = func() any { return new(Request) }
+	p.slots = make([]*slot, c.workers)
+	for i := range p.slots {
+		s := &slot{index: i}
+		s.info = WorkerInfo{Index: i, State: stateStarting, conns: &s.conns}
+		p.slots[i] = s
+	}
+	p.mu.Lock()
+	p.publish()
+	p.mu.Unlock()
+
+	var sigs <-chan os.Signal
+	if c.signals {
+		ch := make(chan os.Signal, 2)
+		notifySignals(ch)
+		p.stopSignals = func() { stopSignals(ch) }
+		sigs = ch
+	}
+	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
+	startup := make(chan error, len(p.slots))
+	for _, s := range p.slots {
+		p.supervisors.Add(1)
+		go func() {
+			defer p.supervisors.Done()
+			p.supervise(s, startup)
+		}()
+	}
+	if err := p.awaitStartup(startup, sigs); err != nil {
+		p.forceShutdown()
+		p.beginShutdown()
+		p.supervisors.Wait()
+		ln.Close()
+		if p.stopSignals != nil {
+			p.stopSignals()
+		}
+		close(p.acceptDone)
+		return nil, err
+	}
+	go func() {
+		defer close(p.acceptDone)
+		if err := p.acceptLoop(); err != nil {
+			p.fail(fmt.Errorf("defuss: accept: %w", err))
+		}
+	}()
+	go p.run(sigs)
+	p.log.Info("serving", "addr", ln.Addr().String(), "workers", c.workers)
+	return &Server{p: p}, nil
+}
+
+// awaitStartup waits for the first outcome of every slot.
+func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) error {
+	timeout := time.NewTimer(p.cfg.startTimeout)
+	defer timeout.Stop()
+	ready := 0
+	for range p.slots {
+		select {
+		case err := <-startup:
+			if err != nil {
+				return err
+			}
+			ready++
+		case <-timeout.C:
+			if ready > 0 {
+				return nil // the slow ones keep starting under their supervisors
+			}
+			return fmt.Errorf("%w: no worker reported ready within %v", ErrWorkerStart, p.cfg.startTimeout)
+		case <-sigs:
+			return ErrInterrupted
+		}
+	}
+	return nil
+}
+
+// run waits for the reason to stop, then shuts down in order.
+func (p *primary) run(sigs <-chan os.Signal) {
+	select {
+	case <-sigs:
+		p.log.Info("signal received; shutting down gracefully (send another to stop at once)")
+	case <-p.drain:
+	case err := <-p.fatal:
+		p.err = err
+		p.log.Error("stopping", "err", err)
+	}
+	p.beginShutdown()
+	deadline := time.NewTimer(p.cfg.shutdownTimeout + time.Second) // workers are killed at shutdownTimeout
+	defer deadline.Stop()
+	workersDone := make(chan struct{})
+	go func() {
+		p.supervisors.Wait()
+		close(workersDone)
+	}()
+	for workersDone != nil {
+		select {
+		case <-workersDone:
+			workersDone = nil
+		case <-sigs:
+			p.log.Warn("second signal; stopping now")
+			p.forceShutdown()
+		case <-deadline.C:
+			p.log.Error("workers still running after the shutdown timeout; killing them")
+			p.forceShutdown()
+		}
+	}
+	// Every worker has exited, so nothing can flow on a proxied
+	// connection any more: close what is left and wait for the goroutines.
+	p.closeLive()
+	<-p.acceptDone
+	p.conns.Wait()
+	if p.stopSignals != nil {
+		p.stopSignals()
+	}
+	if p.err == nil && p.noneLeft() {
+		p.err = ErrNoWorkers
+	}
+	p.log.Info("stopped")
+	close(p.done)
+}
+
+// beginShutdown starts a graceful shutdown: no new connections, workers drain.
+func (p *primary) beginShutdown() {
+	p.drainOnce.Do(func() {
+		close(p.drain)
+		p.ln.Close()
+		p.mu.Lock()
+		p.publish()
+		p.mu.Unlock()
+	})
+}
+
+// forceShutdown kills the workers and closes every connection now.
+func (p *primary) forceShutdown() {
+	p.beginShutdown()
+	p.forceOnce.Do(func() {
+		close(p.force)
+		p.closeLive()
+	})
+}
+
+// fail ends the primary with err, unless it is already ending.
+func (p *primary) fail(err error) {
+	select {
+	case p.fatal <- err:
+	default:
+	}
+}
+
+func (p *primary) stopping() bool {
+	select {
+	case <-p.drain:
+		return true
+	default:
+		return false
+	}
+}
+
+// slotGone records that a slot will never run again (respawn is off);
+// when none is left the primary stops.
+func (p *primary) slotGone() {
+	p.mu.Lock()
+	p.gone++
+	all := p.gone == len(p.slots)
+	p.mu.Unlock()
+	if all {
+		p.fail(ErrNoWorkers)
+	}
+}
+
+func (p *primary) noneLeft() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.gone == len(p.slots)
+}
+
+// setState moves slot s to state and publishes the table.
+func (p *primary) setState(s *slot, state string, pid int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s.info.State = state
+	s.info.PID = pid
+	p.publish()
+}
+
+func (p *primary) state(s *slot) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return s.info.State
+}
+
+// publish stores a new view of the slot table. p.mu must be held.
+func (p *primary) publish() {
+	v := &poolView{all: make([]WorkerInfo, len(p.slots))}
+	draining := p.stopping()
+	for i, s := range p.slots {
+		info := s.info
+		info.Ready = info.Ready && info.State != stateDown
+		info.Healthy = info.State == stateReady && !draining
+		v.all[i] = info
+		if info.Healthy {
+			v.cands = append(v.cands, info)
+		}
+	}
+	p.view.Store(v)
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
+func (p *primary) snapshot() *poolView { return p.view.Load() }
+
+func (p *primary) candidates() []WorkerInfo { return p.view.Load().cands }
+
+// changes returns a channel closed at the next publish.
+func (p *primary) changes() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.changed
+}

@@ -1,0 +1,3 @@
+// Package proc holds the platform-specific parts of starting and watching
+// worker processes.
+package proc

@@ -1,0 +1,408 @@
+package defuss
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The test binary is its own worker: a primary started by a test
+// re-executes it with envSlot set, and TestMain then serves testApp instead
+// of running the tests. With envTestPrimary set it runs a whole primary in
+// its own process instead, for tests that signal or kill the primary.
+const (
+	envTestPrimary = "DEFUSS_TEST_PRIMARY" // value: number of workers
+	envTestApp     = "DEFUSS_TEST_APP"     // extra behaviour of the worker
+)
+
+// workerServer is the Server of this process when it runs as a test worker.
+var workerServer atomic.Pointer[Server]
+
+func TestMain(m *testing.M) {
+	switch {
+	case IsWorker():
+		os.Exit(testWorkerMain())
+	case os.Getenv(envTestPrimary) != "":
+		os.Exit(testPrimaryMain())
+	}
+	os.Exit(m.Run())
+}
+
+func testWorkerMain() int {
+	level := slog.LevelError
+	if os.Getenv("DEFUSS_TEST_WORKER_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	switch os.Getenv(envTestApp) {
+	case "exit-before-start":
+		fmt.Fprintln(os.Stderr, "test worker: exiting before Start, as asked")
+		return 3
+	case "hang-before-start":
+		select {} // until the primary kills it
+	}
+	s, err := Start(testApp(), WithLogger(log))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test worker:", err)
+		return 1
+	}
+	workerServer.Store(s)
+	if err := s.Wait(); err != nil {
+		fmt.Fprintln(os.Stderr, "test worker:", err)
+		return 1
+	}
+	return 0
+}
+
+// testPrimaryMain runs a primary with signal handling on, and prints
+// "ready <addr> <pid,pid,...>" to stdout once it serves.
+func testPrimaryMain() int {
+	n, _ := strconv.Atoi(os.Getenv(envTestPrimary))
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s, err := Start(testApp(), WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
+		WithHeartbeat(100*time.Millisecond, time.Second), WithShutdownTimeout(5*time.Second))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test primary:", err)
+		return 1
+	}
+	var pids []string
+	for _, w := range s.Workers() {
+		pids = append(pids, strconv.Itoa(w.PID))
+	}
+	fmt.Printf("ready %s %s\n", s.Addr(), strings.Join(pids, ","))
+	if err := s.Wait(); err != nil {
+		fmt.Fprintln(os.Stderr, "test primary:", err)
+		return 1
+	}
+	fmt.Println("stopped")
+	return 0
+}
+
+// testApp is the handler every test worker serves.
+func testApp() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "pid=%d slot=%s procs=%d remote=%s\n", os.Getpid(), os.Getenv(envSlot), runtime.GOMAXPROCS(0), r.RemoteAddr)
+	})
+	mux.HandleFunc("/pid", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, os.Getpid())
+	})
+	mux.HandleFunc("/args", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, strings.Join(os.Args, "\x00"))
+	})
+	// /sleep?d=2s sends the header at once, then the body "done" after d.
+	mux.HandleFunc("/sleep", func(w http.ResponseWriter, r *http.Request) {
+		d, _ := time.ParseDuration(r.URL.Query().Get("d"))
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		time.Sleep(d)
+		fmt.Fprint(w, "done")
+	})
+	// /upload answers the byte count and SHA-256 of the body.
+	mux.HandleFunc("/upload", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintf(w, "%d %s", n, hex.EncodeToString(h.Sum(nil)))
+	})
+	// /download?n=N streams N bytes of a repeating pattern.
+	mux.HandleFunc("/download", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		io.Copy(w, io.LimitReader(patternReader{}, n))
+	})
+	// /sse sends five events, flushing each, 10ms apart.
+	mux.HandleFunc("/sse", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 5 {
+			fmt.Fprintf(w, "data: %d\n\n", i)
+			w.(http.Flusher).Flush()
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+	// /upgrade switches protocols (as a WebSocket handshake does) and then
+	// echoes every byte back until the client closes.
+	mux.HandleFunc("/upgrade", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", http.StatusBadRequest)
+			return
+		}
+		c, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+		rw.Flush()
+		io.Copy(c, rw) // rw's reader holds what arrived with the head
+	})
+	// /forge?slot=N makes this worker send a frame that claims slot N.
+	mux.HandleFunc("/forge", func(w http.ResponseWriter, r *http.Request) {
+		slot, _ := strconv.Atoi(r.URL.Query().Get("slot"))
+		f := appendMessage(nil, &message{kind: frameStats, slot: slot, pid: os.Getpid()})
+		if _, err := syscall.Write(fdStatus, f); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprint(w, "forged")
+	})
+	return mux
+}
+
+// patternReader yields an endless repeating byte pattern without allocating.
+type patternReader struct{}
+
+func (patternReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(i % 251)
+	}
+	return len(p), nil
+}
+
+// testLogger writes the primary's log into the test's output.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+// startTest starts a primary in this process with real workers (this test
+// binary), listening on 127.0.0.1:0, and stops it when the test ends,
+// checking that no worker process is left.
+func startTest(t *testing.T, opts ...Option) *Server {
+	t.Helper()
+	base := []Option{
+		WithAddr("127.0.0.1:0"),
+		WithWorkers(2),
+		WithSignalHandling(false),
+		WithLogger(testLogger(t)),
+		WithHeartbeat(50*time.Millisecond, 500*time.Millisecond),
+		WithShutdownTimeout(5 * time.Second),
+		// Workers built with -race would sleep 1s at exit, and a race in a
+		// worker must fail the test, not just print.
+		WithWorkerEnv("GORACE=atexit_sleep_ms=0 halt_on_error=1 exitcode=66"),
+		optionFunc(func(c *config) {
+			c.onExit = func(slot, pid int, err error) {
+				var ee *exec.ExitError
+				if errors.As(err, &ee) && ee.ExitCode() == 66 {
+					t.Errorf("worker %d (pid %d) exited with the race detector's code 66", slot, pid)
+				}
+			}
+		}),
+	}
+	s, err := Start(http.NotFoundHandler(), append(base, opts...)...)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		if err := s.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		assertNoChildren(t)
+	})
+	return s
+}
+
+// assertNoChildren fails the test if any process started by this test
+// process is still there (zombies included).
+func assertNoChildren(t *testing.T) {
+	t.Helper()
+	if kids := children(); len(kids) > 0 {
+		t.Errorf("leaked child processes: %v", kids)
+		for _, pid := range kids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// children lists the pids whose parent is this process, from /proc.
+func children() []int {
+	ents, _ := os.ReadDir("/proc")
+	var kids []int
+	me := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, _, ok := procStat(pid); ok && ppid == me {
+			kids = append(kids, pid)
+		}
+	}
+	return kids
+}
+
+// procStat returns the parent pid and state letter of pid.
+func procStat(pid int) (ppid int, state byte, ok bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, 0, false
+	}
+	// pid (comm) state ppid ...; comm may hold spaces and parens.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 || i+4 > len(b) {
+		return 0, 0, false
+	}
+	f := strings.Fields(string(b[i+2:]))
+	if len(f) < 2 {
+		return 0, 0, false
+	}
+	ppid, err = strconv.Atoi(f[1])
+	return ppid, f[0][0], err == nil
+}
+
+// alive reports whether pid is a running (not zombie) process.
+func alive(pid int) bool {
+	_, state, ok := procStat(pid)
+	return ok && state != 'Z' && state != 'X'
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitWorkers waits on the primary's change notifications until cond holds
+// for the slot table.
+func waitWorkers(t *testing.T, s *Server, timeout time.Duration, what string, cond func([]WorkerInfo) bool) []WorkerInfo {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		ch := s.p.changes()
+		if ws := s.Workers(); cond(ws) {
+			return ws
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			t.Fatalf("timed out after %v waiting for %s; workers: %+v", timeout, what, s.Workers())
+		}
+	}
+}
+
+// get does one request on a new connection and returns status and body.
+func get(t *testing.T, addr, path string) (int, string) {
+	t.Helper()
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s: read body: %v", path, err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+// rawConn is a client connection that speaks HTTP/1.1 by hand, for tests
+// that hold connections open or send odd bytes.
+type rawConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func dialRaw(t *testing.T, addr string) *rawConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	t.Cleanup(func() { c.Close() })
+	return &rawConn{Conn: c, r: bufio.NewReader(c)}
+}
+
+// roundTrip sends a GET for path and returns the response body.
+func (c *rawConn) roundTrip(t *testing.T, path string) string {
+	t.Helper()
+	if _, err := fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read body: %v", err)
+	}
+	return string(b)
+}
+
+// startPrimaryProcess runs a primary with n workers in a separate process
+// (this test binary) and returns it with its address and worker pids.
+func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, addr string, pids []int) {
+	t.Helper()
+	cmd = exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n))
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		for _, pid := range pids {
+			if alive(pid) {
+				t.Errorf("worker %d outlived its primary", pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("primary process: %v", err)
+	}
+	f := strings.Fields(line)
+	if len(f) != 3 || f[0] != "ready" {
+		t.Fatalf("primary process said %q", line)
+	}
+	for _, s := range strings.Split(f[2], ",") {
+		pid, _ := strconv.Atoi(s)
+		pids = append(pids, pid)
+	}
+	return cmd, f[1], pids
+}
+
+func fmtSscanf(s, format string, args ...any) (int, error) { return fmt.Sscanf(s, format, args...) }
+
+func dialTCP(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) }
+
+func readAllString(r io.Reader) (string, error) {
+	b, err := io.ReadAll(r)
+	return string(b), err
+}

@@ -1,0 +1,255 @@
+package defuss
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+)
+
+// response503 is what an HTTP/1 client gets when no worker can take its
+// connection.
+const response503 = "HTTP/1.1 503 Service Unavailable\r\n" +
+	"Content-Type: text/plain; charset=utf-8\r\n" +
+	"Retry-After: 1\r\n" +
+	"Connection: close\r\n" +
+	"Content-Length: 24\r\n" +
+	"\r\n" +
+	"no worker is available.\n"
+
+// acceptLoop accepts public connections until the listener is closed.
+func (p *primary) acceptLoop() error {
+	var delay time.Duration
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			if p.stopping() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if !isTemporary(err) {
+				return err
+			}
+			// Out of descriptors or similar: back off as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			if p.acceptLog.allow() {
+				p.log.Error("accept", "err", err, "retry_in", delay)
+			}
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-p.drain:
+				t.Stop()
+			}
+			continue
+		}
+		delay = 0
+		if !p.track(c) {
+			c.Close()
+			continue
+		}
+		go p.serveConn(c)
+	}
+}
+
+func isTemporary(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ENOBUFS) ||
+		errors.Is(err, syscall.ENOMEM)
+}
+
+// track registers a live client connection so that shutdown can wait for
+// it and, past its deadline, close it. It reports false once the primary
+// is stopping.
+func (p *primary) track(c net.Conn) bool {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	if p.live == nil {
+		return false
+	}
+	p.live[c] = struct{}{}
+	p.conns.Add(1)
+	return true
+}
+
+func (p *primary) untrack(c net.Conn) {
+	c.Close()
+	p.connMu.Lock()
+	delete(p.live, c)
+	p.connMu.Unlock()
+	p.conns.Done()
+}
+
+// closeLive closes every live client connection and refuses new ones.
+func (p *primary) closeLive() {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	for c := range p.live {
+		c.Close()
+	}
+	p.live = nil
+}
+
+// serveConn sniffs, routes and splices one client connection.
+func (p *primary) serveConn(c net.Conn) {
+	defer p.untrack(c)
+	bp := p.bufs.Get().(*[]byte)
+	n, err := sniff(c, *bp, p.cfg.inspectionTimeout)
+	if err != nil && n == 0 {
+		p.bufs.Put(bp)
+		return // the client left before sending anything
+	}
+	req := p.reqs.Get().(*Request)
+	parseRequest(req, (*bp)[:n])
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		req.RemoteAddr = a.AddrPort()
+	}
+	w, s := p.connect(req)
+	isHTTP := req.Protocol == ProtocolHTTP1
+	req.reset()
+	p.reqs.Put(req)
+	if w == nil {
+		p.bufs.Put(bp)
+		if p.noWorkerLog.allow() {
+			p.log.Warn("no worker available; refusing connection", "http", isHTTP)
+		}
+		if isHTTP {
+			refuse(c)
+		}
+		return
+	}
+	defer s.conns.Add(-1)
+	_, werr := w.Write((*bp)[:n])
+	p.bufs.Put(bp)
+	if werr != nil {
+		w.Close()
+		return
+	}
+	splice(c, w, p.cfg.halfOpen)
+}
+
+// sniff reads from c into buf until it holds a complete request head, buf
+// is full, the client stops sending (EOF) or timeout passes. It returns
+// how many bytes it read, and the error that ended reading early, if any
+// (a timeout is not an error: whatever arrived is routed).
+func sniff(c net.Conn, buf []byte, timeout time.Duration) (int, error) {
+	c.SetReadDeadline(time.Now().Add(timeout))
+	defer c.SetReadDeadline(time.Time{})
+	n := 0
+	for n < len(buf) {
+		m, err := c.Read(buf[n:])
+		if m > 0 && headEnd(buf[:n+m], n) >= 0 {
+			return n + m, nil
+		}
+		n += m
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return n, nil
+			}
+			if err == io.EOF && n > 0 {
+				return n, nil // forward what there is; the copy sees the EOF again
+			}
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// connect picks a worker for req and dials it. A worker that refuses the
+// dial is skipped for the next one, since no byte has been sent to it. It
+// returns nil when no worker takes the connection; otherwise the slot's
+// connection count includes this connection.
+func (p *primary) connect(req *Request) (*net.TCPConn, *slot) {
+	cands := p.candidates()
+	if len(cands) == 0 {
+		return nil, nil
+	}
+	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
+	if res != pickOK && p.balancerLog.allow() {
+		p.log.Error("balancer failed; used round robin", "failure", res.String())
+	}
+	for k := range cands {
+		w := &cands[(i+k)%len(cands)]
+		s := p.slots[w.Index]
+		s.conns.Add(1)
+		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.dialTimeout)
+		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
+		cancel()
+		if err == nil {
+			return c.(*net.TCPConn), s
+		}
+		s.conns.Add(-1)
+		if p.dialLog.allow() {
+			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err)
+		}
+	}
+	return nil, nil
+}
+
+// refuse answers an HTTP/1 client with 503 and closes the connection
+// without resetting it, so the client reads the answer.
+func refuse(c net.Conn) {
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := io.WriteString(c, response503); err != nil {
+		return
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		io.Copy(io.Discard, io.LimitReader(c, 64<<10)) // until the client closes, bounded
+	}
+}
+
+// splice copies between client and worker in both directions until both
+// are done, then closes both. With halfOpen, a clean EOF in one direction
+// is passed on as a FIN while the other keeps flowing; otherwise, and on
+// any error, the first direction to end closes both.
+func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) {
+	done := make(chan struct{}, 1)
+	go copyToWorker(worker, client, halfOpen, done)
+	copyToClient(client, worker, halfOpen)
+	<-done
+	worker.Close()
+	client.Close()
+}
+
+// copyToWorker carries client bytes to the worker; on Linux, io.Copy
+// between two *net.TCPConn uses splice(2).
+func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- struct{}) {
+	_, err := io.Copy(worker, client)
+	endCopy(worker, client, err, halfOpen)
+	done <- struct{}{}
+}
+
+// copyToClient carries worker bytes to the client.
+func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) {
+	_, err := io.Copy(client, worker)
+	endCopy(client, worker, err, halfOpen)
+}
+
+// endCopy ends one direction: src has been read to EOF (err nil) or failed.
+func endCopy(dst, src net.Conn, err error, halfOpen bool) {
+	if err == nil && halfOpen {
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+			return
+		}
+	}
+	dst.Close()
+	src.Close()
+}
+
+// clientAddr is the client's address, or the zero AddrPort for
+// non-TCP listeners.
+func clientAddr(c net.Conn) netip.AddrPort {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
+}
