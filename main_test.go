@@ -122,7 +122,7 @@ func testApp() http.Handler {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		fmt.Fprintf(w, "%d %s", n, hex.EncodeToString(h.Sum(nil)))
+		fmt.Fprintf(w, "%d %s %s", n, hex.EncodeToString(h.Sum(nil)), strings.Join(r.TransferEncoding, ","))
 	})
 	// /download?n=N streams N bytes of a repeating pattern.
 	mux.HandleFunc("/download", func(w http.ResponseWriter, r *http.Request) {
@@ -361,12 +361,12 @@ func (c *rawConn) roundTrip(t *testing.T, path string) string {
 
 // startPrimaryProcess runs a primary with n workers in a separate process
 // (this test binary) and returns it with its address and worker pids.
-func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, addr string, pids []int) {
+func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, out *bufio.Reader, addr string, pids []int) {
 	t.Helper()
 	cmd = exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n))
 	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -383,7 +383,8 @@ func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, addr string, pids 
 			}
 		}
 	})
-	line, err := bufio.NewReader(out).ReadString('\n')
+	out = bufio.NewReader(stdout)
+	line, err := out.ReadString('\n')
 	if err != nil {
 		t.Fatalf("primary process: %v", err)
 	}
@@ -395,7 +396,27 @@ func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, addr string, pids 
 		pid, _ := strconv.Atoi(s)
 		pids = append(pids, pid)
 	}
-	return cmd, f[1], pids
+	return cmd, out, f[1], pids
+}
+
+// rss returns the resident set size of pid in bytes, from /proc.
+func rss(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
 }
 
 func fmtSscanf(s, format string, args ...any) (int, error) { return fmt.Sscanf(s, format, args...) }
@@ -404,5 +425,10 @@ func dialTCP(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr
 
 func readAllString(r io.Reader) (string, error) {
 	b, err := io.ReadAll(r)
+	return string(b), err
+}
+
+func readFileString(name string) (string, error) {
+	b, err := os.ReadFile(name)
 	return string(b), err
 }

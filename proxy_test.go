@@ -1,0 +1,473 @@
+package defuss
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// upgradeHead asks the test app to switch to a raw byte echo.
+const upgradeHead = "GET /upgrade HTTP/1.1\r\nHost: test\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+
+// upgrade sends head (the rest of an upgrade request) and reads the 101.
+func upgrade(t *testing.T, c *rawConn, head []byte) {
+	t.Helper()
+	if _, err := c.Write(head); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade response %v, %v", resp, err)
+	}
+}
+
+// echoThrough checks that payload comes back unchanged and in order over
+// an upgraded connection, written in chunks while reading.
+func echoThrough(t *testing.T, c *rawConn, payload []byte) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		for b := payload; len(b) > 0; {
+			n := min(len(b), 32<<10)
+			if _, err := c.Write(b[:n]); err != nil {
+				errc <- err
+				return
+			}
+			b = b[n:]
+		}
+		errc <- nil
+	}()
+	got := make([]byte, len(payload))
+	if _, err := io.ReadFull(c.r, got); err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatal("echoed bytes differ from the bytes sent")
+	}
+}
+
+// Behaviours 3 and 5: every byte the client sends reaches the worker,
+// unchanged and in order: the sniffed head, bytes that arrived with it,
+// and the rest of the stream, through an upgraded (WebSocket-like)
+// connection, whether the head arrived whole, in pieces after the
+// inspection timeout, or after a slow start.
+func TestSniffForwardsEveryByte(t *testing.T) {
+	s := startTest(t)
+	addr := s.Addr().String()
+	payload := make([]byte, 4<<20)
+	rand.Read(payload)
+
+	t.Run("head and data in one write", func(t *testing.T) {
+		c := dialRaw(t, addr)
+		// The echo starts with the bytes that arrived together with the head.
+		upgrade(t, c, append([]byte(upgradeHead), payload[:1000]...))
+		got := make([]byte, 1000)
+		if _, err := io.ReadFull(c.r, got); err != nil || !bytes.Equal(got, payload[:1000]) {
+			t.Fatalf("bytes sent with the head came back as %q..., %v", got[:16], err)
+		}
+		echoThrough(t, c, payload)
+	})
+	t.Run("head split past the inspection timeout", func(t *testing.T) {
+		c := dialRaw(t, addr)
+		if _, err := c.Write([]byte(upgradeHead[:20])); err != nil {
+			t.Fatal(err)
+		}
+		// Let the 10ms inspection timeout pass so the primary routes the
+		// partial head blindly; the rest must follow it unchanged.
+		time.Sleep(50 * time.Millisecond)
+		upgrade(t, c, []byte(upgradeHead[20:]))
+		echoThrough(t, c, payload)
+	})
+	t.Run("head larger than the byte cap", func(t *testing.T) {
+		c := dialRaw(t, addr)
+		big := strings.Replace(upgradeHead, "Host: test\r\n", "Host: test\r\nX-Pad: "+strings.Repeat("p", DefaultMaxHeaderBytes)+"\r\n", 1)
+		upgrade(t, c, []byte(big))
+		echoThrough(t, c, payload[:1<<20])
+	})
+	t.Run("pipelined requests", func(t *testing.T) {
+		c := dialRaw(t, addr)
+		var reqs bytes.Buffer
+		for i := range 5 {
+			fmt.Fprintf(&reqs, "POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n%s", 3+i, strings.Repeat("x", 3+i))
+		}
+		if _, err := c.Write(reqs.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 5 {
+			resp, err := http.ReadResponse(c.r, nil)
+			if err != nil {
+				t.Fatalf("response %d: %v", i, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if n, _, _ := strings.Cut(string(body), " "); n != strconv.Itoa(3+i) {
+				t.Fatalf("response %d: %q, want a body of %d bytes counted", i, body, 3+i)
+			}
+		}
+	})
+}
+
+// Behaviour 3: bytes that are not HTTP/1 (a real TLS ClientHello, the
+// HTTP/2 preface, random binary, a bare-LF head) are routed as "unknown"
+// and forwarded unchanged, ahead of the rest of the stream. The worker here
+// is a raw TCP echo server on a real socket, so every byte is checked.
+func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	var echoes sync.WaitGroup
+	defer echoes.Wait()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			echoes.Add(1)
+			go func() {
+				defer echoes.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	var seen []string
+	var mu sync.Mutex
+	p := newTestPrimary(t, func(r *Request, c []WorkerInfo) *WorkerInfo {
+		mu.Lock()
+		seen = append(seen, r.Protocol)
+		mu.Unlock()
+		return &c[0]
+	}, echo.Addr().String())
+	random := make([]byte, 100<<10)
+	rand.Read(random)
+	for _, tc := range []struct {
+		name  string
+		first []byte
+	}{
+		{"tls client hello", clientHello(t)},
+		{"http2 preface", []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")},
+		{"random binary", random[:3000]},
+		{"bare LF head", []byte("GET / HTTP/1.1\nHost: test\n\n")},
+		{"NUL bytes", []byte("GET /\x00 HTTP/1.1\r\n\r\n")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := tcpPair(t)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				p.track(server)
+				p.serveConn(server)
+			}()
+			want := append(append([]byte{}, tc.first...), random...)
+			go func() {
+				client.Write(tc.first)
+				client.Write(random)
+				client.(*net.TCPConn).CloseWrite()
+			}()
+			got, err := io.ReadAll(client)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("echoed %d bytes (%v), want the %d bytes sent", len(got), err, len(want))
+			}
+			client.Close()
+			<-done
+		})
+	}
+	for i, proto := range seen {
+		if proto != ProtocolUnknown {
+			t.Errorf("connection %d was routed as %q, want %q", i, proto, ProtocolUnknown)
+		}
+	}
+}
+
+// newTestPrimary builds a primary whose only worker is at addr, for tests
+// of the connection path on real sockets without worker processes.
+func newTestPrimary(t *testing.T, b Balancer, addrs ...string) *primary {
+	c, err := newConfig(func(string) string { return "" }, WithWorkers(len(addrs)), WithLogger(testLogger(t)), WithBalancer(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &primary{cfg: c, log: c.logger, fallback: RoundRobin(), dialer: net.Dialer{Timeout: time.Second},
+		live: map[net.Conn]struct{}{}}
+	p.bufs.New = func() any { b := make([]byte, c.maxHeaderBytes); return &b }
+	p.reqs.New = func() any { return new(Request) }
+	v := &poolView{}
+	for i, a := range addrs {
+		s := &slot{index: i}
+		p.slots = append(p.slots, s)
+		v.cands = append(v.cands, WorkerInfo{Index: i, Addr: a, conns: &s.conns})
+	}
+	p.view.Store(v)
+	return p
+}
+
+// tcpPair returns both ends of a real loopback TCP connection.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if server, err = ln.Accept(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+// Behaviour 5: server-sent events arrive as they are flushed, and a
+// chunked upload of unknown length arrives whole.
+func TestStreamingThroughPrimary(t *testing.T) {
+	s := startTest(t)
+	addr := s.Addr().String()
+	t.Run("server-sent events", func(t *testing.T) {
+		resp, err := http.Get("http://" + addr + "/sse")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		r := bufio.NewReader(resp.Body)
+		for i := range 5 {
+			line, err := r.ReadString('\n')
+			if err != nil || line != fmt.Sprintf("data: %d\n", i) {
+				t.Fatalf("event %d: %q, %v", i, line, err)
+			}
+			r.ReadString('\n')
+		}
+	})
+	t.Run("chunked upload", func(t *testing.T) {
+		pr, pw := io.Pipe()
+		h := sha256.New()
+		const size = 8 << 20
+		go func() {
+			buf := make([]byte, 1<<16)
+			for sent := 0; sent < size; sent += len(buf) {
+				rand.Read(buf)
+				h.Write(buf)
+				if _, err := pw.Write(buf); err != nil {
+					return
+				}
+			}
+			pw.Close()
+		}()
+		req, _ := http.NewRequest("POST", "http://"+addr+"/upload", pr)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		want := fmt.Sprintf("%d %s chunked", size, hex.EncodeToString(h.Sum(nil)))
+		if string(body) != want {
+			t.Fatalf("worker got %q, want %q", body, want)
+		}
+	})
+}
+
+// Behaviour 5: a 1 GiB streamed upload and download pass through a
+// primary running in its own process, whose resident memory stays flat.
+func TestLargeBodiesKeepPrimaryMemoryFlat(t *testing.T) {
+	if testing.Short() {
+		t.Skip("moves 2 GiB")
+	}
+	cmd, _, addr, _ := startPrimaryProcess(t, 2)
+	pid := cmd.Process.Pid
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	// Warm up so that the baseline includes the primary's steady state.
+	for range 4 {
+		if code, _ := get(t, addr, "/pid"); code != 200 {
+			t.Fatalf("warm-up status %d", code)
+		}
+	}
+	before := rss(t, pid)
+	var peak int64
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				if b, err := readRSS(pid); err == nil {
+					mu.Lock()
+					peak = max(peak, b)
+					mu.Unlock()
+				}
+			}
+		}
+	}()
+	const size = 1 << 30
+	req, _ := http.NewRequest("POST", "http://"+addr+"/upload", io.LimitReader(patternReader{}, size))
+	req.ContentLength = size
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if n, _, _ := strings.Cut(string(body), " "); n != strconv.Itoa(size) {
+		t.Fatalf("upload: worker counted %q, want %d bytes", body, size)
+	}
+	resp, err = client.Get("http://" + addr + "/download?n=" + strconv.Itoa(size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || n != size {
+		t.Fatalf("download: %d bytes, %v", n, err)
+	}
+	close(stop)
+	<-sampled
+	t.Logf("primary RSS: %d KiB before, %d KiB peak while moving 2 GiB", before>>10, peak>>10)
+	if growth := peak - before; growth > 16<<20 {
+		t.Errorf("primary RSS grew by %d KiB while streaming; want flat (< 16 MiB)", growth>>10)
+	}
+}
+
+func readRSS(pid int) (int64, error) {
+	b, err := readFileString("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	_, v, _ := strings.Cut(b, "VmRSS:")
+	v, _, _ = strings.Cut(v, "kB")
+	kb, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	return kb << 10, err
+}
+
+// Behaviour 7: with no worker available (both stopped, so their heartbeats
+// go stale) an HTTP client gets 503 with Retry-After, a non-HTTP client a
+// closed connection, and the primary keeps serving once workers return.
+func TestNoWorkerAvailable(t *testing.T) {
+	s := startTest(t, WithHeartbeat(50*time.Millisecond, 300*time.Millisecond))
+	addr := s.Addr().String()
+	ws := s.Workers()
+	for _, w := range ws {
+		syscall.Kill(w.PID, syscall.SIGSTOP)
+	}
+	t.Cleanup(func() {
+		for _, w := range ws {
+			syscall.Kill(w.PID, syscall.SIGCONT)
+		}
+	})
+	waitWorkers(t, s, 5*time.Second, "no healthy worker", func(ws []WorkerInfo) bool {
+		for _, w := range ws {
+			if w.Healthy {
+				return false
+			}
+		}
+		return true
+	})
+	resp, err := (&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}).Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatalf("request with no worker: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("got %d %q (Retry-After %q), want 503 with Retry-After", resp.StatusCode, body, resp.Header.Get("Retry-After"))
+	}
+	c := dialRaw(t, addr)
+	c.Write(clientHello(t))
+	if got, err := io.ReadAll(c.r); len(got) != 0 || err != nil {
+		t.Fatalf("non-HTTP client got %q, %v; want a closed connection", got, err)
+	}
+	for _, w := range ws {
+		syscall.Kill(w.PID, syscall.SIGCONT)
+	}
+	// Stale workers are killed after 2×staleAfter and respawned; either way
+	// the pool comes back and serves.
+	waitWorkers(t, s, 10*time.Second, "a healthy worker again", func(ws []WorkerInfo) bool {
+		for _, w := range ws {
+			if w.Healthy {
+				return true
+			}
+		}
+		return false
+	})
+	if code, body := get(t, addr, "/pid"); code != 200 {
+		t.Fatalf("after recovery: %d %q", code, body)
+	}
+}
+
+// Behaviour 7: a worker that refuses the dial is skipped and the
+// connection goes to the next one, since no byte was sent yet.
+func TestDialRefusedTriesNextWorker(t *testing.T) {
+	refusing, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := refusing.Addr().String()
+	refusing.Close() // nothing listens there now: connect is refused
+	live, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	go func() {
+		for {
+			c, err := live.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+	p := newTestPrimary(t, always0, deadAddr, live.Addr().String())
+	conn, s := p.connect(&Request{})
+	if conn == nil {
+		t.Fatal("connect gave up although worker 1 accepts")
+	}
+	conn.Close()
+	if s.index != 1 {
+		t.Fatalf("connected to worker %d, want 1", s.index)
+	}
+	if n0, n1 := p.slots[0].conns.Load(), p.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
+		t.Fatalf("connection counts %d/%d, want 0/1", n0, n1)
+	}
+}
+
+// A balancer that panics does not hurt the primary: connections go to
+// workers in round-robin order instead.
+func TestPanickingBalancerFallsBack(t *testing.T) {
+	s := startTest(t, WithBalancer(func(*Request, []WorkerInfo) *WorkerInfo { panic("balancer bug") }))
+	seen := map[string]bool{}
+	for range 4 {
+		code, pid := get(t, s.Addr().String(), "/pid")
+		if code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		seen[pid] = true
+	}
+	if len(seen) != 2 {
+		t.Errorf("fallback reached %d workers, want 2", len(seen))
+	}
+}
