@@ -86,11 +86,11 @@ func Run(handler http.Handler, opts ...Option) error {
 }
 
 // Start starts the server in the role of this process. In the primary it
-// spawns the workers and returns once every worker has reported ready (or
-// at least one has, and the others are still starting when the start
-// timeout passes) and the public listener accepts; if a worker fails before
-// it ever reports ready, Start stops everything and returns an error saying
-// why. In a worker, Start returns once the handler is served on the
+// spawns the workers and returns once every worker has reported ready and
+// the public listener accepts; if a worker fails before it ever reports
+// ready (it exits, cannot bind its port, or stays silent past the start
+// timeout), Start stops everything and returns an error wrapping
+// [ErrWorkerStart] that says why. In a worker, Start returns once the handler is served on the
 // worker's port and readiness is reported.
 func Start(handler http.Handler, opts ...Option) (*Server, error) {
 	if !proc.Supported {
@@ -207,7 +207,7 @@ type primary struct {
 	reqs sync.Pool // *Request
 
 	connMu sync.Mutex
-	live   map[net.Conn]struct{} // nil once the primary stops accepting
+	live   map[net.Conn]liveConn // nil once the primary stops accepting
 	conns  sync.WaitGroup        // connection goroutines
 
 	supervisors sync.WaitGroup
@@ -250,7 +250,7 @@ func startPrimary(c *config) (*Server, error) {
 		dialer:     net.Dialer{Timeout: c.dialTimeout},
 		fallback:   RoundRobin(),
 		changed:    make(chan struct{}),
-		live:       make(map[net.Conn]struct{}),
+		live:       make(map[net.Conn]liveConn),
 		acceptDone: make(chan struct{}),
 		drain:      make(chan struct{}),
 		force:      make(chan struct{}),
@@ -307,23 +307,15 @@ func startPrimary(c *config) (*Server, error) {
 	return &Server{p: p}, nil
 }
 
-// awaitStartup waits for the first outcome of every slot.
+// awaitStartup waits for the first outcome of every slot. Each slot's
+// supervisor enforces the start timeout on its process.
 func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) error {
-	timeout := time.NewTimer(p.cfg.startTimeout)
-	defer timeout.Stop()
-	ready := 0
 	for range p.slots {
 		select {
 		case err := <-startup:
 			if err != nil {
 				return err
 			}
-			ready++
-		case <-timeout.C:
-			if ready > 0 {
-				return nil // the slow ones keep starting under their supervisors
-			}
-			return fmt.Errorf("%w: no worker reported ready within %v", ErrWorkerStart, p.cfg.startTimeout)
 		case <-sigs:
 			return ErrInterrupted
 		}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime/metrics"
 	"sync/atomic"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -124,9 +125,13 @@ func appendMessage(b []byte, m *message) []byte {
 		case frameStats:
 			b = appendStats(b, &m.stats)
 		case frameFailed:
-			msg := m.err
+			msg := strings.ToValidUTF8(m.err, "\uFFFD")
 			if len(msg) > maxFailMessage {
-				msg = msg[:maxFailMessage]
+				n := maxFailMessage
+				for n > 0 && !utf8.RuneStart(msg[n]) {
+					n-- // cut on a rune boundary: the decoder insists on UTF-8
+				}
+				msg = msg[:n]
 			}
 			b = append(b, msg...)
 		}
@@ -163,7 +168,7 @@ func decodeMessage(typ byte, p []byte) (message, error) {
 		if len(p) > want+maxFailMessage {
 			return m, fmt.Errorf("%w: failure message of %d bytes", errFrame, len(p)-want)
 		}
-		want = len(p)
+		want = max(len(p), want)
 	default:
 		return m, fmt.Errorf("%w: unknown type %d", errFrame, typ)
 	}

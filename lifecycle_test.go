@@ -2,11 +2,18 @@ package defuss
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -94,6 +101,334 @@ func TestShutdownLetsInFlightRequestFinish(t *testing.T) {
 	for _, w := range s.Workers() {
 		if w.PID != 0 || w.State != stateDown {
 			t.Errorf("after Wait, slot %d: %+v", w.Index, w)
+		}
+	}
+}
+
+// Behaviour 8: kill -9 of a worker under load. New connections keep
+// succeeding (a dial refused by the dead worker goes to the other one),
+// the slot is ready again with a new process within 1s, and the only
+// requests that may fail are those that started before the primary saw
+// the worker die.
+func TestKillWorkerUnderLoad(t *testing.T) {
+	s := startTest(t)
+	addr := s.Addr().String()
+	victim := s.Workers()[0]
+
+	type failure struct {
+		start time.Time
+		err   error
+	}
+	var (
+		mu       sync.Mutex
+		failures []failure
+		sent     atomic.Int64
+	)
+	stop := make(chan struct{})
+	var load sync.WaitGroup
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	for range 4 {
+		load.Add(1)
+		go func() {
+			defer load.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				start := time.Now()
+				sent.Add(1)
+				resp, err := client.Get("http://" + addr + "/pid")
+				if err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+				}
+				if err != nil {
+					mu.Lock()
+					failures = append(failures, failure{start, err})
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	waitFor(t, 5*time.Second, "load running", func() bool { return sent.Load() > 50 })
+	killed := time.Now()
+	if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var down time.Time
+	ws := waitWorkers(t, s, 5*time.Second, "slot 0 ready with a new process", func(ws []WorkerInfo) bool {
+		if down.IsZero() && ws[0].PID != victim.PID {
+			down = time.Now()
+		}
+		return ws[0].Healthy && ws[0].PID != victim.PID && ws[0].PID != 0
+	})
+	back := time.Since(killed)
+	// Keep the load on the respawned pool for a moment.
+	n := sent.Load()
+	waitFor(t, 5*time.Second, "load on the respawned pool", func() bool { return sent.Load() > n+100 })
+	close(stop)
+	load.Wait()
+	t.Logf("sent %d requests, %d failed; slot 0 back in %v (pid %d → %d, restarts %d)",
+		sent.Load(), len(failures), back.Round(time.Millisecond), victim.PID, ws[0].PID, ws[0].Restarts)
+	if back > time.Second {
+		t.Errorf("slot 0 ready again after %v, want within 1s", back)
+	}
+	if ws[0].Restarts != 1 {
+		t.Errorf("Restarts = %d, want 1", ws[0].Restarts)
+	}
+	for _, f := range failures {
+		if f.start.After(down) {
+			t.Errorf("request started %v after the primary saw the worker die failed: %v", f.start.Sub(down), f.err)
+		}
+	}
+}
+
+// Behaviour 8: a worker that cannot bind its port makes Start fail with
+// the reason, and no process is left behind.
+func TestStartFailsWhenWorkerPortTaken(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	port := taken.Addr().(*net.TCPAddr).Port
+	_, err = Start(http.NotFoundHandler(), WithAddr("127.0.0.1:0"), WithWorkers(2),
+		WithBaseWorkerPort(port-1), // worker 0 gets port-1 (likely free), worker 1 the taken port
+		WithSignalHandling(false), WithLogger(testLogger(t)),
+		WithWorkerEnv("GORACE=atexit_sleep_ms=0"))
+	if !errors.Is(err, ErrWorkerStart) {
+		t.Fatalf("Start = %v, want an error wrapping ErrWorkerStart", err)
+	}
+	if !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("error %q does not say why", err)
+	}
+	assertNoChildren(t)
+}
+
+// Behaviour 8: a worker that exits before it reports ready makes Start
+// fail, and no process is left behind.
+func TestStartFailsWhenWorkerExits(t *testing.T) {
+	_, err := Start(http.NotFoundHandler(), WithAddr("127.0.0.1:0"), WithWorkers(2),
+		WithSignalHandling(false), WithLogger(testLogger(t)),
+		WithWorkerEnv("GORACE=atexit_sleep_ms=0", envTestApp+"=exit-before-start"))
+	if !errors.Is(err, ErrWorkerStart) || !strings.Contains(err.Error(), "exit status 3") {
+		t.Fatalf("Start = %v, want ErrWorkerStart with the exit status", err)
+	}
+	assertNoChildren(t)
+}
+
+// A worker that never reports ready is killed after the start timeout,
+// and Start says so.
+func TestStartTimeout(t *testing.T) {
+	start := time.Now()
+	_, err := Start(http.NotFoundHandler(), WithAddr("127.0.0.1:0"), WithWorkers(1),
+		WithStartTimeout(300*time.Millisecond), WithSignalHandling(false), WithLogger(testLogger(t)),
+		WithWorkerEnv("GORACE=atexit_sleep_ms=0", envTestApp+"=hang-before-start"))
+	if !errors.Is(err, ErrWorkerStart) || !strings.Contains(err.Error(), "no ready report") {
+		t.Fatalf("Start = %v, want ErrWorkerStart naming the start timeout", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Start took %v with a 300ms start timeout", d)
+	}
+	assertNoChildren(t)
+}
+
+// Behaviour 9: when the primary is killed with SIGKILL, every worker exits
+// within 1s.
+func TestPrimarySIGKILLLeavesNoWorkers(t *testing.T) {
+	cmd, _, addr, pids := startPrimaryProcess(t, 2)
+	if code, _ := get(t, addr, "/pid"); code != 200 {
+		t.Fatalf("status %d", code)
+	}
+	cmd.Process.Kill()
+	killed := time.Now()
+	cmd.Wait()
+	waitFor(t, 2*time.Second, "workers to exit", func() bool {
+		for _, pid := range pids {
+			if alive(pid) {
+				return false
+			}
+		}
+		return true
+	})
+	if d := time.Since(killed); d > time.Second {
+		t.Errorf("workers outlived the primary by %v, want < 1s", d)
+	}
+}
+
+// Behaviour 10 (signals): SIGTERM lets the in-flight request finish with
+// 200 and refuses new connections; the primary exits 0 with no worker
+// left. A second signal stops at once.
+func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
+	t.Run("graceful", func(t *testing.T) {
+		cmd, out, addr, pids := startPrimaryProcess(t, 2)
+		c := dialRaw(t, addr)
+		fmt.Fprint(c, "GET /sleep?d=2s HTTP/1.1\r\nHost: test\r\n\r\n")
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("response %v, %v", resp, err)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		waitFor(t, 5*time.Second, "listener closed", func() bool {
+			conn, err := dialTCP(addr)
+			if err == nil {
+				conn.Close()
+			}
+			return err != nil
+		})
+		if body, err := readAllString(resp.Body); err != nil || body != "done" {
+			t.Fatalf("in-flight body %q, %v; want \"done\"", body, err)
+		}
+		if line, _ := out.ReadString('\n'); line != "stopped\n" {
+			t.Errorf("primary said %q, want \"stopped\"", line)
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("primary exited with %v, want 0", err)
+		}
+		for _, pid := range pids {
+			if alive(pid) {
+				t.Errorf("worker %d still running after the primary exited", pid)
+			}
+		}
+	})
+	t.Run("second signal", func(t *testing.T) {
+		cmd, _, addr, pids := startPrimaryProcess(t, 2)
+		c := dialRaw(t, addr)
+		fmt.Fprint(c, "GET /sleep?d=60s HTTP/1.1\r\nHost: test\r\n\r\n")
+		if resp, err := http.ReadResponse(c.r, nil); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("response %v, %v", resp, err)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		waitFor(t, 5*time.Second, "listener closed", func() bool {
+			conn, err := dialTCP(addr)
+			if err == nil {
+				conn.Close()
+			}
+			return err != nil
+		})
+		start := time.Now()
+		cmd.Process.Signal(syscall.SIGINT)
+		cmd.Wait()
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("primary took %v to stop after the second signal (shutdown timeout 5s)", d)
+		}
+		waitFor(t, time.Second, "workers gone", func() bool {
+			for _, pid := range pids {
+				if alive(pid) {
+					return false
+				}
+			}
+			return true
+		})
+	})
+}
+
+// Behaviour 6: connection counts stay exact while connections live across
+// many heartbeats and a respawn, return to 0 when they close, and
+// LeastConnections then spreads new connections.
+func TestConnectionCountsStayExact(t *testing.T) {
+	s := startTest(t, WithBalancer(LeastConnections()))
+	addr := s.Addr().String()
+	total := func(ws []WorkerInfo) (n int64) {
+		for i := range ws {
+			n += ws[i].ActiveConnections()
+		}
+		return n
+	}
+	conns := make([]*rawConn, 50)
+	bySlot := map[int][]*rawConn{}
+	for i := range conns {
+		conns[i] = dialRaw(t, addr)
+		pid, _ := strconv.Atoi(conns[i].roundTrip(t, "/pid"))
+		for _, w := range s.Workers() {
+			if w.PID == pid {
+				bySlot[w.Index] = append(bySlot[w.Index], conns[i])
+			}
+		}
+	}
+	if len(bySlot[0]) != 25 || len(bySlot[1]) != 25 {
+		t.Fatalf("LeastConnections spread 50 held connections %d/%d, want 25/25", len(bySlot[0]), len(bySlot[1]))
+	}
+	// Hold them through 10 heartbeats of each worker.
+	beats := map[int]map[time.Time]bool{0: {}, 1: {}}
+	waitWorkers(t, s, 10*time.Second, "10 heartbeats per worker", func(ws []WorkerInfo) bool {
+		if n := total(ws); n != 50 {
+			t.Fatalf("connection count %d while 50 are held", n)
+		}
+		for _, w := range ws {
+			beats[w.Index][w.LastHeartbeat] = true
+		}
+		return len(beats[0]) > 10 && len(beats[1]) > 10
+	})
+	// A respawn of worker 1 ends its connections, and only those.
+	victim := s.Workers()[1].PID
+	syscall.Kill(victim, syscall.SIGKILL)
+	waitWorkers(t, s, 5*time.Second, "worker 1 respawned", func(ws []WorkerInfo) bool {
+		return ws[1].Healthy && ws[1].PID != victim
+	})
+	waitFor(t, 5*time.Second, "worker 1's count back to 0", func() bool {
+		ws := s.Workers()
+		return ws[1].ActiveConnections() == 0
+	})
+	if n := s.Workers()[0].ActiveConnections(); n != 25 {
+		t.Fatalf("worker 0 count %d after worker 1's respawn, want 25", n)
+	}
+	for _, c := range bySlot[0] {
+		c.Close()
+	}
+	waitFor(t, 5*time.Second, "counts back to 0", func() bool { return total(s.Workers()) == 0 })
+	// Now hold 3 connections on whatever LeastConnections picks: with both
+	// at 0 they go 0, 1, 0.
+	var pids []int
+	for range 3 {
+		c := dialRaw(t, addr)
+		pid, _ := strconv.Atoi(c.roundTrip(t, "/pid"))
+		pids = append(pids, pid)
+	}
+	ws := s.Workers()
+	if pids[0] != ws[0].PID || pids[1] != ws[1].PID || pids[2] != ws[0].PID {
+		t.Errorf("LeastConnections sent held connections to %v, want slots 0,1,0 (%d,%d,%d)", pids, ws[0].PID, ws[1].PID, ws[0].PID)
+	}
+}
+
+// Behaviour 2: a worker speaks only for its own slot. A frame that claims
+// another slot is logged and marks the sender unhealthy; the claimed slot
+// is untouched.
+func TestForgedFrameMarksSenderUnhealthy(t *testing.T) {
+	// Heartbeats far apart, so the sender is not healthy again at once.
+	s := startTest(t, WithHeartbeat(time.Hour, 2*time.Hour))
+	before := s.Workers()
+	// Find a connection served by worker 0 and make it forge a frame for slot 1.
+	for {
+		c := dialRaw(t, s.Addr().String())
+		pid, _ := strconv.Atoi(c.roundTrip(t, "/pid"))
+		if pid != before[0].PID {
+			continue
+		}
+		if got := c.roundTrip(t, "/forge?slot=1"); got != "forged" {
+			t.Fatalf("forge: %q", got)
+		}
+		break
+	}
+	ws := waitWorkers(t, s, 5*time.Second, "worker 0 unhealthy", func(ws []WorkerInfo) bool {
+		return ws[0].State == stateUnhealthy
+	})
+	if ws[0].Healthy || ws[0].PID != before[0].PID {
+		t.Errorf("forger: %+v", ws[0])
+	}
+	if ws[1].State != stateReady || ws[1].PID != before[1].PID || ws[1].Addr != before[1].Addr ||
+		!ws[1].LastHeartbeat.Equal(before[1].LastHeartbeat) {
+		t.Errorf("slot 1 changed by a forged frame: before %+v, after %+v", before[1], ws[1])
+	}
+	// New connections all go to the healthy worker.
+	for range 4 {
+		if _, pid := get(t, s.Addr().String(), "/pid"); pid != strconv.Itoa(before[1].PID) {
+			t.Fatalf("connection went to %s, want the healthy worker %d", pid, before[1].PID)
 		}
 	}
 }

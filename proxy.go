@@ -65,6 +65,14 @@ func isTemporary(err error) bool {
 		errors.Is(err, syscall.ENOMEM)
 }
 
+// liveConn is what the primary knows of a live client connection: once it
+// is routed, the worker connection and the worker process behind it.
+type liveConn struct {
+	worker net.Conn
+	slot   int
+	pid    int
+}
+
 // track registers a live client connection so that shutdown can wait for
 // it and, past its deadline, close it. It reports false once the primary
 // is stopping.
@@ -74,9 +82,19 @@ func (p *primary) track(c net.Conn) bool {
 	if p.live == nil {
 		return false
 	}
-	p.live[c] = struct{}{}
+	p.live[c] = liveConn{slot: -1}
 	p.conns.Add(1)
 	return true
+}
+
+// routed records that c is now spliced to worker, served by process pid in
+// slot.
+func (p *primary) routed(c, worker net.Conn, slot, pid int) {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	if _, ok := p.live[c]; ok {
+		p.live[c] = liveConn{worker: worker, slot: slot, pid: pid}
+	}
 }
 
 func (p *primary) untrack(c net.Conn) {
@@ -91,10 +109,27 @@ func (p *primary) untrack(c net.Conn) {
 func (p *primary) closeLive() {
 	p.connMu.Lock()
 	defer p.connMu.Unlock()
-	for c := range p.live {
+	for c, l := range p.live {
 		c.Close()
+		if l.worker != nil {
+			l.worker.Close()
+		}
 	}
 	p.live = nil
+}
+
+// closeConnsOf closes the connections spliced to process pid of slot,
+// which has exited: nothing can flow on them any more, and a half-open
+// client side would otherwise keep them (and the slot's count) alive.
+func (p *primary) closeConnsOf(slot, pid int) {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	for c, l := range p.live {
+		if l.slot == slot && l.pid == pid {
+			c.Close()
+			l.worker.Close()
+		}
+	}
 }
 
 // serveConn sniffs, routes and splices one client connection.
@@ -111,7 +146,7 @@ func (p *primary) serveConn(c net.Conn) {
 	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 		req.RemoteAddr = a.AddrPort()
 	}
-	w, s := p.connect(req)
+	w, s, pid := p.connect(req)
 	isHTTP := req.Protocol == ProtocolHTTP1
 	req.reset()
 	p.reqs.Put(req)
@@ -126,6 +161,7 @@ func (p *primary) serveConn(c net.Conn) {
 		return
 	}
 	defer s.conns.Add(-1)
+	p.routed(c, w, s.index, pid)
 	_, werr := w.Write((*bp)[:n])
 	p.bufs.Put(bp)
 	if werr != nil {
@@ -166,10 +202,10 @@ func sniff(c net.Conn, buf []byte, timeout time.Duration) (int, error) {
 // dial is skipped for the next one, since no byte has been sent to it. It
 // returns nil when no worker takes the connection; otherwise the slot's
 // connection count includes this connection.
-func (p *primary) connect(req *Request) (*net.TCPConn, *slot) {
+func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 	cands := p.candidates()
 	if len(cands) == 0 {
-		return nil, nil
+		return nil, nil, 0
 	}
 	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
 	if res != pickOK && p.balancerLog.allow() {
@@ -183,14 +219,14 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot) {
 		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
 		cancel()
 		if err == nil {
-			return c.(*net.TCPConn), s
+			return c.(*net.TCPConn), s, w.PID
 		}
 		s.conns.Add(-1)
 		if p.dialLog.allow() {
 			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err)
 		}
 	}
-	return nil, nil
+	return nil, nil, 0
 }
 
 // refuse answers an HTTP/1 client with 503 and closes the connection

@@ -204,7 +204,7 @@ func newTestPrimary(t *testing.T, b Balancer, addrs ...string) *primary {
 		t.Fatal(err)
 	}
 	p := &primary{cfg: c, log: c.logger, fallback: RoundRobin(), dialer: net.Dialer{Timeout: time.Second},
-		live: map[net.Conn]struct{}{}}
+		live: map[net.Conn]liveConn{}}
 	p.bufs.New = func() any { b := make([]byte, c.maxHeaderBytes); return &b }
 	p.reqs.New = func() any { return new(Request) }
 	v := &poolView{}
@@ -442,7 +442,7 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 	}()
 	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
 	p := newTestPrimary(t, always0, deadAddr, live.Addr().String())
-	conn, s := p.connect(&Request{})
+	conn, s, _ := p.connect(&Request{})
 	if conn == nil {
 		t.Fatal("connect gave up although worker 1 accepts")
 	}

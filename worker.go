@@ -194,6 +194,7 @@ func (p *primary) runProcess(s *slot, startup chan<- error, first bool) exitInfo
 				p.mu.Lock()
 				s.info.LastHeartbeat, s.info.Stats = now, ev.msg.stats
 				state := s.info.State
+				p.publish()
 				p.mu.Unlock()
 				if ex.ready && (state == stateStale || state == stateUnhealthy) {
 					p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pid)
@@ -225,6 +226,7 @@ func (p *primary) runProcess(s *slot, startup chan<- error, first bool) exitInfo
 			s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
 			p.mu.Unlock()
 			p.setState(s, stateDown, 0)
+			p.closeConnsOf(s.index, pid)
 			if !ex.ready {
 				report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pid, ex.err))
 			}
