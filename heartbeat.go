@@ -8,8 +8,8 @@ import (
 	"math"
 	"os"
 	"runtime/metrics"
-	"sync/atomic"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
