@@ -9,6 +9,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // ErrInvalidOption is wrapped by every error that [Start] returns for a bad
@@ -59,6 +62,7 @@ type config struct {
 	logger            *slog.Logger
 	workerEnv         []string
 	signals           bool
+	meterProvider     metric.MeterProvider
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -219,6 +223,7 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 		respawn:           true,
 		signals:           true,
 		logger:            slog.Default(),
+		meterProvider:     otel.GetMeterProvider(),
 	}
 	for _, o := range opts {
 		if o != nil {

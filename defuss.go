@@ -192,6 +192,8 @@ func (s *Server) Workers() []WorkerInfo {
 type primary struct {
 	cfg      *config
 	log      *slog.Logger
+	tel      *telemetry
+	pid      int
 	exe      string
 	ln       net.Listener
 	dialer   net.Dialer
@@ -245,6 +247,7 @@ func startPrimary(c *config) (*Server, error) {
 	p := &primary{
 		cfg:        c,
 		log:        c.logger.With("component", "defuss", "role", "primary", "pid", os.Getpid()),
+		pid:        os.Getpid(),
 		exe:        exe,
 		ln:         ln,
 		dialer:     net.Dialer{Timeout: c.dialTimeout},
@@ -268,6 +271,7 @@ func startPrimary(c *config) (*Server, error) {
 	p.mu.Lock()
 	p.publish()
 	p.mu.Unlock()
+	p.tel = newTelemetry(c.meterProvider, c.workers, p.snapshot)
 
 	var sigs <-chan os.Signal
 	if c.signals {
@@ -294,6 +298,7 @@ func startPrimary(c *config) (*Server, error) {
 			p.stopSignals()
 		}
 		close(p.acceptDone)
+		p.tel.close()
 		return nil, err
 	}
 	go func() {
@@ -329,6 +334,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	case <-sigs:
 		p.log.Info("signal received; shutting down gracefully (send another to stop at once)")
 	case <-p.drain:
+		p.log.Info("shutting down gracefully")
 	case err := <-p.fatal:
 		p.err = err
 		p.log.Error("stopping", "err", err)
@@ -355,6 +361,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	}
 	// Every worker has exited, so nothing can flow on a proxied
 	// connection any more: close what is left and wait for the goroutines.
+	p.log.Info("workers stopped; closing remaining connections")
 	p.closeLive()
 	<-p.acceptDone
 	p.conns.Wait()
@@ -364,6 +371,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	if p.err == nil && p.noneLeft() {
 		p.err = ErrNoWorkers
 	}
+	p.tel.close()
 	p.log.Info("stopped")
 	close(p.done)
 }

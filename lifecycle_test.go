@@ -401,7 +401,8 @@ func TestConnectionCountsStayExact(t *testing.T) {
 // is untouched.
 func TestForgedFrameMarksSenderUnhealthy(t *testing.T) {
 	// Heartbeats far apart, so the sender is not healthy again at once.
-	s := startTest(t, WithHeartbeat(time.Hour, 2*time.Hour))
+	m, opt := newMetrics(t)
+	s := startTest(t, WithHeartbeat(time.Hour, 2*time.Hour), opt)
 	before := s.Workers()
 	// Find a connection served by worker 0 and make it forge a frame for slot 1.
 	for {
@@ -424,6 +425,9 @@ func TestForgedFrameMarksSenderUnhealthy(t *testing.T) {
 	if ws[1].State != stateReady || ws[1].PID != before[1].PID || ws[1].Addr != before[1].Addr ||
 		!ws[1].LastHeartbeat.Equal(before[1].LastHeartbeat) {
 		t.Errorf("slot 1 changed by a forged frame: before %+v, after %+v", before[1], ws[1])
+	}
+	if got := points(t, m.collect(), "defuss.worker.bad_frames", "{frame}"); got["defuss.worker.index=0"].value != 1 || len(got) != 1 {
+		t.Errorf("worker.bad_frames = %v, want 1 from worker 0", got)
 	}
 	// New connections all go to the healthy worker.
 	for range 4 {

@@ -35,8 +35,8 @@ func (p *primary) acceptLoop() error {
 			}
 			// Out of descriptors or similar: back off as net/http does.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			if p.acceptLog.allow() {
-				p.log.Error("accept", "err", err, "retry_in", delay)
+			if ok, n := p.acceptLog.allow(); ok {
+				p.log.Error("accept", "err", err, "retry_in", delay, "suppressed", n)
 			}
 			t := time.NewTimer(delay)
 			select {
@@ -47,6 +47,7 @@ func (p *primary) acceptLoop() error {
 			continue
 		}
 		delay = 0
+		p.tel.accepted.Add(bg, 1)
 		if !p.track(c) {
 			c.Close()
 			continue
@@ -132,35 +133,46 @@ func (p *primary) closeConnsOf(slot, pid int) {
 	}
 }
 
+// bg is the context of metric recordings on the connection path.
+var bg = context.Background()
+
 // serveConn sniffs, routes and splices one client connection.
 func (p *primary) serveConn(c net.Conn) {
 	defer p.untrack(c)
 	bp := p.bufs.Get().(*[]byte)
-	n, err := sniff(c, *bp, p.cfg.inspectionTimeout)
+	start := time.Now()
+	n, outcome, err := sniff(c, *bp, p.cfg.inspectionTimeout)
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
 	if err != nil && n == 0 {
 		p.bufs.Put(bp)
 		return // the client left before sending anything
 	}
 	req := p.reqs.Get().(*Request)
 	parseRequest(req, (*bp)[:n])
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		req.RemoteAddr = a.AddrPort()
-	}
+	req.RemoteAddr = clientAddr(c)
 	w, s, pid := p.connect(req)
 	isHTTP := req.Protocol == ProtocolHTTP1
 	req.reset()
 	p.reqs.Put(req)
 	if w == nil {
 		p.bufs.Put(bp)
-		if p.noWorkerLog.allow() {
-			p.log.Warn("no worker available; refusing connection", "http", isHTTP)
+		p.tel.unavailable.Add(bg, 1)
+		if ok, dropped := p.noWorkerLog.allow(); ok {
+			p.log.Warn("no worker available; refusing connection", "http", isHTTP, "suppressed", dropped)
 		}
 		if isHTTP {
 			refuse(c)
 		}
 		return
 	}
-	defer s.conns.Add(-1)
+	attrs := p.tel.worker[s.index]
+	p.tel.active.Add(bg, 1, attrs)
+	routed := time.Now()
+	defer func() {
+		s.conns.Add(-1)
+		p.tel.active.Add(bg, -1, attrs)
+		p.tel.duration.Record(bg, time.Since(routed).Seconds(), attrs)
+	}()
 	p.routed(c, w, s.index, pid)
 	_, werr := w.Write((*bp)[:n])
 	p.bufs.Put(bp)
@@ -168,34 +180,36 @@ func (p *primary) serveConn(c net.Conn) {
 		w.Close()
 		return
 	}
-	splice(c, w, p.cfg.halfOpen)
+	up, down := splice(c, w, p.cfg.halfOpen)
+	p.tel.bytes.Add(bg, int64(n)+up, p.tel.toWorker[s.index])
+	p.tel.bytes.Add(bg, down, p.tel.toClient[s.index])
 }
 
 // sniff reads from c into buf until it holds a complete request head, buf
 // is full, the client stops sending (EOF) or timeout passes. It returns
-// how many bytes it read, and the error that ended reading early, if any
-// (a timeout is not an error: whatever arrived is routed).
-func sniff(c net.Conn, buf []byte, timeout time.Duration) (int, error) {
+// how many bytes it read, why it stopped, and the error that ended reading
+// early, if any (a timeout is not an error: whatever arrived is routed).
+func sniff(c net.Conn, buf []byte, timeout time.Duration) (int, string, error) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
 	n := 0
 	for n < len(buf) {
 		m, err := c.Read(buf[n:])
 		if m > 0 && headEnd(buf[:n+m], n) >= 0 {
-			return n + m, nil
+			return n + m, sniffComplete, nil
 		}
 		n += m
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return n, nil
+				return n, sniffTimeout, nil
 			}
 			if err == io.EOF && n > 0 {
-				return n, nil // forward what there is; the copy sees the EOF again
+				return n, sniffEOF, nil // forward what there is; the copy sees the EOF again
 			}
-			return n, err
+			return n, sniffEOF, err
 		}
 	}
-	return n, nil
+	return n, sniffCap, nil
 }
 
 // connect picks a worker for req and dials it. A worker that refuses the
@@ -207,23 +221,32 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 	if len(cands) == 0 {
 		return nil, nil, 0
 	}
+	start := time.Now()
 	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
-	if res != pickOK && p.balancerLog.allow() {
-		p.log.Error("balancer failed; used round robin", "failure", res.String())
+	p.tel.balance.Record(bg, time.Since(start).Seconds())
+	if res != pickOK {
+		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res])
+		if ok, n := p.balancerLog.allow(); ok {
+			p.log.Error("balancer failed; used round robin", "failure", res.String(), "suppressed", n)
+		}
 	}
 	for k := range cands {
 		w := &cands[(i+k)%len(cands)]
 		s := p.slots[w.Index]
+		if k > 0 {
+			p.tel.dialRetries.Add(bg, 1, p.tel.worker[w.Index])
+		}
 		s.conns.Add(1)
-		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.dialTimeout)
+		ctx, cancel := context.WithTimeout(bg, p.cfg.dialTimeout)
 		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
 		cancel()
 		if err == nil {
 			return c.(*net.TCPConn), s, w.PID
 		}
 		s.conns.Add(-1)
-		if p.dialLog.allow() {
-			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err)
+		p.tel.dialFailures.Add(bg, 1, p.tel.worker[w.Index])
+		if ok, n := p.dialLog.allow(); ok {
+			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err, "suppressed", n)
 		}
 	}
 	return nil, nil, 0
@@ -243,30 +266,33 @@ func refuse(c net.Conn) {
 }
 
 // splice copies between client and worker in both directions until both
-// are done, then closes both. With halfOpen, a clean EOF in one direction
-// is passed on as a FIN while the other keeps flowing; otherwise, and on
-// any error, the first direction to end closes both.
-func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) {
-	done := make(chan struct{}, 1)
+// are done, then closes both, and returns the bytes copied each way. With
+// halfOpen, a clean EOF in one direction is passed on as a FIN while the
+// other keeps flowing; otherwise, and on any error, the first direction to
+// end closes both.
+func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64) {
+	done := make(chan int64, 1)
 	go copyToWorker(worker, client, halfOpen, done)
-	copyToClient(client, worker, halfOpen)
-	<-done
+	down = copyToClient(client, worker, halfOpen)
+	up = <-done
 	worker.Close()
 	client.Close()
+	return up, down
 }
 
 // copyToWorker carries client bytes to the worker; on Linux, io.Copy
 // between two *net.TCPConn uses splice(2).
-func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- struct{}) {
-	_, err := io.Copy(worker, client)
+func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
+	n, err := io.Copy(worker, client)
 	endCopy(worker, client, err, halfOpen)
-	done <- struct{}{}
+	done <- n
 }
 
 // copyToClient carries worker bytes to the client.
-func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) {
-	_, err := io.Copy(client, worker)
+func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
+	n, err := io.Copy(client, worker)
 	endCopy(client, worker, err, halfOpen)
+	return n
 }
 
 // endCopy ends one direction: src has been read to EOF (err nil) or failed.

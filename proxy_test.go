@@ -154,7 +154,7 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 		seen = append(seen, r.Protocol)
 		mu.Unlock()
 		return &c[0]
-	}, echo.Addr().String())
+	}, nil, echo.Addr().String())
 	random := make([]byte, 100<<10)
 	rand.Read(random)
 	for _, tc := range []struct {
@@ -198,8 +198,8 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 
 // newTestPrimary builds a primary whose only worker is at addr, for tests
 // of the connection path on real sockets without worker processes.
-func newTestPrimary(t *testing.T, b Balancer, addrs ...string) *primary {
-	c, err := newConfig(func(string) string { return "" }, WithWorkers(len(addrs)), WithLogger(testLogger(t)), WithBalancer(b))
+func newTestPrimary(t *testing.T, b Balancer, opt Option, addrs ...string) *primary {
+	c, err := newConfig(func(string) string { return "" }, WithWorkers(len(addrs)), WithLogger(testLogger(t)), WithBalancer(b), opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,6 +214,7 @@ func newTestPrimary(t *testing.T, b Balancer, addrs ...string) *primary {
 		v.cands = append(v.cands, WorkerInfo{Index: i, Addr: a, conns: &s.conns})
 	}
 	p.view.Store(v)
+	p.tel = newTelemetry(c.meterProvider, len(addrs), p.snapshot)
 	return p
 }
 
@@ -366,7 +367,8 @@ func readRSS(pid int) (int64, error) {
 // go stale) an HTTP client gets 503 with Retry-After, a non-HTTP client a
 // closed connection, and the primary keeps serving once workers return.
 func TestNoWorkerAvailable(t *testing.T) {
-	s := startTest(t, WithHeartbeat(50*time.Millisecond, 300*time.Millisecond))
+	m, opt := newMetrics(t)
+	s := startTest(t, WithHeartbeat(50*time.Millisecond, 300*time.Millisecond), opt)
 	addr := s.Addr().String()
 	ws := s.Workers()
 	for _, w := range ws {
@@ -398,6 +400,9 @@ func TestNoWorkerAvailable(t *testing.T) {
 	c.Write(clientHello(t))
 	if got, err := io.ReadAll(c.r); len(got) != 0 || err != nil {
 		t.Fatalf("non-HTTP client got %q, %v; want a closed connection", got, err)
+	}
+	if got := points(t, m.collect(), "defuss.connections.unavailable", "{connection}"); total(got) != 2 {
+		t.Errorf("connections.unavailable = %v, want 2", got)
 	}
 	for _, w := range ws {
 		syscall.Kill(w.PID, syscall.SIGCONT)
@@ -441,7 +446,8 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 		}
 	}()
 	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
-	p := newTestPrimary(t, always0, deadAddr, live.Addr().String())
+	m, opt := newMetrics(t)
+	p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
 	conn, s, _ := p.connect(&Request{})
 	if conn == nil {
 		t.Fatal("connect gave up although worker 1 accepts")
@@ -453,12 +459,20 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 	if n0, n1 := p.slots[0].conns.Load(), p.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
 		t.Fatalf("connection counts %d/%d, want 0/1", n0, n1)
 	}
+	ms := m.collect()
+	if got := points(t, ms, "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != 1 || len(got) != 1 {
+		t.Errorf("dial.failures = %v, want 1 for worker 0", got)
+	}
+	if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != 1 || len(got) != 1 {
+		t.Errorf("dial.retries = %v, want 1 onto worker 1", got)
+	}
 }
 
 // A balancer that panics does not hurt the primary: connections go to
 // workers in round-robin order instead.
 func TestPanickingBalancerFallsBack(t *testing.T) {
-	s := startTest(t, WithBalancer(func(*Request, []WorkerInfo) *WorkerInfo { panic("balancer bug") }))
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithBalancer(func(*Request, []WorkerInfo) *WorkerInfo { panic("balancer bug") }))
 	seen := map[string]bool{}
 	for range 4 {
 		code, pid := get(t, s.Addr().String(), "/pid")
@@ -469,5 +483,8 @@ func TestPanickingBalancerFallsBack(t *testing.T) {
 	}
 	if len(seen) != 2 {
 		t.Errorf("fallback reached %d workers, want 2", len(seen))
+	}
+	if got := points(t, m.collect(), "defuss.balancer.fallbacks", "{decision}"); got["defuss.reason=panic"].value != 4 || len(got) != 1 {
+		t.Errorf("balancer.fallbacks = %v, want 4 panics", got)
 	}
 }

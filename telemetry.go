@@ -1,27 +1,277 @@
 package defuss
 
 import (
+	"context"
+	"encoding/json"
+	"net/http"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 )
+
+// ScopeName is the instrumentation scope of defuss's metrics.
+const ScopeName = "github.com/defuss-go/defuss"
+
+// Version is the library version, reported as the scope's version.
+const Version = "0.1.0"
+
+// Attribute keys on defuss metrics.
+const (
+	attrWorker    = attribute.Key("defuss.worker.index")
+	attrDirection = attribute.Key("defuss.direction")     // "client_to_worker" or "worker_to_client"
+	attrOutcome   = attribute.Key("defuss.sniff.outcome") // "complete", "timeout", "cap" or "eof"
+	attrReason    = attribute.Key("defuss.reason")
+)
+
+// Sniff outcomes: why the primary stopped reading the head.
+const (
+	sniffComplete = "complete"
+	sniffTimeout  = "timeout"
+	sniffCap      = "cap"
+	sniffEOF      = "eof"
+)
+
+// WithMeterProvider sets the OpenTelemetry meter provider of the primary's
+// metrics. A nil mp keeps the default, otel.GetMeterProvider().
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return optionFunc(func(c *config) {
+		if mp != nil {
+			c.meterProvider = mp
+		}
+	})
+}
+
+// telemetry holds every instrument of the primary, created once in
+// newTelemetry. Per-worker measurement options are precomputed so that the
+// hot path records without allocating.
+type telemetry struct {
+	accepted     metric.Int64Counter
+	active       metric.Int64UpDownCounter
+	duration     metric.Float64Histogram
+	bytes        metric.Int64Counter
+	sniff        metric.Float64Histogram
+	balance      metric.Float64Histogram
+	fallbacks    metric.Int64Counter
+	dialFailures metric.Int64Counter
+	dialRetries  metric.Int64Counter
+	unavailable  metric.Int64Counter
+	restarts     metric.Int64Counter
+	badFrames    metric.Int64Counter
+
+	worker    []metric.MeasurementOption // by slot: defuss.worker.index
+	toWorker  []metric.MeasurementOption // by slot: worker index, direction client_to_worker
+	toClient  []metric.MeasurementOption // by slot: worker index, direction worker_to_client
+	outcome   map[string]metric.MeasurementOption
+	fallback  map[pickResult]metric.MeasurementOption
+	reg       metric.Registration
+	workerSet []attribute.Set
+}
+
+// newTelemetry creates the primary's instruments on mp. Errors go to
+// otel.Handle and leave a no-op instrument in place: telemetry never fails
+// Start.
+func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *telemetry {
+	m := mp.Meter(ScopeName, metric.WithInstrumentationVersion(Version))
+	t := &telemetry{}
+	check := func(err error) {
+		if err != nil {
+			otel.Handle(err)
+		}
+	}
+	var err error
+	t.accepted, err = m.Int64Counter("defuss.connections.accepted", metric.WithUnit("{connection}"),
+		metric.WithDescription("Client connections accepted on the public listener."))
+	check(err)
+	t.active, err = m.Int64UpDownCounter("defuss.connections.active", metric.WithUnit("{connection}"),
+		metric.WithDescription("Client connections being forwarded to a worker."))
+	check(err)
+	t.duration, err = m.Float64Histogram("defuss.connection.duration", metric.WithUnit("s"),
+		metric.WithDescription("Lifetime of forwarded connections, from routing to close."))
+	check(err)
+	t.bytes, err = m.Int64Counter("defuss.connection.bytes", metric.WithUnit("By"),
+		metric.WithDescription("Bytes forwarded, by direction, counted when a direction ends."))
+	check(err)
+	t.sniff, err = m.Float64Histogram("defuss.sniff.duration", metric.WithUnit("s"),
+		metric.WithDescription("Time spent reading the request head before routing, by outcome."))
+	check(err)
+	t.balance, err = m.Float64Histogram("defuss.balancer.duration", metric.WithUnit("s"),
+		metric.WithDescription("Time the balancer took to pick a worker."))
+	check(err)
+	t.fallbacks, err = m.Int64Counter("defuss.balancer.fallbacks", metric.WithUnit("{decision}"),
+		metric.WithDescription("Balancer calls that panicked or returned no candidate; round robin was used."))
+	check(err)
+	t.dialFailures, err = m.Int64Counter("defuss.dial.failures", metric.WithUnit("{dial}"),
+		metric.WithDescription("Failed dials to a worker."))
+	check(err)
+	t.dialRetries, err = m.Int64Counter("defuss.dial.retries", metric.WithUnit("{dial}"),
+		metric.WithDescription("Connections moved to another worker after a failed dial."))
+	check(err)
+	t.unavailable, err = m.Int64Counter("defuss.connections.unavailable", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections refused because no worker was available (503 for HTTP/1)."))
+	check(err)
+	t.restarts, err = m.Int64Counter("defuss.worker.restarts", metric.WithUnit("{restart}"),
+		metric.WithDescription("Worker processes replaced, by reason."))
+	check(err)
+	t.badFrames, err = m.Int64Counter("defuss.worker.bad_frames", metric.WithUnit("{frame}"),
+		metric.WithDescription("Malformed or misattributed frames received from workers."))
+	check(err)
+
+	ready, err := m.Int64ObservableGauge("defuss.workers.ready", metric.WithUnit("{worker}"),
+		metric.WithDescription("Workers that take new connections."))
+	check(err)
+	cpu, err := m.Float64ObservableGauge("defuss.worker.cpu.utilization", metric.WithUnit("1"),
+		metric.WithDescription("Worker CPU time per wall time since its previous heartbeat (1 = one core)."))
+	check(err)
+	rss, err := m.Int64ObservableGauge("defuss.worker.memory.rss", metric.WithUnit("By"),
+		metric.WithDescription("Worker resident set size."))
+	check(err)
+	heapInUse, err := m.Int64ObservableGauge("defuss.worker.memory.heap.in_use", metric.WithUnit("By"),
+		metric.WithDescription("Worker Go heap in use."))
+	check(err)
+	heapTotal, err := m.Int64ObservableGauge("defuss.worker.memory.heap.total", metric.WithUnit("By"),
+		metric.WithDescription("Worker Go heap obtained from the OS."))
+	check(err)
+	goroutines, err := m.Int64ObservableGauge("defuss.worker.goroutines", metric.WithUnit("{goroutine}"),
+		metric.WithDescription("Worker live goroutines."))
+	check(err)
+	wconns, err := m.Int64ObservableGauge("defuss.worker.connections", metric.WithUnit("{connection}"),
+		metric.WithDescription("HTTP connections open in the worker, by its own count."))
+	check(err)
+
+	for i := range workers {
+		set := attribute.NewSet(attrWorker.Int(i))
+		t.workerSet = append(t.workerSet, set)
+		t.worker = append(t.worker, metric.WithAttributeSet(set))
+		t.toWorker = append(t.toWorker, metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("client_to_worker"))))
+		t.toClient = append(t.toClient, metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("worker_to_client"))))
+	}
+	t.outcome = map[string]metric.MeasurementOption{}
+	for _, o := range []string{sniffComplete, sniffTimeout, sniffCap, sniffEOF} {
+		t.outcome[o] = metric.WithAttributeSet(attribute.NewSet(attrOutcome.String(o)))
+	}
+	t.fallback = map[pickResult]metric.MeasurementOption{}
+	for _, r := range []pickResult{pickPanic, pickNil, pickStranger} {
+		t.fallback[r] = metric.WithAttributeSet(attribute.NewSet(attrReason.String(r.String())))
+	}
+
+	t.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		v := view()
+		o.ObserveInt64(ready, int64(len(v.cands)))
+		for _, w := range v.all {
+			if w.PID == 0 || w.LastHeartbeat.IsZero() {
+				continue // no process, or nothing reported yet
+			}
+			opt := metric.WithAttributeSet(t.workerSet[w.Index])
+			o.ObserveFloat64(cpu, w.Stats.CPUPercent/100, opt)
+			o.ObserveInt64(rss, int64(w.Stats.RSS), opt)
+			o.ObserveInt64(heapInUse, int64(w.Stats.HeapInUse), opt)
+			o.ObserveInt64(heapTotal, int64(w.Stats.HeapTotal), opt)
+			o.ObserveInt64(goroutines, int64(w.Stats.Goroutines), opt)
+			o.ObserveInt64(wconns, int64(w.Stats.ActiveConnections), opt)
+		}
+		return nil
+	}, ready, cpu, rss, heapInUse, heapTotal, goroutines, wconns)
+	check(err)
+	return t
+}
+
+// close unregisters the observable callback.
+func (t *telemetry) close() {
+	if t.reg != nil {
+		if err := t.reg.Unregister(); err != nil {
+			otel.Handle(err)
+		}
+	}
+}
+
+func (t *telemetry) restart(slot int, reason string) {
+	t.restarts.Add(context.Background(), 1, metric.WithAttributeSet(
+		attribute.NewSet(attrWorker.Int(slot), attrReason.String(reason))))
+}
 
 // burstLog rate-limits one kind of log line: at most one per interval, so
 // a failure that repeats per connection never floods the log.
 type burstLog struct {
-	mu   sync.Mutex
-	next time.Time
+	mu         sync.Mutex
+	next       time.Time
+	suppressed int
 }
 
 const burstInterval = time.Second
 
-// allow reports whether a line may be logged now.
-func (b *burstLog) allow() bool {
+// allow reports whether a line may be logged now, and how many were
+// suppressed since the last one that was.
+func (b *burstLog) allow() (ok bool, suppressed int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := time.Now()
 	if now.Before(b.next) {
-		return false
+		b.suppressed++
+		return false, 0
 	}
 	b.next = now.Add(burstInterval)
-	return true
+	suppressed, b.suppressed = b.suppressed, 0
+	return true, suppressed
+}
+
+// StatusHandler returns an http.Handler that serves the state of s's
+// worker pool as JSON: per worker its index, pid, state, uptime, seconds
+// since the last heartbeat, restarts, connections and resource use. It is
+// meant for an admin listener on a private address, not for the public
+// port (which only workers serve anyway). In a worker, it serves 404.
+func StatusHandler(s *Server) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s == nil || s.p == nil {
+			http.NotFound(w, r)
+			return
+		}
+		now := time.Now()
+		type worker struct {
+			Index             int     `json:"index"`
+			PID               int     `json:"pid"`
+			State             string  `json:"state"`
+			Healthy           bool    `json:"healthy"`
+			Addr              string  `json:"addr,omitempty"`
+			UptimeSeconds     float64 `json:"uptime_seconds"`
+			HeartbeatAge      float64 `json:"heartbeat_age_seconds"`
+			Restarts          int     `json:"restarts"`
+			ActiveConnections int64   `json:"active_connections"`
+			CPUPercent        float64 `json:"cpu_percent"`
+			RSSBytes          uint64  `json:"rss_bytes"`
+			HeapInUseBytes    uint64  `json:"heap_in_use_bytes"`
+			HeapTotalBytes    uint64  `json:"heap_total_bytes"`
+			Goroutines        int     `json:"goroutines"`
+		}
+		out := struct {
+			PID      int      `json:"pid"`
+			Addr     string   `json:"addr"`
+			Draining bool     `json:"draining"`
+			Ready    int      `json:"ready"`
+			Workers  []worker `json:"workers"`
+		}{PID: s.p.pid, Addr: s.p.ln.Addr().String(), Draining: s.p.stopping()}
+		for _, wi := range s.Workers() {
+			o := worker{Index: wi.Index, PID: wi.PID, State: wi.State, Healthy: wi.Healthy, Addr: wi.Addr,
+				Restarts: wi.Restarts, ActiveConnections: wi.ActiveConnections(),
+				CPUPercent: wi.Stats.CPUPercent, RSSBytes: wi.Stats.RSS, HeapInUseBytes: wi.Stats.HeapInUse,
+				HeapTotalBytes: wi.Stats.HeapTotal, Goroutines: wi.Stats.Goroutines}
+			if wi.PID != 0 {
+				o.UptimeSeconds = now.Sub(wi.Started).Seconds()
+			}
+			if !wi.LastHeartbeat.IsZero() {
+				o.HeartbeatAge = now.Sub(wi.LastHeartbeat).Seconds()
+			}
+			if wi.Healthy {
+				out.Ready++
+			}
+			out.Workers = append(out.Workers, o)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(out)
+	})
 }

@@ -109,6 +109,7 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 		p.mu.Lock()
 		s.info.Restarts++
 		p.mu.Unlock()
+		p.tel.restart(s.index, ex.reason)
 	}
 }
 
@@ -167,6 +168,7 @@ func (p *primary) runProcess(s *slot, startup chan<- error, first bool) exitInfo
 				ev.err = p.checkMessage(s, pid, &ev.msg)
 			}
 			if ev.err != nil {
+				p.tel.badFrames.Add(bg, 1, p.tel.worker[s.index])
 				p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pid, "err", ev.err)
 				p.setState(s, stateUnhealthy, pid)
 				if ev.fatal {
