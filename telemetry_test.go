@@ -221,8 +221,8 @@ func TestStatusHandler(t *testing.T) {
 		t.Fatalf("status %d, content type %q", rec.Code, rec.Header().Get("Content-Type"))
 	}
 	var out struct {
-		PID     int  `json:"pid"`
-		Ready   int  `json:"ready"`
+		PID     int `json:"pid"`
+		Ready   int `json:"ready"`
 		Workers []struct {
 			Index    int     `json:"index"`
 			PID      int     `json:"pid"`
