@@ -436,3 +436,32 @@ func TestForgedFrameMarksSenderUnhealthy(t *testing.T) {
 		}
 	}
 }
+
+// Behaviour 2: a frame that breaks the framing (a length over the cap)
+// leaves nothing to trust on that pipe: the worker is killed and replaced,
+// and the restart is counted with reason "protocol".
+func TestBrokenFramingReplacesWorker(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt)
+	before := s.Workers()
+	for {
+		c := dialRaw(t, s.Addr().String())
+		pid, _ := strconv.Atoi(c.roundTrip(t, "/pid"))
+		if pid != before[0].PID {
+			continue
+		}
+		if got := c.roundTrip(t, "/forge?oversize=1"); got != "forged" {
+			t.Fatalf("forge: %q", got)
+		}
+		break
+	}
+	waitWorkers(t, s, 5*time.Second, "worker 0 replaced", func(ws []WorkerInfo) bool {
+		return ws[0].Healthy && ws[0].PID != before[0].PID && ws[0].PID != 0
+	})
+	if got := points(t, m.collect(), "defuss.worker.restarts", "{restart}"); got["defuss.reason=protocol,defuss.worker.index=0"].value != 1 || len(got) != 1 {
+		t.Errorf("worker.restarts = %v, want 1 for reason protocol on worker 0", got)
+	}
+	if ws := s.Workers(); ws[1].PID != before[1].PID {
+		t.Errorf("worker 1 was replaced too: %+v", ws[1])
+	}
+}

@@ -159,6 +159,9 @@ func testApp() http.Handler {
 	mux.HandleFunc("/forge", func(w http.ResponseWriter, r *http.Request) {
 		slot, _ := strconv.Atoi(r.URL.Query().Get("slot"))
 		f := appendMessage(nil, &message{kind: frameStats, slot: slot, pid: os.Getpid()})
+		if r.URL.Query().Has("oversize") {
+			f = []byte{frameStats, 0xff, 0xff} // a length no frame may have
+		}
 		if _, err := syscall.Write(fdStatus, f); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
