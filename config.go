@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime"
 	"strconv"
 	"strings"
@@ -63,6 +64,9 @@ type config struct {
 	workerEnv         []string
 	signals           bool
 	meterProvider     metric.MeterProvider
+	trusted           []netip.Prefix
+	healthPath        string
+	drainDelay        time.Duration
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -204,6 +208,70 @@ func WithWorkerEnv(env ...string) Option {
 // stops at once. With false, call [Server.Shutdown] yourself.
 func WithSignalHandling(on bool) Option {
 	return optionFunc(func(c *config) { c.signals = on })
+}
+
+// WithTrustedProxies makes the public listener accept a PROXY protocol
+// header (v1 or v2) from connections whose source address lies in one of
+// cidrs ("10.0.0.0/8", "127.0.0.1/32", "::1/128"), and pass the client
+// address it carries on to the worker. A connection from anywhere else
+// that starts with a PROXY header is closed and counted. A trusted source
+// may also connect without a header. The header must arrive within the
+// inspection timeout. By default no source is trusted and PROXY headers
+// are not looked for.
+func WithTrustedProxies(cidrs ...string) Option {
+	return optionFunc(func(c *config) {
+		for _, s := range cidrs {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				c.errs = append(c.errs, fmt.Errorf("%w: WithTrustedProxies(%q): %w", ErrInvalidOption, s, err))
+				continue
+			}
+			c.trusted = append(c.trusted, p.Masked())
+		}
+	})
+}
+
+// WithHealthPath makes the primary answer GET and HEAD requests for path
+// itself, on connections whose first request asks for it: 200 while at
+// least one worker takes connections and the server is not shutting down,
+// 503 otherwise. Point a load balancer's or Kubernetes' health check at it
+// so that it sees the real pool state and stops sending traffic before
+// shutdown (see [WithDrainDelay]). The path is matched exactly, without
+// the query string. By default there is none.
+func WithHealthPath(path string) Option {
+	return optionFunc(func(c *config) {
+		if !strings.HasPrefix(path, "/") || strings.ContainsAny(path, "? \t\r\n") {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithHealthPath(%q): want an absolute path without query", ErrInvalidOption, path))
+			return
+		}
+		c.healthPath = path
+	})
+}
+
+// WithDrainDelay sets how long the primary keeps accepting and serving
+// after a shutdown starts, while the health path already answers 503, so
+// that load balancers take the instance out of rotation before its
+// listener closes. The default is 0: the listener closes at once. The
+// delay counts against nothing else: the shutdown timeout starts after it.
+func WithDrainDelay(d time.Duration) Option {
+	return optionFunc(func(c *config) {
+		if d < 0 {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithDrainDelay(%v): must be >= 0", ErrInvalidOption, d))
+			return
+		}
+		c.drainDelay = d
+	})
+}
+
+// trusts reports whether a PROXY header from a is to be believed.
+func (c *config) trusts(a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range c.trusted {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // newConfig sets every default, applies opts, and validates the result.

@@ -47,6 +47,7 @@ package defuss
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -141,7 +142,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.w.requestStop(t)
 		done = s.w.finished
 	} else {
-		s.p.beginShutdown()
+		s.p.requestStop()
 		done = s.p.done
 	}
 	select {
@@ -215,7 +216,9 @@ type primary struct {
 	supervisors sync.WaitGroup
 	acceptDone  chan struct{}
 
-	drain       chan struct{} // closed: graceful shutdown has begun
+	stopReq     chan struct{} // closed: Shutdown was called
+	stopOnce    sync.Once
+	drain       chan struct{} // closed: the listener is closed and workers drain
 	force       chan struct{} // closed: stop at once
 	drainOnce   sync.Once
 	forceOnce   sync.Once
@@ -224,7 +227,10 @@ type primary struct {
 	err         error
 	stopSignals func()
 
-	acceptLog, noWorkerLog, balancerLog, dialLog burstLog
+	secret   [secretLen]byte // in the PROXY header of every connection to a worker
+	draining atomic.Bool     // a shutdown has started: the health path answers 503
+
+	acceptLog, noWorkerLog, balancerLog, dialLog, proxyLog burstLog
 }
 
 // poolView is an immutable snapshot of the slot table.
@@ -255,12 +261,17 @@ func startPrimary(c *config) (*Server, error) {
 		changed:    make(chan struct{}),
 		live:       make(map[net.Conn]liveConn),
 		acceptDone: make(chan struct{}),
+		stopReq:    make(chan struct{}),
 		drain:      make(chan struct{}),
 		force:      make(chan struct{}),
 		fatal:      make(chan error, 1),
 		done:       make(chan struct{}),
 	}
-	p.bufs.New = func() any { b := make([]byte, c.maxHeaderBytes); return &b }
+	if _, err := rand.Read(p.secret[:]); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("defuss: make secret: %w", err)
+	}
+	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
 	p.reqs.New = func() any { return new(Request) }
 	p.slots = make([]*slot, c.workers)
 	for i := range p.slots {
@@ -328,16 +339,32 @@ func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) erro
 	return nil
 }
 
-// run waits for the reason to stop, then shuts down in order.
+// run waits for the reason to stop, then shuts down in order: the drain
+// delay (the health path answers 503, everything else is still served),
+// then no new connections, workers drain, what is left is killed.
 func (p *primary) run(sigs <-chan os.Signal) {
 	select {
 	case <-sigs:
 		p.log.Info("signal received; shutting down gracefully (send another to stop at once)")
-	case <-p.drain:
+	case <-p.stopReq:
 		p.log.Info("shutting down gracefully")
+	case <-p.drain:
 	case err := <-p.fatal:
 		p.err = err
 		p.log.Error("stopping", "err", err)
+	}
+	p.draining.Store(true)
+	if d := p.cfg.drainDelay; d > 0 && p.err == nil && !p.stopping() {
+		p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-sigs:
+			p.log.Warn("second signal; stopping now")
+			p.forceShutdown()
+		case <-p.drain:
+		}
+		t.Stop()
 	}
 	p.beginShutdown()
 	deadline := time.NewTimer(p.cfg.shutdownTimeout + time.Second) // workers are killed at shutdownTimeout
@@ -374,6 +401,11 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	p.tel.close()
 	p.log.Info("stopped")
 	close(p.done)
+}
+
+// requestStop asks run to shut down gracefully.
+func (p *primary) requestStop() {
+	p.stopOnce.Do(func() { close(p.stopReq) })
 }
 
 // beginShutdown starts a graceful shutdown: no new connections, workers drain.

@@ -54,7 +54,7 @@ const (
 	frameFailed   byte = 4 // slot u16, pid u32, message (UTF-8, ≤ maxFailMessage)
 
 	// primary → worker
-	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, host
+	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], host
 	frameDrain  byte = 17 // timeout ns u64
 
 	statsLen       = 8*7 + 4*2
@@ -78,12 +78,17 @@ type message struct {
 // command is a decoded frame from the primary.
 type command struct {
 	kind            byte
-	slot            int           // frameConfig
-	port            int           // frameConfig; 0 = ephemeral
-	host            string        // frameConfig
-	heartbeat       time.Duration // frameConfig
-	shutdownTimeout time.Duration // frameConfig, frameDrain
+	slot            int             // frameConfig
+	port            int             // frameConfig; 0 = ephemeral
+	host            string          // frameConfig
+	heartbeat       time.Duration   // frameConfig
+	shutdownTimeout time.Duration   // frameConfig, frameDrain
+	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
 }
+
+// secretLen is the size of the per-run secret that the primary puts in the
+// PROXY header of every connection it makes to a worker.
+const secretLen = 32
 
 // readFrame reads one frame into buf (which must hold maxFramePayload
 // bytes) and returns its type and payload, a sub-slice of buf.
@@ -235,6 +240,7 @@ func appendCommand(b []byte, c *command) []byte {
 			b = binary.BigEndian.AppendUint16(b, uint16(c.port))
 			b = binary.BigEndian.AppendUint64(b, uint64(c.heartbeat))
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
+			b = append(b, c.secret[:]...)
 			b = append(b, c.host...)
 		case frameDrain:
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
@@ -247,14 +253,16 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 	c := command{kind: typ}
 	switch typ {
 	case frameConfig:
-		if len(p) < 20 || len(p) > 20+maxHostLen {
+		const fixed = 20 + secretLen
+		if len(p) < fixed || len(p) > fixed+maxHostLen {
 			return c, fmt.Errorf("%w: config of %d bytes", errFrame, len(p))
 		}
 		c.slot = int(binary.BigEndian.Uint16(p))
 		c.port = int(binary.BigEndian.Uint16(p[2:]))
 		c.heartbeat = time.Duration(binary.BigEndian.Uint64(p[4:]))
 		c.shutdownTimeout = time.Duration(binary.BigEndian.Uint64(p[12:]))
-		c.host = string(p[20:])
+		copy(c.secret[:], p[20:fixed])
+		c.host = string(p[fixed:])
 		if c.heartbeat <= 0 || c.shutdownTimeout <= 0 || c.host == "" {
 			return c, fmt.Errorf("%w: config out of range", errFrame)
 		}

@@ -76,7 +76,7 @@ func testPrimaryMain() int {
 	n, _ := strconv.Atoi(os.Getenv(envTestPrimary))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	s, err := Start(testApp(), WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
-		WithHeartbeat(100*time.Millisecond, time.Second), WithShutdownTimeout(5*time.Second))
+		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5*time.Second))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test primary:", err)
 		return 1
@@ -196,7 +196,7 @@ func startTest(t *testing.T, opts ...Option) *Server {
 		WithWorkers(2),
 		WithSignalHandling(false),
 		WithLogger(testLogger(t)),
-		WithHeartbeat(50*time.Millisecond, 500*time.Millisecond),
+		WithHeartbeat(50*time.Millisecond, 2*time.Second),
 		WithShutdownTimeout(5 * time.Second),
 		// Workers built with -race would sleep 1s at exit, and a race in a
 		// worker must fail the test, not just print.
@@ -379,9 +379,13 @@ func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, out *bufio.Reader,
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()
+		deadline := time.Now().Add(2 * time.Second)
 		for _, pid := range pids {
+			for alive(pid) && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
 			if alive(pid) {
-				t.Errorf("worker %d outlived its primary", pid)
+				t.Errorf("worker %d outlived its primary by 2s", pid)
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}

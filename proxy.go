@@ -1,14 +1,21 @@
 package defuss
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 // response503 is what an HTTP/1 client gets when no worker can take its
@@ -137,19 +144,46 @@ func (p *primary) closeConnsOf(slot, pid int) {
 var bg = context.Background()
 
 // serveConn sniffs, routes and splices one client connection.
+//
+// The pooled buffer holds proxyRoom spare bytes, then what was sniffed: an
+// optional PROXY header from a trusted load balancer, then the request
+// head. The PROXY header for the worker is written right in front of the
+// head, so the worker gets header and head in one write.
 func (p *primary) serveConn(c net.Conn) {
 	defer p.untrack(c)
 	bp := p.bufs.Get().(*[]byte)
+	buf := (*bp)[proxyRoom:]
 	start := time.Now()
-	n, outcome, err := sniff(c, *bp, p.cfg.inspectionTimeout)
+	n, hdr, outcome, err := sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
 	if err != nil && n == 0 {
 		p.bufs.Put(bp)
 		return // the client left before sending anything
 	}
+	client := clientAddr(c)
+	if hdr != 0 {
+		var reason string
+		if client, reason = p.proxiedClient(client, buf[:max(hdr, 0)], hdr); reason != "" {
+			p.bufs.Put(bp)
+			p.tel.proxyRejected.Add(bg, 1, p.tel.rejectReason[reason])
+			if ok, dropped := p.proxyLog.allow(); ok {
+				p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", clientAddr(c).String(), "suppressed", dropped)
+			}
+			return
+		}
+		hdr = max(hdr, 0)
+	}
 	req := p.reqs.Get().(*Request)
-	parseRequest(req, (*bp)[:n])
-	req.RemoteAddr = clientAddr(c)
+	parseRequest(req, buf[hdr:n])
+	req.RemoteAddr = client
+	if p.isHealthCheck(req) {
+		head := req.Method == "HEAD"
+		req.reset()
+		p.reqs.Put(req)
+		p.bufs.Put(bp)
+		p.answerHealth(c, head)
+		return
+	}
 	w, s, pid := p.connect(req)
 	isHTTP := req.Protocol == ProtocolHTTP1
 	req.reset()
@@ -161,7 +195,7 @@ func (p *primary) serveConn(c net.Conn) {
 			p.log.Warn("no worker available; refusing connection", "http", isHTTP, "suppressed", dropped)
 		}
 		if isHTTP {
-			refuse(c)
+			respondAndClose(c, response503)
 		}
 		return
 	}
@@ -174,42 +208,118 @@ func (p *primary) serveConn(c net.Conn) {
 		p.tel.duration.Record(bg, time.Since(routed).Seconds(), attrs)
 	}()
 	p.routed(c, w, s.index, pid)
-	_, werr := w.Write((*bp)[:n])
+	var hb [proxyRoom]byte
+	h := appendProxyV2(hb[:0], client, localAddr(c), &p.secret)
+	from := proxyRoom + hdr - len(h)
+	copy((*bp)[from:], h)
+	_, werr := w.Write((*bp)[from : proxyRoom+n])
 	p.bufs.Put(bp)
 	if werr != nil {
 		w.Close()
 		return
 	}
 	up, down := splice(c, w, p.cfg.halfOpen)
-	p.tel.bytes.Add(bg, int64(n)+up, p.tel.toWorker[s.index])
+	p.tel.bytes.Add(bg, int64(n-hdr)+up, p.tel.toWorker[s.index])
 	p.tel.bytes.Add(bg, down, p.tel.toClient[s.index])
 }
 
 // sniff reads from c into buf until it holds a complete request head, buf
-// is full, the client stops sending (EOF) or timeout passes. It returns
-// how many bytes it read, why it stopped, and the error that ended reading
-// early, if any (a timeout is not an error: whatever arrived is routed).
-func sniff(c net.Conn, buf []byte, timeout time.Duration) (int, string, error) {
+// is full, the client stops sending (EOF) or timeout passes. With
+// detectProxy, a PROXY header at the start is read first and the head is
+// looked for after it.
+//
+// It returns how many bytes it read; the length of the PROXY header at the
+// start of buf (0 if none, -1 if one started but is malformed or did not
+// arrive in time); why it stopped; and the error that ended reading early,
+// if any (a timeout is not an error: whatever arrived is routed).
+func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
-	n := 0
+	if detectProxy {
+		hdr = proxyUnknown
+	}
 	for n < len(buf) {
-		m, err := c.Read(buf[n:])
-		if m > 0 && headEnd(buf[:n+m], n) >= 0 {
-			return n + m, sniffComplete, nil
-		}
+		m, rerr := c.Read(buf[n:])
+		prev := n
 		n += m
-		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return n, sniffTimeout, nil
+		if m > 0 && hdr == proxyUnknown {
+			hdr = proxyHeaderLen(buf[:n])
+			if hdr == proxyMalformed {
+				return n, -1, sniffComplete, nil
 			}
-			if err == io.EOF && n > 0 {
-				return n, sniffEOF, nil // forward what there is; the copy sees the EOF again
+		}
+		if m > 0 && hdr >= 0 && headEnd(buf[hdr:n], max(prev-hdr, 0)) >= 0 {
+			return n, hdr, sniffComplete, nil
+		}
+		if rerr != nil {
+			if hdr == proxyUnknown {
+				hdr = 0
+				if n > 0 {
+					hdr = -1 // a PROXY header began but did not finish in time
+				}
 			}
-			return n, sniffEOF, err
+			if errors.Is(rerr, os.ErrDeadlineExceeded) {
+				return n, hdr, sniffTimeout, nil
+			}
+			if rerr == io.EOF && n > 0 {
+				return n, hdr, sniffEOF, nil // forward what there is; the copy sees the EOF again
+			}
+			return n, hdr, sniffEOF, rerr
 		}
 	}
-	return n, sniffCap, nil
+	if hdr == proxyUnknown {
+		hdr = -1
+	}
+	return n, hdr, sniffCap, nil
+}
+
+// proxiedClient checks a PROXY header that a client sent, and returns the
+// client address it carries, or why the connection must be refused.
+func (p *primary) proxiedClient(peer netip.AddrPort, header []byte, hdr int) (netip.AddrPort, string) {
+	if !p.cfg.trusts(peer.Addr()) {
+		return peer, "untrusted"
+	}
+	if hdr < 0 {
+		return peer, "malformed"
+	}
+	h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(header)))
+	if err != nil {
+		return peer, "malformed"
+	}
+	if h.Command.IsLocal() {
+		return peer, "" // a health check of the balancer itself: keep the socket address
+	}
+	if a, ok := h.SourceAddr.(*net.TCPAddr); ok {
+		return a.AddrPort(), ""
+	}
+	return peer, "malformed"
+}
+
+// isHealthCheck reports whether req is for the primary's health path.
+func (p *primary) isHealthCheck(req *Request) bool {
+	if p.cfg.healthPath == "" || req.Protocol != ProtocolHTTP1 || (req.Method != "GET" && req.Method != "HEAD") {
+		return false
+	}
+	path, _, _ := strings.Cut(req.Path, "?")
+	return path == p.cfg.healthPath
+}
+
+// answerHealth answers a health check: 200 while a worker takes
+// connections and the server is not shutting down, 503 otherwise.
+func (p *primary) answerHealth(c net.Conn, head bool) {
+	status, body := "200 OK", "ok\n"
+	switch {
+	case p.draining.Load():
+		status, body = "503 Service Unavailable", "draining\n"
+	case len(p.candidates()) == 0:
+		status, body = "503 Service Unavailable", "no worker ready\n"
+	}
+	resp := "HTTP/1.1 " + status + "\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n" +
+		"Connection: close\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n"
+	if !head {
+		resp += body
+	}
+	respondAndClose(c, resp)
 }
 
 // connect picks a worker for req and dials it. A worker that refuses the
@@ -252,11 +362,12 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 	return nil, nil, 0
 }
 
-// refuse answers an HTTP/1 client with 503 and closes the connection
-// without resetting it, so the client reads the answer.
-func refuse(c net.Conn) {
+// respondAndClose writes a complete HTTP/1 response and closes the
+// connection without resetting it, so the client reads the answer even if
+// it sent more than the primary read.
+func respondAndClose(c net.Conn, resp string) {
 	c.SetDeadline(time.Now().Add(time.Second))
-	if _, err := io.WriteString(c, response503); err != nil {
+	if _, err := io.WriteString(c, resp); err != nil {
 		return
 	}
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
@@ -307,6 +418,15 @@ func endCopy(dst, src net.Conn, err error, halfOpen bool) {
 	src.Close()
 }
 
+// localAddr is the address the client connected to, or the zero AddrPort
+// for non-TCP listeners.
+func localAddr(c net.Conn) netip.AddrPort {
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
+}
+
 // clientAddr is the client's address, or the zero AddrPort for
 // non-TCP listeners.
 func clientAddr(c net.Conn) netip.AddrPort {
@@ -314,4 +434,80 @@ func clientAddr(c net.Conn) netip.AddrPort {
 		return a.AddrPort()
 	}
 	return netip.AddrPort{}
+}
+
+// PROXY protocol (haproxy.org/download/2.9/doc/proxy-protocol.txt). The
+// primary writes a v2 header in front of every connection to a worker:
+// it carries the client's address and, in a custom TLV, the per-run secret
+// that proves to the worker that the connection comes from its primary.
+var proxyV2Sig = [12]byte{0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A}
+
+const (
+	proxyRoom      = 128  // room for the outgoing header: 16 + 36 (IPv6) + 3 + secretLen
+	tlvSecret      = 0xE0 // PP2_TYPE_MIN_CUSTOM
+	proxyV1Max     = 107  // longest v1 line, CRLF included
+	proxyUnknown   = -2   // proxyHeaderLen: more bytes needed to tell
+	proxyMalformed = -1   // proxyHeaderLen: a PROXY header that cannot be valid
+)
+
+// appendProxyV2 appends a v2 header for a TCP connection from src to dst
+// (LOCAL, without addresses, when either is not known) with the secret.
+func appendProxyV2(b []byte, src, dst netip.AddrPort, secret *[secretLen]byte) []byte {
+	const tlvLen = 3 + secretLen
+	b = append(b, proxyV2Sig[:]...)
+	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
+	switch {
+	case !src.IsValid() || !dst.IsValid():
+		b = append(b, 0x20, 0x00) // v2 LOCAL, UNSPEC
+		b = binary.BigEndian.AppendUint16(b, tlvLen)
+	case s.Is4() && d.Is4():
+		b = append(b, 0x21, 0x11) // v2 PROXY, TCP over IPv4
+		b = binary.BigEndian.AppendUint16(b, 12+tlvLen)
+		s4, d4 := s.As4(), d.As4()
+		b = append(append(b, s4[:]...), d4[:]...)
+		b = binary.BigEndian.AppendUint16(b, src.Port())
+		b = binary.BigEndian.AppendUint16(b, dst.Port())
+	default:
+		b = append(b, 0x21, 0x21) // v2 PROXY, TCP over IPv6
+		b = binary.BigEndian.AppendUint16(b, 36+tlvLen)
+		s16, d16 := src.Addr().As16(), dst.Addr().As16()
+		b = append(append(b, s16[:]...), d16[:]...)
+		b = binary.BigEndian.AppendUint16(b, src.Port())
+		b = binary.BigEndian.AppendUint16(b, dst.Port())
+	}
+	b = append(b, tlvSecret, 0, secretLen)
+	return append(b, secret[:]...)
+}
+
+// proxyHeaderLen looks at the start of what a client sent: the length of
+// the PROXY header there, 0 if b does not start with one, proxyUnknown if
+// more bytes are needed to tell, or proxyMalformed.
+func proxyHeaderLen(b []byte) int {
+	const v1 = "PROXY "
+	switch {
+	case len(b) < len(v1) && bytes.HasPrefix([]byte(v1), b),
+		len(b) < 16 && bytes.HasPrefix(proxyV2Sig[:], b[:min(len(b), 12)]):
+		return proxyUnknown
+	case bytes.HasPrefix(b, []byte(v1)):
+		if i := bytes.Index(b[:min(len(b), proxyV1Max)], []byte("\r\n")); i >= 0 {
+			return i + 2
+		}
+		if len(b) >= proxyV1Max {
+			return proxyMalformed
+		}
+		return proxyUnknown
+	case bytes.HasPrefix(b, proxyV2Sig[:]):
+		if b[12]>>4 != 2 {
+			return proxyMalformed
+		}
+		n := 16 + int(binary.BigEndian.Uint16(b[14:16]))
+		if n > 16+512 {
+			return proxyMalformed // far more than any address block and TLVs a balancer sends
+		}
+		if len(b) < n {
+			return proxyUnknown
+		}
+		return n
+	}
+	return 0
 }

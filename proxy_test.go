@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 // upgradeHead asks the test app to switch to a raw byte echo.
@@ -143,7 +145,10 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 			go func() {
 				defer echoes.Done()
 				defer c.Close()
-				io.Copy(c, c)
+				// The primary's PROXY header comes first; the echo is of
+				// what follows it.
+				pc := proxyproto.NewConn(c, proxyproto.WithPolicy(proxyproto.REQUIRE))
+				io.Copy(c, pc)
 			}()
 		}
 	}()
@@ -205,7 +210,7 @@ func newTestPrimary(t *testing.T, b Balancer, opt Option, addrs ...string) *prim
 	}
 	p := &primary{cfg: c, log: c.logger, fallback: RoundRobin(), dialer: net.Dialer{Timeout: time.Second},
 		live: map[net.Conn]liveConn{}}
-	p.bufs.New = func() any { b := make([]byte, c.maxHeaderBytes); return &b }
+	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
 	p.reqs.New = func() any { return new(Request) }
 	v := &poolView{}
 	for i, a := range addrs {

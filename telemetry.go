@@ -61,6 +61,9 @@ type telemetry struct {
 	restarts     metric.Int64Counter
 	badFrames    metric.Int64Counter
 
+	proxyRejected metric.Int64Counter
+	rejectReason  map[string]metric.MeasurementOption
+
 	worker    []metric.MeasurementOption // by slot: defuss.worker.index
 	toWorker  []metric.MeasurementOption // by slot: worker index, direction client_to_worker
 	toClient  []metric.MeasurementOption // by slot: worker index, direction worker_to_client
@@ -118,6 +121,14 @@ func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *
 	t.badFrames, err = m.Int64Counter("defuss.worker.bad_frames", metric.WithUnit("{frame}"),
 		metric.WithDescription("Malformed or misattributed frames received from workers."))
 	check(err)
+
+	t.proxyRejected, err = m.Int64Counter("defuss.proxy_header.rejected", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections closed for a PROXY header from an untrusted source, or a malformed or late one."))
+	check(err)
+	t.rejectReason = map[string]metric.MeasurementOption{}
+	for _, r := range []string{"untrusted", "malformed"} {
+		t.rejectReason[r] = metric.WithAttributeSet(attribute.NewSet(attrReason.String(r)))
+	}
 
 	ready, err := m.Int64ObservableGauge("defuss.workers.ready", metric.WithUnit("{worker}"),
 		metric.WithDescription("Workers that take new connections."))

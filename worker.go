@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/defuss-go/defuss/internal/proc"
+	"github.com/pires/go-proxyproto"
 	"golang.org/x/sys/unix"
 )
 
@@ -344,7 +346,7 @@ func (p *primary) spawn(i int) (cmd *exec.Cmd, status, control *os.File, err err
 	// The pipe buffer takes this small frame without blocking, even if the
 	// worker never reads it.
 	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
-		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout}))
+		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret}))
 	if err != nil {
 		p.log.Error("cannot send configuration to worker", "worker", i, "worker_pid", cmd.Process.Pid, "err", err)
 		cmd.Process.Kill()
@@ -401,6 +403,7 @@ type worker struct {
 
 	heartbeat       time.Duration
 	shutdownTimeout time.Duration
+	secret          [secretLen]byte
 
 	writeMu  sync.Mutex         // serialises frames on status
 	stop     chan time.Duration // graceful stop requests with their timeout; 0 = at once
@@ -492,6 +495,7 @@ func (w *worker) start(h http.Handler) error {
 		return fmt.Errorf("defuss: worker %d: %w", w.slot, err)
 	}
 	w.ln = ln
+	w.secret = cfg.secret
 	w.srv = &http.Server{
 		Handler:           h,
 		ConnState:         w.connState,
@@ -505,10 +509,39 @@ func (w *worker) start(h http.Handler) error {
 
 func (w *worker) serve() {
 	defer w.wg.Done()
-	if err := w.srv.Serve(w.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// Every connection must start with the primary's PROXY header: it
+	// carries the client's address, and the secret proves where it comes
+	// from, so a local process that dials the worker port directly is not
+	// served and cannot claim any client address.
+	ln := &proxyproto.Listener{
+		Listener: w.ln,
+		ConnPolicy: func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) {
+			return proxyproto.REQUIRE, nil
+		},
+		ValidateHeader:    w.checkSecret,
+		ReadHeaderTimeout: 5 * time.Second,
+	}
+	if err := w.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		w.log.Error("serve", "err", err)
 		w.requestStop(0)
 	}
+}
+
+// errNotFromPrimary rejects a connection whose PROXY header lacks the secret.
+var errNotFromPrimary = errors.New("defuss: connection does not come from this worker's primary")
+
+// checkSecret accepts a PROXY header only if it carries the per-run secret.
+func (w *worker) checkSecret(h *proxyproto.Header) error {
+	tlvs, err := h.TLVs()
+	if err != nil {
+		return err
+	}
+	for _, t := range tlvs {
+		if t.Type == tlvSecret && subtle.ConstantTimeCompare(t.Value, w.secret[:]) == 1 {
+			return nil
+		}
+	}
+	return errNotFromPrimary
 }
 
 func (w *worker) connState(_ net.Conn, s http.ConnState) {
