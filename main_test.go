@@ -29,6 +29,8 @@ import (
 const (
 	envTestPrimary = "DEFUSS_TEST_PRIMARY" // value: number of workers
 	envTestApp     = "DEFUSS_TEST_APP"     // extra behaviour of the worker
+
+	envTestPrimaryOpts = "DEFUSS_TEST_PRIMARY_OPTS" // options of a primary process
 )
 
 // workerServer is the Server of this process when it runs as a test worker.
@@ -75,8 +77,22 @@ func testWorkerMain() int {
 func testPrimaryMain() int {
 	n, _ := strconv.Atoi(os.Getenv(envTestPrimary))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s, err := Start(testApp(), WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
-		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5*time.Second))
+	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
+		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
+	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s"
+	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "trusted":
+			opts = append(opts, WithTrustedProxies(v))
+		case "health":
+			opts = append(opts, WithHealthPath(v))
+		case "drain":
+			d, _ := time.ParseDuration(v)
+			opts = append(opts, WithDrainDelay(d))
+		}
+	}
+	s, err := Start(testApp(), opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test primary:", err)
 		return 1
@@ -364,10 +380,10 @@ func (c *rawConn) roundTrip(t *testing.T, path string) string {
 
 // startPrimaryProcess runs a primary with n workers in a separate process
 // (this test binary) and returns it with its address and worker pids.
-func startPrimaryProcess(t *testing.T, n int) (cmd *exec.Cmd, out *bufio.Reader, addr string, pids []int) {
+func startPrimaryProcess(t *testing.T, n int, env ...string) (cmd *exec.Cmd, out *bufio.Reader, addr string, pids []int) {
 	t.Helper()
 	cmd = exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n))
+	cmd.Env = append(append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n), "GORACE=atexit_sleep_ms=0"), env...)
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -439,3 +455,5 @@ func readFileString(name string) (string, error) {
 	b, err := os.ReadFile(name)
 	return string(b), err
 }
+
+func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }

@@ -1,0 +1,310 @@
+package defuss
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+)
+
+// dialFrom connects to addr from the local source address ip (any port).
+func dialFrom(t *testing.T, ip, addr string) *rawConn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s from %s: %v", addr, ip, err)
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	t.Cleanup(func() { c.Close() })
+	return &rawConn{Conn: c, r: bufioReader(c)}
+}
+
+// remoteOf extracts "remote=..." from the test app's answer to "/".
+func remoteOf(t *testing.T, body string) string {
+	t.Helper()
+	_, r, ok := strings.Cut(strings.TrimSpace(body), "remote=")
+	if !ok {
+		t.Fatalf("answer %q has no remote=", body)
+	}
+	return r
+}
+
+// Issue 4, point 1: r.RemoteAddr in the worker is the address of the
+// client that connected to the primary, for every request of a keep-alive
+// connection and for pipelined requests.
+func TestWorkerSeesClientAddress(t *testing.T) {
+	s := startTest(t)
+	for _, ip := range []string{"127.0.0.2", "127.0.0.3"} {
+		t.Run(ip, func(t *testing.T) {
+			c := dialFrom(t, ip, s.Addr().String())
+			want := c.LocalAddr().String()
+			for i := range 3 {
+				if got := remoteOf(t, c.roundTrip(t, "/")); got != want {
+					t.Fatalf("keep-alive request %d: worker saw %s, want %s", i, got, want)
+				}
+			}
+			fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+			for i := range 2 {
+				resp, err := http.ReadResponse(c.r, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				if got := remoteOf(t, string(body)); got != want {
+					t.Fatalf("pipelined request %d: worker saw %s, want %s", i, got, want)
+				}
+			}
+		})
+	}
+}
+
+// Issue 4, point 2: a local process that connects straight to a worker
+// port is not served, with or without a PROXY header, unless the header
+// carries the primary's secret; so it cannot claim a client address.
+func TestDirectWorkerConnectionIsRefused(t *testing.T) {
+	s := startTest(t)
+	worker := s.Workers()[0].Addr
+	dst := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 3000}
+	spoofed := &net.TCPAddr{IP: net.IPv4(203, 0, 113, 9), Port: 4444}
+	header := func(tlvs ...proxyproto.TLV) []byte {
+		h := proxyproto.HeaderProxyFromAddrs(2, spoofed, dst)
+		if err := h.SetTLVs(tlvs); err != nil {
+			t.Fatal(err)
+		}
+		b, err := h.Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	wrong := bytes.Repeat([]byte{7}, secretLen)
+	for _, tc := range []struct {
+		name   string
+		prefix []byte
+	}{
+		{"no PROXY header", nil},
+		{"PROXY header without secret", header()},
+		{"PROXY header with a wrong secret", header(proxyproto.TLV{Type: tlvSecret, Value: wrong})},
+		{"PROXY v1 header", []byte("PROXY TCP4 203.0.113.9 127.0.0.1 4444 3000\r\n")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, worker)
+			c.Write(append(tc.prefix, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...))
+			got, _ := io.ReadAll(c.r)
+			if len(got) != 0 {
+				t.Fatalf("direct connection was served: %q", got)
+			}
+		})
+	}
+	// Through the primary it works, and the address is the real one.
+	c := dialFrom(t, "127.0.0.2", s.Addr().String())
+	if got := remoteOf(t, c.roundTrip(t, "/")); got != c.LocalAddr().String() {
+		t.Fatalf("through the primary: %s, want %s", got, c.LocalAddr())
+	}
+}
+
+// Issue 4, point 2: the secret appears in no log line, no metric, and in
+// the environment or command line of no process.
+func TestSecretNeverLeaks(t *testing.T) {
+	var logs syncBuffer
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))))
+	for range 4 {
+		get(t, s.Addr().String(), "/")
+	}
+	syscall.Kill(s.Workers()[1].PID, syscall.SIGKILL) // a respawn logs a lot
+	waitWorkers(t, s, 5*time.Second, "respawn", func(ws []WorkerInfo) bool { return ws[1].Healthy && ws[1].Restarts == 1 })
+	secret := s.p.secret[:]
+	forms := map[string][]byte{
+		"raw":    secret,
+		"hex":    []byte(hex.EncodeToString(secret)),
+		"base64": []byte(base64.StdEncoding.EncodeToString(secret)),
+		"%v":     []byte(strings.Trim(fmt.Sprint(secret), "[]")),
+	}
+	places := map[string][]byte{
+		"primary log": logs.Bytes(),
+		"metrics":     []byte(fmt.Sprintf("%+v", m.collect())),
+	}
+	pids := []int{os.Getpid()}
+	for _, w := range s.Workers() {
+		pids = append(pids, w.PID)
+	}
+	for _, pid := range pids {
+		for _, f := range []string{"environ", "cmdline"} {
+			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/" + f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			places[fmt.Sprintf("%s of pid %d", f, pid)] = b
+		}
+	}
+	if len(places["primary log"]) == 0 {
+		t.Fatal("no log captured")
+	}
+	for where, b := range places {
+		for form, sec := range forms {
+			if bytes.Contains(b, sec) {
+				t.Errorf("the secret (%s) appears in the %s", form, where)
+			}
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Clone(s.b.Bytes())
+}
+
+// Issue 4, point 3: the public listener takes PROXY v1/v2 headers only
+// from trusted networks and passes the address on; a header from anyone
+// else, a malformed one, or one that does not arrive in time closes the
+// connection and is counted.
+func TestTrustedProxies(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"))
+	addr := s.Addr().String()
+	dst := s.Addr().(*net.TCPAddr)
+	v2 := func(src *net.TCPAddr) []byte {
+		b, err := proxyproto.HeaderProxyFromAddrs(2, src, dst).Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	t.Run("v1 from a trusted proxy", func(t *testing.T) {
+		c := dialFrom(t, "127.0.0.2", addr)
+		c.Write([]byte("PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\n"))
+		for i := range 2 { // the address holds for the whole connection
+			if got := remoteOf(t, c.roundTrip(t, "/")); got != "203.0.113.7:5555" {
+				t.Fatalf("request %d: worker saw %s, want 203.0.113.7:5555", i, got)
+			}
+		}
+	})
+	t.Run("v2 IPv6 from a trusted proxy, with the head in the same write", func(t *testing.T) {
+		c := dialFrom(t, "127.0.0.2", addr)
+		c.Write(append(v2(&net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 443}), "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...))
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if got := remoteOf(t, string(body)); got != "[2001:db8::1]:443" {
+			t.Fatalf("worker saw %s, want [2001:db8::1]:443", got)
+		}
+	})
+	t.Run("no header from a trusted proxy", func(t *testing.T) {
+		c := dialFrom(t, "127.0.0.2", addr)
+		if got := remoteOf(t, c.roundTrip(t, "/")); got != c.LocalAddr().String() {
+			t.Fatalf("worker saw %s, want %s", got, c.LocalAddr())
+		}
+	})
+	rejected := func(t *testing.T, from string, send []byte) {
+		t.Helper()
+		c := dialFrom(t, from, addr)
+		c.Write(send)
+		if got, _ := io.ReadAll(c.r); len(got) != 0 {
+			t.Fatalf("connection was served: %q", got)
+		}
+	}
+	t.Run("v1 from an untrusted source", func(t *testing.T) {
+		rejected(t, "127.0.0.3", []byte("PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n"))
+	})
+	t.Run("v2 from an untrusted source", func(t *testing.T) {
+		rejected(t, "127.0.0.3", append(v2(&net.TCPAddr{IP: net.ParseIP("198.51.100.1"), Port: 1}), "GET / HTTP/1.1\r\n\r\n"...))
+	})
+	t.Run("malformed v1 from a trusted proxy", func(t *testing.T) {
+		rejected(t, "127.0.0.2", []byte("PROXY TCP4 not-an-address 127.0.0.1 5555 3000\r\nGET / HTTP/1.1\r\n\r\n"))
+	})
+	t.Run("header cut short, then silence", func(t *testing.T) {
+		start := time.Now()
+		rejected(t, "127.0.0.2", []byte("PROXY TCP4 203.0.113.7"))
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("closed after %v; the header read must be bounded by the inspection timeout", d)
+		}
+	})
+	got := points(t, m.collect(), "defuss.proxy_header.rejected", "{connection}")
+	if got["defuss.reason=untrusted"].value != 2 || got["defuss.reason=malformed"].value != 2 {
+		t.Errorf("proxy_header.rejected = %v, want 2 untrusted and 2 malformed", got)
+	}
+}
+
+// Issue 4, point 4: the primary answers the health path itself: 200 with
+// a worker ready, 503 with none, 503 while draining (when everything else
+// is still served during the drain delay).
+func TestHealthPath(t *testing.T) {
+	s := startTest(t, WithHealthPath("/healthz"), WithDrainDelay(2*time.Second),
+		WithHeartbeat(50*time.Millisecond, 300*time.Millisecond))
+	addr := s.Addr().String()
+	check := func(path string, wantCode int, wantBody string) {
+		t.Helper()
+		code, body := get(t, addr, path)
+		if code != wantCode || body != wantBody {
+			t.Fatalf("GET %s = %d %q, want %d %q", path, code, body, wantCode, wantBody)
+		}
+	}
+	check("/healthz", 200, "ok\n")
+	check("/healthz?probe=1", 200, "ok\n")
+	resp, err := http.Head("http://" + addr + "/healthz")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("HEAD /healthz: %v %v", resp, err)
+	}
+	if code, body := get(t, addr, "/pid"); code != 200 || body == "" {
+		t.Fatalf("other paths go to workers: %d %q", code, body)
+	}
+
+	ws := s.Workers()
+	for _, w := range ws {
+		syscall.Kill(w.PID, syscall.SIGSTOP)
+	}
+	waitWorkers(t, s, 5*time.Second, "no healthy worker", func(ws []WorkerInfo) bool { return !ws[0].Healthy && !ws[1].Healthy })
+	check("/healthz", 503, "no worker ready\n")
+	for _, w := range ws {
+		syscall.Kill(w.PID, syscall.SIGCONT)
+	}
+	waitWorkers(t, s, 10*time.Second, "healthy workers", func(ws []WorkerInfo) bool { return ws[0].Healthy && ws[1].Healthy })
+	check("/healthz", 200, "ok\n")
+
+	go s.Shutdown(t.Context())
+	waitFor(t, 2*time.Second, "health to report draining", func() bool {
+		code, _ := get(t, addr, "/healthz")
+		return code == 503
+	})
+	check("/healthz", 503, "draining\n")
+	if code, _ := get(t, addr, "/pid"); code != 200 {
+		t.Fatalf("during the drain delay, requests are still served; got %d", code)
+	}
+	waitFor(t, 10*time.Second, "listener closed after the drain delay", func() bool {
+		c, err := dialTCP(addr)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+}
