@@ -67,6 +67,7 @@ type config struct {
 	trusted           []netip.Prefix
 	healthPath        string
 	drainDelay        time.Duration
+	maxConns          int
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -260,6 +261,21 @@ func WithDrainDelay(d time.Duration) Option {
 			return
 		}
 		c.drainDelay = d
+	})
+}
+
+// WithMaxConnections caps the client connections the primary holds at
+// once, sniffing or forwarding. A connection over the cap is closed as soon
+// as it is accepted, before anything is read, and counted in
+// defuss.connections.refused. Zero, the default, means no cap (the
+// process's file descriptor limit still applies).
+func WithMaxConnections(n int) Option {
+	return optionFunc(func(c *config) {
+		if n < 0 {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithMaxConnections(%d): must be >= 0", ErrInvalidOption, n))
+			return
+		}
+		c.maxConns = n
 	})
 }
 

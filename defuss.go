@@ -230,7 +230,7 @@ type primary struct {
 	secret   [secretLen]byte // in the PROXY header of every connection to a worker
 	draining atomic.Bool     // a shutdown has started: the health path answers 503
 
-	acceptLog, noWorkerLog, balancerLog, dialLog, proxyLog burstLog
+	acceptLog, noWorkerLog, balancerLog, dialLog, proxyLog, limitLog burstLog
 }
 
 // poolView is an immutable snapshot of the slot table.

@@ -55,8 +55,14 @@ func (p *primary) acceptLoop() error {
 		}
 		delay = 0
 		p.tel.accepted.Add(bg, 1)
-		if !p.track(c) {
+		if ok, full := p.track(c); !ok {
 			c.Close()
+			if full {
+				p.tel.refused.Add(bg, 1)
+				if ok, n := p.limitLog.allow(); ok {
+					p.log.Warn("connection limit reached; closing new connections", "max", p.cfg.maxConns, "suppressed", n)
+				}
+			}
 			continue
 		}
 		go p.serveConn(c)
@@ -83,16 +89,19 @@ type liveConn struct {
 
 // track registers a live client connection so that shutdown can wait for
 // it and, past its deadline, close it. It reports false once the primary
-// is stopping.
-func (p *primary) track(c net.Conn) bool {
+// is stopping, or when the connection limit is reached (full).
+func (p *primary) track(c net.Conn) (ok, full bool) {
 	p.connMu.Lock()
 	defer p.connMu.Unlock()
 	if p.live == nil {
-		return false
+		return false, false
+	}
+	if p.cfg.maxConns > 0 && len(p.live) >= p.cfg.maxConns {
+		return false, true
 	}
 	p.live[c] = liveConn{slot: -1}
 	p.conns.Add(1)
-	return true
+	return true, false
 }
 
 // routed records that c is now spliced to worker, served by process pid in

@@ -493,3 +493,36 @@ func TestPanickingBalancerFallsBack(t *testing.T) {
 		t.Errorf("balancer.fallbacks = %v, want 4 panics", got)
 	}
 }
+
+// WithMaxConnections: connections over the cap are closed on accept and
+// counted; once one closes, a new one is served.
+func TestMaxConnections(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithMaxConnections(3))
+	addr := s.Addr().String()
+	held := make([]*rawConn, 3)
+	for i := range held {
+		held[i] = dialRaw(t, addr)
+		held[i].roundTrip(t, "/pid")
+	}
+	over := dialRaw(t, addr)
+	over.Write([]byte("GET /pid HTTP/1.1\r\nHost: t\r\n\r\n"))
+	if got, _ := io.ReadAll(over.r); len(got) != 0 {
+		t.Fatalf("connection over the cap was served: %q", got)
+	}
+	if got := points(t, m.collect(), "defuss.connections.refused", "{connection}"); total(got) != 1 {
+		t.Errorf("connections.refused = %v, want 1", got)
+	}
+	held[0].Close()
+	waitFor(t, 5*time.Second, "a slot under the cap", func() bool {
+		c, err := dialTCP(addr)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte("GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+		b, _ := io.ReadAll(c)
+		return strings.HasPrefix(string(b), "HTTP/1.1 200")
+	})
+}

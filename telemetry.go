@@ -62,6 +62,7 @@ type telemetry struct {
 	badFrames    metric.Int64Counter
 
 	proxyRejected metric.Int64Counter
+	refused       metric.Int64Counter
 	rejectReason  map[string]metric.MeasurementOption
 
 	worker    []metric.MeasurementOption // by slot: defuss.worker.index
@@ -124,6 +125,9 @@ func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *
 
 	t.proxyRejected, err = m.Int64Counter("defuss.proxy_header.rejected", metric.WithUnit("{connection}"),
 		metric.WithDescription("Connections closed for a PROXY header from an untrusted source, or a malformed or late one."))
+	check(err)
+	t.refused, err = m.Int64Counter("defuss.connections.refused", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections closed on accept because WithMaxConnections was reached."))
 	check(err)
 	t.rejectReason = map[string]metric.MeasurementOption{}
 	for _, r := range []string{"untrusted", "malformed"} {
