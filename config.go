@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"reflect"
 	"runtime"
 	"strconv"
 	"strings"
@@ -90,9 +91,14 @@ func WithAddr(addr string) Option {
 // A nil l keeps the default.
 func WithListener(l net.Listener) Option {
 	return optionFunc(func(c *config) {
-		if l != nil {
-			c.listener = l
+		if l == nil {
+			return
 		}
+		if v := reflect.ValueOf(l); v.Kind() == reflect.Pointer && v.IsNil() {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithListener: nil %T", ErrInvalidOption, l))
+			return
+		}
+		c.listener = l
 	})
 }
 
@@ -367,7 +373,7 @@ func (c *config) validate() error {
 	} else if ip := net.ParseIP(c.workerHost); c.workerHost != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		bad("WithWorkerHost(%q): workers must listen on a loopback address", c.workerHost)
 	}
-	if c.baseWorkerPort < 0 || c.baseWorkerPort+c.workers-1 > 65535 {
+	if c.baseWorkerPort < 0 || c.baseWorkerPort > 65535 || c.baseWorkerPort+c.workers-1 > 65535 {
 		bad("WithBaseWorkerPort(%d): worker ports must lie within 1-65535 for %d workers", c.baseWorkerPort, c.workers)
 	} else if c.baseWorkerPort > 0 && publicPort > 0 && publicPort >= c.baseWorkerPort && publicPort < c.baseWorkerPort+c.workers {
 		bad("WithBaseWorkerPort(%d): worker ports %d-%d collide with the public port %d", c.baseWorkerPort, c.baseWorkerPort, c.baseWorkerPort+c.workers-1, publicPort)

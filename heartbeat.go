@@ -95,6 +95,9 @@ const secretLen = 32
 func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
 	var h [frameHeaderLen]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
+		if err == io.ErrUnexpectedEOF {
+			return 0, nil, fmt.Errorf("%w: cut off in its header: %w", errFrame, err)
+		}
 		return 0, nil, err // io.EOF: the peer closed between frames
 	}
 	n := int(binary.BigEndian.Uint16(h[1:]))
