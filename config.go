@@ -69,6 +69,9 @@ type config struct {
 	healthPath        string
 	drainDelay        time.Duration
 	maxConns          int
+	maxRequests       uint64
+	maxRequestsJitter uint64
+	maxMemory         uint64
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -282,6 +285,35 @@ func WithMaxConnections(n int) Option {
 			return
 		}
 		c.maxConns = n
+	})
+}
+
+// WithMaxRequests makes the primary recycle a worker once it has served n
+// requests plus a random 0 to jitter more (so that workers started together
+// do not all recycle together): a new worker is started, takes over once
+// ready, and the old one drains, as in [Server.Restart]. Never more than
+// one worker of the pool is being replaced at a time. Zero, the default,
+// means never.
+func WithMaxRequests(n, jitter int) Option {
+	return optionFunc(func(c *config) {
+		if n < 0 || jitter < 0 {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithMaxRequests(%d, %d): must be >= 0", ErrInvalidOption, n, jitter))
+			return
+		}
+		c.maxRequests, c.maxRequestsJitter = uint64(n), uint64(jitter)
+	})
+}
+
+// WithMaxMemory makes the primary recycle a worker whose resident set size,
+// as its heartbeat reports it, reaches bytes, in the same way as
+// [WithMaxRequests]. Zero, the default, means never.
+func WithMaxMemory(bytes int64) Option {
+	return optionFunc(func(c *config) {
+		if bytes < 0 {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithMaxMemory(%d): must be >= 0", ErrInvalidOption, bytes))
+			return
+		}
+		c.maxMemory = uint64(bytes)
 	})
 }
 

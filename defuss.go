@@ -56,6 +56,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/defuss-go/defuss/internal/proc"
@@ -70,6 +71,11 @@ var (
 	ErrNoWorkers = errors.New("defuss: no workers left")
 	// ErrInterrupted: a signal arrived while Start waited for the workers.
 	ErrInterrupted = errors.New("defuss: interrupted during start-up")
+	// ErrShuttingDown: the operation was refused or cut short because the
+	// server is shutting down.
+	ErrShuttingDown = errors.New("defuss: server is shutting down")
+	// ErrNotPrimary: the operation exists only in the primary.
+	ErrNotPrimary = errors.New("defuss: not the primary")
 )
 
 // IsWorker reports whether this process is a defuss worker, started by a
@@ -159,6 +165,65 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Restart replaces the workers one at a time, without dropping a
+// connection: for each slot it starts a new worker from the binary on
+// disk (so a new build copied over the old one is picked up), waits until
+// it reports ready, routes new connections to it, then drains the old
+// worker (its in-flight requests finish, keep-alive connections close
+// after their current request) and waits until it has exited. The old
+// worker serves until its successor is ready, so no slot is ever out of
+// rotation; one slot is replaced at a time.
+//
+// If a new worker fails to become ready, Restart stops there and returns
+// an error wrapping [ErrWorkerStart]; the remaining old workers keep
+// serving. If ctx ends, Restart returns ctx.Err() after the slot in
+// progress is done. A shutdown wins over a restart: Restart then returns
+// [ErrShuttingDown]. SIGHUP (with signal handling on) calls Restart.
+// In a worker, Restart returns [ErrNotPrimary].
+func (s *Server) Restart(ctx context.Context) error {
+	if s.p == nil {
+		return ErrNotPrimary
+	}
+	return s.p.restart(ctx)
+}
+
+func (p *primary) restart(ctx context.Context) error {
+	p.restartMu.Lock()
+	defer p.restartMu.Unlock()
+	p.log.Info("rolling restart", "workers", len(p.slots))
+	for _, s := range p.slots {
+		select {
+		case p.replaceTok <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.drain:
+			return ErrShuttingDown
+		}
+		err := p.replaceSlot(s)
+		<-p.replaceTok
+		if err != nil {
+			p.log.Error("rolling restart stopped", "worker", s.index, "err", err)
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+	p.log.Info("rolling restart done")
+	return nil
+}
+
+// replaceSlot asks s's supervisor for a replacement and waits for it.
+func (p *primary) replaceSlot(s *slot) error {
+	req := &replaceReq{reason: "reload", done: make(chan error, 1)}
+	select {
+	case s.replace <- req:
+	case <-p.drain:
+		return ErrShuttingDown
+	}
+	return <-req.done // the supervisor always answers, also when shutting down
+}
+
 // Addr returns the address the server accepts on: the public address in
 // the primary, the worker's loopback address in a worker.
 func (s *Server) Addr() net.Addr {
@@ -227,6 +292,9 @@ type primary struct {
 	err         error
 	stopSignals func()
 
+	replaceTok chan struct{} // held while one worker of the pool is being replaced
+	restartMu  sync.Mutex    // one Restart at a time
+
 	secret   [secretLen]byte // in the PROXY header of every connection to a worker
 	draining atomic.Bool     // a shutdown has started: the health path answers 503
 
@@ -262,6 +330,7 @@ func startPrimary(c *config) (*Server, error) {
 		live:       make(map[net.Conn]liveConn),
 		acceptDone: make(chan struct{}),
 		stopReq:    make(chan struct{}),
+		replaceTok: make(chan struct{}, 1),
 		drain:      make(chan struct{}),
 		force:      make(chan struct{}),
 		fatal:      make(chan error, 1),
@@ -275,7 +344,7 @@ func startPrimary(c *config) (*Server, error) {
 	p.reqs.New = func() any { return new(Request) }
 	p.slots = make([]*slot, c.workers)
 	for i := range p.slots {
-		s := &slot{index: i}
+		s := &slot{index: i, replace: make(chan *replaceReq)}
 		s.info = WorkerInfo{Index: i, State: stateStarting, conns: &s.conns}
 		p.slots[i] = s
 	}
@@ -287,7 +356,7 @@ func startPrimary(c *config) (*Server, error) {
 	var sigs <-chan os.Signal
 	if c.signals {
 		ch := make(chan os.Signal, 2)
-		notifySignals(ch)
+		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 		p.stopSignals = func() { stopSignals(ch) }
 		sigs = ch
 	}
@@ -326,14 +395,17 @@ func startPrimary(c *config) (*Server, error) {
 // awaitStartup waits for the first outcome of every slot. Each slot's
 // supervisor enforces the start timeout on its process.
 func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) error {
-	for range p.slots {
+	for waiting := len(p.slots); waiting > 0; {
 		select {
 		case err := <-startup:
 			if err != nil {
 				return err
 			}
-		case <-sigs:
-			return ErrInterrupted
+			waiting--
+		case sig := <-sigs:
+			if sig != syscall.SIGHUP { // the workers start from the binary on disk anyway
+				return ErrInterrupted
+			}
 		}
 	}
 	return nil
@@ -341,28 +413,66 @@ func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) erro
 
 // run waits for the reason to stop, then shuts down in order: the drain
 // delay (the health path answers 503, everything else is still served),
-// then no new connections, workers drain, what is left is killed.
+// then no new connections, workers drain, what is left is killed. SIGHUP
+// starts a rolling restart meanwhile.
 func (p *primary) run(sigs <-chan os.Signal) {
-	select {
-	case <-sigs:
-		p.log.Info("signal received; shutting down gracefully (send another to stop at once)")
-	case <-p.stopReq:
-		p.log.Info("shutting down gracefully")
-	case <-p.drain:
-	case err := <-p.fatal:
-		p.err = err
-		p.log.Error("stopping", "err", err)
+	var ops sync.WaitGroup // restarts started by SIGHUP
+	// stopSig reports whether a signal asks to stop; SIGHUP starts a
+	// rolling restart instead.
+	stopSig := func(sig os.Signal) bool {
+		if sig != syscall.SIGHUP {
+			return true
+		}
+		if p.stopping() {
+			return false
+		}
+		p.log.Info("SIGHUP: rolling restart")
+		ops.Add(1)
+		go func() {
+			defer ops.Done()
+			if err := p.restart(context.Background()); err != nil {
+				p.log.Error("rolling restart failed", "err", err)
+			}
+		}()
+		return false
+	}
+wait:
+	for {
+		select {
+		case sig := <-sigs:
+			if stopSig(sig) {
+				p.log.Info("signal received; shutting down gracefully (send another to stop at once)", "signal", sig.String())
+				break wait
+			}
+		case <-p.stopReq:
+			p.log.Info("shutting down gracefully")
+			break wait
+		case <-p.drain:
+			break wait
+		case err := <-p.fatal:
+			p.err = err
+			p.log.Error("stopping", "err", err)
+			break wait
+		}
 	}
 	p.draining.Store(true)
 	if d := p.cfg.drainDelay; d > 0 && p.err == nil && !p.stopping() {
 		p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
 		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-sigs:
-			p.log.Warn("second signal; stopping now")
-			p.forceShutdown()
-		case <-p.drain:
+	delay:
+		for {
+			select {
+			case <-t.C:
+				break delay
+			case sig := <-sigs:
+				if stopSig(sig) {
+					p.log.Warn("second signal; stopping now")
+					p.forceShutdown()
+					break delay
+				}
+			case <-p.drain:
+				break delay
+			}
 		}
 		t.Stop()
 	}
@@ -378,9 +488,11 @@ func (p *primary) run(sigs <-chan os.Signal) {
 		select {
 		case <-workersDone:
 			workersDone = nil
-		case <-sigs:
-			p.log.Warn("second signal; stopping now")
-			p.forceShutdown()
+		case sig := <-sigs:
+			if stopSig(sig) {
+				p.log.Warn("second signal; stopping now")
+				p.forceShutdown()
+			}
 		case <-deadline.C:
 			p.log.Error("workers still running after the shutdown timeout; killing them")
 			p.forceShutdown()
@@ -392,6 +504,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	p.closeLive()
 	<-p.acceptDone
 	p.conns.Wait()
+	ops.Wait()
 	if p.stopSignals != nil {
 		p.stopSignals()
 	}

@@ -13,7 +13,7 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/shirou/gopsutil/v4/process"
+	psprocess "github.com/shirou/gopsutil/v4/process"
 )
 
 // Stats is a worker's self-reported resource use, sent with every heartbeat.
@@ -34,6 +34,8 @@ type Stats struct {
 	// ActiveConnections is the number of HTTP connections the worker's
 	// server has open, by its own count.
 	ActiveConnections int
+	// Requests is the number of requests the worker has served.
+	Requests uint64
 	// Uptime is how long the worker process has run.
 	Uptime time.Duration
 	// SampledAt is when the sample was taken, by the worker's clock.
@@ -57,7 +59,7 @@ const (
 	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], host
 	frameDrain  byte = 17 // timeout ns u64
 
-	statsLen       = 8*7 + 4*2
+	statsLen       = 8*8 + 4*2
 	maxFailMessage = 512
 	maxHostLen     = 255
 )
@@ -157,6 +159,7 @@ func appendStats(b []byte, s *Stats) []byte {
 	b = binary.BigEndian.AppendUint32(b, uint32(s.ActiveConnections))
 	b = binary.BigEndian.AppendUint64(b, uint64(s.Uptime/time.Millisecond))
 	b = binary.BigEndian.AppendUint64(b, uint64(s.SampledAt.UnixNano()))
+	b = binary.BigEndian.AppendUint64(b, s.Requests)
 	return b
 }
 
@@ -221,6 +224,7 @@ func decodeStats(p []byte) (Stats, error) {
 	s.ActiveConnections = int(binary.BigEndian.Uint32(p[44:]))
 	uptime := binary.BigEndian.Uint64(p[48:])
 	s.SampledAt = time.Unix(0, int64(binary.BigEndian.Uint64(p[56:])))
+	s.Requests = binary.BigEndian.Uint64(p[64:])
 	switch {
 	case math.IsNaN(s.CPUPercent) || math.IsInf(s.CPUPercent, 0) || s.CPUPercent < 0 || s.CPUPercent > 1e6:
 		return s, fmt.Errorf("%w: cpu percent %v", errFrame, s.CPUPercent)
@@ -284,14 +288,15 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 
 // sampler takes a worker's Stats.
 type sampler struct {
-	proc    *process.Process // nil where gopsutil cannot see the process
-	start   time.Time
-	conns   *atomic.Int64
-	samples []metrics.Sample
+	proc     *psprocess.Process // nil where gopsutil cannot see the process
+	start    time.Time
+	conns    *atomic.Int64
+	requests *atomic.Uint64
+	samples  []metrics.Sample
 }
 
-func newSampler(conns *atomic.Int64) *sampler {
-	s := &sampler{start: time.Now(), conns: conns, samples: []metrics.Sample{
+func newSampler(conns *atomic.Int64, requests *atomic.Uint64) *sampler {
+	s := &sampler{start: time.Now(), conns: conns, requests: requests, samples: []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/memory/classes/heap/unused:bytes"},
 		{Name: "/memory/classes/heap/free:bytes"},
@@ -299,7 +304,7 @@ func newSampler(conns *atomic.Int64) *sampler {
 		{Name: "/sched/goroutines:goroutines"},
 		{Name: "/gc/cycles/total:gc-cycles"},
 	}}
-	if p, err := process.NewProcess(int32(os.Getpid())); err == nil {
+	if p, err := psprocess.NewProcess(int32(os.Getpid())); err == nil {
 		s.proc = p
 		s.proc.Percent(0) // prime the CPU delta
 	}
@@ -320,6 +325,7 @@ func (s *sampler) sample() Stats {
 		Goroutines:        int(u(4)),
 		GCCycles:          u(5),
 		ActiveConnections: int(s.conns.Load()),
+		Requests:          s.requests.Load(),
 		Uptime:            time.Since(s.start),
 		SampledAt:         time.Now(),
 	}

@@ -508,7 +508,7 @@ func TestReadFrame(t *testing.T) {
 func TestSampler(t *testing.T) {
 	var conns atomic.Int64
 	conns.Store(3)
-	s := newSampler(&conns)
+	s := newSampler(&conns, &atomic.Uint64{})
 	before := time.Now()
 	st := s.sample()
 	after := time.Now()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -61,215 +62,522 @@ var ErrWorkerStart = errors.New("defuss: worker failed to start")
 // slot is one worker position for the life of the primary. Its supervisor
 // goroutine owns the process; conns is touched by connection goroutines.
 type slot struct {
-	index int
-	conns atomic.Int64
-	info  WorkerInfo // guarded by primary.mu
+	index   int
+	conns   atomic.Int64
+	info    WorkerInfo       // guarded by primary.mu
+	replace chan *replaceReq // to the supervisor
 }
 
-// exitInfo describes how a worker process ended.
-type exitInfo struct {
-	err    error         // why it ended: the wait error, a failure message, or a kill reason
-	ready  bool          // it reported ready at some point
-	uptime time.Duration // how long it ran
-	reason string        // "crash", "stale", "protocol", "start-timeout", "shutdown"
+// process is one worker process of a slot and what the supervisor knows of
+// it. Only the slot's supervisor goroutine touches it.
+type process struct {
+	cmd     *exec.Cmd
+	pid     int
+	status  *os.File
+	control *os.File
+	events  chan frameEvent // from readFrames; closed at EOF
+	exited  chan error      // cmd.Wait's result
+	started time.Time
+
+	ready     bool
+	addr      string
+	lastBeat  time.Time
+	failMsg   string
+	limit     uint64 // recycle after this many requests; 0 = never
+	reason    string // why the primary ended it; "" = it died by itself
+	reasonErr error
+	timer     *time.Timer // start timeout before ready, shutdown timeout while draining
+	draining  bool
 }
 
-// supervise runs slot s's processes until the primary stops: spawn, watch,
-// back off, respawn. startup receives the outcome of the slot's first
-// process (nil once it is ready).
+func (pr *process) eventsC() <-chan frameEvent {
+	if pr == nil {
+		return nil
+	}
+	return pr.events
+}
+
+func (pr *process) exitC() <-chan error {
+	if pr == nil {
+		return nil
+	}
+	return pr.exited
+}
+
+func (pr *process) timerC() <-chan time.Time {
+	if pr == nil || pr.timer == nil {
+		return nil
+	}
+	return pr.timer.C
+}
+
+// kill ends the process, remembering the first reason given.
+func (pr *process) kill(reason string, err error) {
+	if pr.reason == "" {
+		pr.reason, pr.reasonErr = reason, err
+	}
+	pr.cmd.Process.Kill()
+}
+
+// drainProc asks the process to stop gracefully within timeout, and arms
+// the timer that kills it after that.
+func (pr *process) drainProc(timeout time.Duration, reason string) {
+	if pr.draining {
+		return
+	}
+	pr.draining = true
+	if pr.reason == "" {
+		pr.reason = reason
+	}
+	if _, err := pr.control.Write(appendCommand(nil, &command{kind: frameDrain, shutdownTimeout: timeout})); err != nil {
+		pr.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	if pr.timer != nil {
+		pr.timer.Stop()
+	}
+	pr.timer = time.NewTimer(timeout)
+}
+
+// replaceReq asks a slot's supervisor to replace its process by a new
+// one: start it, wait until it is ready, route new connections to it,
+// then drain the old one. done receives the outcome once the old process
+// has exited.
+type replaceReq struct {
+	reason string // "reload" or "recycle"
+	done   chan error
+}
+
+// supervisor owns one slot: its current process, a successor being
+// started for a replacement, and a predecessor being drained.
+type supervisor struct {
+	p        *primary
+	s        *slot
+	startup  chan<- error // the first process's outcome; nil once sent
+	cur      *process     // the process the slot routes to (nil while down)
+	next     *process     // a successor that has not reported ready yet
+	old      *process     // a predecessor that drains
+	pending  *replaceReq  // the replacement in progress
+	failures int          // consecutive early deaths, for the backoff
+	respawn  *time.Timer  // armed while the slot waits to respawn
+	stopping bool
+	gone     bool // respawn is off and the process died: the slot is over
+}
+
+// supervise runs slot s until the primary has stopped and every process
+// of the slot has exited. startup receives the outcome of the slot's
+// first process (nil once it is ready).
 func (p *primary) supervise(s *slot, startup chan<- error) {
-	failures := 0
-	first := true
-	for {
-		ex := p.runProcess(s, startup, first)
-		first = false
-		if p.stopping() {
-			p.setState(s, stateDown, 0)
-			return
-		}
-		if !p.cfg.respawn {
-			p.log.Warn("worker exited, not respawning", "worker", s.index, "reason", ex.reason, "err", ex.err)
-			p.setState(s, stateDown, 0)
-			p.slotGone()
-			return
-		}
-		if ex.uptime >= stableUptime {
-			failures = 0
-		}
-		failures++
-		delay := min(backoffMin<<min(failures-1, 20), backoffMax)
-		p.log.Warn("worker exited, respawning", "worker", s.index, "reason", ex.reason, "err", ex.err,
-			"uptime", ex.uptime.Round(time.Millisecond), "backoff", delay)
-		t := time.NewTimer(delay)
-		select {
-		case <-t.C:
-		case <-p.drain:
-			t.Stop()
-			p.setState(s, stateDown, 0)
-			return
-		}
-		p.mu.Lock()
-		s.info.Restarts++
-		p.mu.Unlock()
-		p.tel.restart(s.index, ex.reason)
-	}
-}
-
-// runProcess starts one worker process for s and watches it until it
-// exits. It never returns while the process runs.
-func (p *primary) runProcess(s *slot, startup chan<- error, first bool) exitInfo {
-	report := func(err error) {
-		if first {
-			startup <- err
-			first = false
-		}
-	}
-	cmd, status, control, err := p.spawn(s.index)
-	if err != nil {
-		err = fmt.Errorf("defuss: spawn worker %d: %w", s.index, err)
-		report(err)
-		return exitInfo{err: err, reason: "spawn"}
-	}
-	started := time.Now()
-	pid := cmd.Process.Pid
-	p.mu.Lock()
-	s.info.PID, s.info.Addr, s.info.Started, s.info.LastHeartbeat, s.info.Stats = pid, "", started, time.Time{}, Stats{}
-	p.mu.Unlock()
-	p.setState(s, stateStarting, pid)
-	p.log.Info("worker spawned", "worker", s.index, "worker_pid", pid)
-
-	events := make(chan frameEvent, 8)
-	go readFrames(status, events)
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-
-	ex := exitInfo{reason: "crash"}
-	var failMsg string
-	kill := func(reason string, err error) {
-		if ex.reason == "crash" {
-			ex.reason, ex.err = reason, err
-		}
-		cmd.Process.Kill()
-	}
-	readyTimer := time.NewTimer(p.cfg.startTimeout)
-	defer readyTimer.Stop()
+	sv := &supervisor{p: p, s: s, startup: startup}
+	sv.startCur()
 	tick := time.NewTicker(min(p.cfg.heartbeat, p.cfg.staleAfter/4))
 	defer tick.Stop()
 	drain, force := p.drain, p.force
-	var graceTimer <-chan time.Time
-	lastBeat := started
-
-	for {
+	for !(sv.stopping || sv.gone) || sv.cur != nil || sv.next != nil || sv.old != nil {
+		var respawn <-chan time.Time
+		if sv.respawn != nil {
+			respawn = sv.respawn.C
+		}
 		select {
-		case ev, ok := <-events:
-			if !ok {
-				events = nil // EOF: the process is exiting; wait for it
-				continue
-			}
-			if ev.err == nil {
-				ev.err = p.checkMessage(s, pid, &ev.msg)
-			}
-			if ev.err != nil {
-				p.tel.badFrames.Add(bg, 1, p.tel.worker[s.index])
-				p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pid, "err", ev.err)
-				p.setState(s, stateUnhealthy, pid)
-				if ev.fatal {
-					kill("protocol", ev.err)
-				}
-				continue
-			}
-			now := time.Now()
-			lastBeat = now
-			switch ev.msg.kind {
-			case frameReady:
-				readyTimer.Stop()
-				ex.ready = true
-				p.mu.Lock()
-				s.info.Addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(ev.msg.port))
-				s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, ev.msg.stats
-				p.mu.Unlock()
-				if graceTimer == nil {
-					p.setState(s, stateReady, pid)
-				}
-				p.log.Info("worker ready", "worker", s.index, "worker_pid", pid, "addr", s.info.Addr,
-					"startup", now.Sub(started).Round(time.Millisecond))
-				report(nil)
-			case frameStats:
-				p.mu.Lock()
-				s.info.LastHeartbeat, s.info.Stats = now, ev.msg.stats
-				state := s.info.State
-				p.publish()
-				p.mu.Unlock()
-				if ex.ready && (state == stateStale || state == stateUnhealthy) {
-					p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pid)
-					p.setState(s, stateReady, pid)
-				}
-			case frameStopping:
-				p.setState(s, stateDraining, pid)
-			case frameFailed:
-				failMsg = ev.msg.err
-			}
-		case werr := <-exited:
-			status.Close() // unblocks readFrames if a descendant still holds the write end
-			control.Close()
-			if events != nil {
-				for range events {
-				}
-			}
-			ex.uptime = time.Since(started)
-			if ex.reason == "crash" {
-				ex.err = werr
-				if failMsg != "" {
-					ex.err = fmt.Errorf("%s (%w)", failMsg, werr)
-				}
-				if p.stopping() {
-					ex.reason = "shutdown"
-				}
-			}
-			p.mu.Lock()
-			s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
-			p.mu.Unlock()
-			p.setState(s, stateDown, 0)
-			p.closeConnsOf(s.index, pid)
-			if !ex.ready {
-				report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pid, ex.err))
-			}
-			p.log.Info("worker exited", "worker", s.index, "worker_pid", pid, "status", exitStatus(werr), "reason", ex.reason)
-			if p.cfg.onExit != nil {
-				p.cfg.onExit(s.index, pid, werr)
-			}
-			return ex
-		case <-readyTimer.C:
-			if !ex.ready {
-				kill("start-timeout", fmt.Errorf("no ready report within %v", p.cfg.startTimeout))
-			}
+		case ev, ok := <-sv.cur.eventsC():
+			sv.onEvent(sv.cur, ev, ok)
+		case ev, ok := <-sv.next.eventsC():
+			sv.onEvent(sv.next, ev, ok)
+		case ev, ok := <-sv.old.eventsC():
+			sv.onEvent(sv.old, ev, ok)
+		case err := <-sv.cur.exitC():
+			sv.onExit(sv.cur, err)
+		case err := <-sv.next.exitC():
+			sv.onExit(sv.next, err)
+		case err := <-sv.old.exitC():
+			sv.onExit(sv.old, err)
+		case <-sv.cur.timerC():
+			sv.onTimer(sv.cur)
+		case <-sv.next.timerC():
+			sv.onTimer(sv.next)
+		case <-sv.old.timerC():
+			sv.onTimer(sv.old)
+		case <-respawn:
+			sv.respawn = nil
+			sv.startCur()
 		case <-tick.C:
-			if !ex.ready {
-				continue
-			}
-			switch age := time.Since(lastBeat); {
-			case age > 2*p.cfg.staleAfter:
-				kill("stale", fmt.Errorf("no heartbeat for %v", age.Round(time.Millisecond)))
-			case age > p.cfg.staleAfter:
-				if p.state(s) == stateReady {
-					p.log.Warn("worker stale", "worker", s.index, "worker_pid", pid, "silent", age.Round(time.Millisecond))
-					p.setState(s, stateStale, pid)
-				}
-			}
+			sv.checkStale()
+		case req := <-s.replace:
+			sv.startReplace(req)
 		case <-drain:
 			drain = nil
-			p.setState(s, stateDraining, pid)
-			if _, err := control.Write(appendCommand(nil, &command{kind: frameDrain, shutdownTimeout: p.cfg.shutdownTimeout})); err != nil {
-				cmd.Process.Signal(syscall.SIGTERM)
-			}
-			graceTimer = time.After(p.cfg.shutdownTimeout)
-		case <-graceTimer:
-			graceTimer = nil
-			p.log.Warn("worker did not stop in time, killing it", "worker", s.index, "worker_pid", pid, "timeout", p.cfg.shutdownTimeout)
-			kill("shutdown", errors.New("shutdown timeout"))
+			sv.stop()
 		case <-force:
 			force = nil
-			kill("shutdown", errors.New("forced shutdown"))
+			for _, pr := range []*process{sv.cur, sv.next, sv.old} {
+				if pr != nil {
+					pr.kill("shutdown", errors.New("forced shutdown"))
+				}
+			}
+		}
+	}
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+	}
+	p.setState(s, stateDown, 0)
+}
+
+// start spawns a new process for the slot. It returns nil if spawning
+// failed; the failure is handled like a process that died at once.
+func (sv *supervisor) start() (*process, error) {
+	p, s := sv.p, sv.s
+	pr, err := p.spawn(s.index)
+	if err != nil {
+		err = fmt.Errorf("defuss: spawn worker %d: %w", s.index, err)
+		p.log.Error("spawn failed", "worker", s.index, "err", err)
+		return nil, err
+	}
+	if p.cfg.maxRequests > 0 {
+		pr.limit = p.cfg.maxRequests
+		if j := p.cfg.maxRequestsJitter; j > 0 {
+			pr.limit += uint64(mrand.Int64N(int64(j) + 1))
+		}
+	}
+	p.log.Info("worker spawned", "worker", s.index, "worker_pid", pr.pid)
+	if sv.cur == nil && sv.next == nil {
+		p.mu.Lock()
+		s.info.PID, s.info.Addr, s.info.Started, s.info.LastHeartbeat, s.info.Stats = pr.pid, "", pr.started, time.Time{}, Stats{}
+		s.info.Ready = false
+		p.mu.Unlock()
+		p.setState(s, stateStarting, pr.pid)
+	}
+	return pr, nil
+}
+
+// startCur starts the slot's current process, or handles the failure to
+// spawn one like a death at once.
+func (sv *supervisor) startCur() {
+	var err error
+	if sv.cur, err = sv.start(); err != nil {
+		sv.report(err)
+		sv.died("spawn", err, 0)
+	}
+}
+
+// report sends the first process's outcome to Start.
+func (sv *supervisor) report(err error) {
+	if sv.startup != nil {
+		sv.startup <- err
+		sv.startup = nil
+	}
+}
+
+func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
+	p, s := sv.p, sv.s
+	if !ok {
+		pr.events = nil // EOF: the process is exiting; wait for it
+		return
+	}
+	if ev.err == nil {
+		ev.err = p.checkMessage(s, pr.pid, &ev.msg)
+	}
+	if ev.err != nil {
+		p.tel.badFrames.Add(bg, 1, p.tel.worker[s.index])
+		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
+		if pr == sv.cur {
+			p.setState(s, stateUnhealthy, pr.pid)
+		}
+		if ev.fatal {
+			pr.kill("protocol", ev.err)
+		}
+		return
+	}
+	now := time.Now()
+	pr.lastBeat = now
+	switch ev.msg.kind {
+	case frameReady:
+		if pr.ready {
+			return
+		}
+		pr.ready = true
+		pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(ev.msg.port))
+		if pr.timer != nil && !pr.draining {
+			pr.timer.Stop()
+			pr.timer = nil
+		}
+		p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
+			"startup", now.Sub(pr.started).Round(time.Millisecond))
+		if pr == sv.next {
+			sv.promote()
+		}
+		if pr == sv.cur {
+			p.mu.Lock()
+			s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
+			s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, ev.msg.stats
+			p.mu.Unlock()
+			if !pr.draining {
+				p.setState(s, stateReady, pr.pid)
+			}
+			sv.report(nil)
+		}
+	case frameStats:
+		if pr != sv.cur {
+			return
+		}
+		p.mu.Lock()
+		s.info.LastHeartbeat, s.info.Stats = now, ev.msg.stats
+		state := s.info.State
+		p.publish()
+		p.mu.Unlock()
+		if pr.ready && !pr.draining && (state == stateStale || state == stateUnhealthy) {
+			p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
+			p.setState(s, stateReady, pr.pid)
+		}
+		sv.checkLimits(pr, &ev.msg.stats)
+	case frameStopping:
+		if pr == sv.cur {
+			p.setState(s, stateDraining, pr.pid)
+		}
+	case frameFailed:
+		pr.failMsg = ev.msg.err
+	}
+}
+
+// promote makes the ready successor the slot's process and drains the
+// predecessor: new connections go to the successor from now on.
+func (sv *supervisor) promote() {
+	p, s := sv.p, sv.s
+	prev := sv.cur
+	sv.cur, sv.next = sv.next, nil
+	reason := "reload"
+	if sv.pending != nil {
+		reason = sv.pending.reason
+	}
+	p.mu.Lock()
+	s.info.Restarts++
+	p.mu.Unlock()
+	p.tel.restart(s.index, reason)
+	if prev != nil {
+		p.log.Info("worker replaced; draining the old process", "worker", s.index, "old_pid", prev.pid,
+			"new_pid", sv.cur.pid, "reason", reason)
+		sv.old = prev
+		prev.drainProc(p.cfg.shutdownTimeout, reason)
+	} else {
+		sv.finishReplace(nil)
+	}
+}
+
+// onExit handles the end of one of the slot's processes.
+func (sv *supervisor) onExit(pr *process, werr error) {
+	p, s := sv.p, sv.s
+	pr.finish()
+	uptime := time.Since(pr.started)
+	reason, err := pr.reason, pr.reasonErr
+	if reason == "" {
+		reason, err = "crash", werr
+		if pr.failMsg != "" {
+			err = fmt.Errorf("%s (%w)", pr.failMsg, werr)
+		}
+		if sv.stopping {
+			reason = "shutdown"
+		}
+	}
+	if pr.timer != nil {
+		pr.timer.Stop()
+	}
+	p.closeConnsOf(s.index, pr.pid)
+	p.log.Info("worker exited", "worker", s.index, "worker_pid", pr.pid, "status", exitStatus(werr), "reason", reason)
+	if p.cfg.onExit != nil {
+		p.cfg.onExit(s.index, pr.pid, werr)
+	}
+	switch pr {
+	case sv.old:
+		sv.old = nil
+		sv.finishReplace(nil)
+	case sv.next:
+		sv.next = nil
+		sv.finishReplace(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
+		if sv.cur == nil {
+			sv.died(reason, err, uptime) // the predecessor died meanwhile: respawn
+		}
+	case sv.cur:
+		sv.cur = nil
+		p.mu.Lock()
+		s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
+		p.mu.Unlock()
+		p.setState(s, stateDown, 0)
+		if !pr.ready {
+			sv.report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
+		}
+		sv.died(reason, err, uptime)
+	}
+}
+
+// died decides what follows the death of the slot's current process (or
+// the failure to spawn it): a respawn after a backoff, or nothing during
+// shutdown or with respawn off.
+func (sv *supervisor) died(reason string, err error, uptime time.Duration) {
+	p, s := sv.p, sv.s
+	if sv.stopping {
+		return
+	}
+	if sv.next != nil {
+		return // a successor is starting; it takes over when ready
+	}
+	if !p.cfg.respawn {
+		p.log.Warn("worker exited, not respawning", "worker", s.index, "reason", reason, "err", err)
+		sv.gone = true
+		p.slotGone()
+		return
+	}
+	if uptime >= stableUptime {
+		sv.failures = 0
+	}
+	sv.failures++
+	delay := min(backoffMin<<min(sv.failures-1, 20), backoffMax)
+	attrs := []any{"worker", s.index, "reason", reason, "err", err, "uptime", uptime.Round(time.Millisecond), "backoff", delay}
+	if sv.failures >= crashLoopAfter {
+		p.log.Error("worker crash loop: respawning with backoff", append(attrs, "consecutive_failures", sv.failures)...)
+	} else {
+		p.log.Warn("worker exited, respawning", attrs...)
+	}
+	p.tel.restart(s.index, reason)
+	p.mu.Lock()
+	s.info.Restarts++
+	p.mu.Unlock()
+	sv.respawn = time.NewTimer(delay)
+}
+
+// crashLoopAfter consecutive early deaths are logged as a crash loop.
+const crashLoopAfter = 3
+
+func (sv *supervisor) onTimer(pr *process) {
+	p := sv.p
+	pr.timer = nil
+	switch {
+	case pr.draining:
+		p.log.Warn("worker did not stop in time, killing it", "worker", sv.s.index, "worker_pid", pr.pid, "timeout", p.cfg.shutdownTimeout)
+		pr.kill(pr.reason, errors.New("shutdown timeout"))
+	case !pr.ready:
+		pr.kill("start-timeout", fmt.Errorf("no ready report within %v", p.cfg.startTimeout))
+	}
+}
+
+// checkStale marks a silent current process stale, and kills it when it
+// stays silent for twice staleAfter.
+func (sv *supervisor) checkStale() {
+	p, s, pr := sv.p, sv.s, sv.cur
+	if pr == nil || !pr.ready || pr.draining {
+		return
+	}
+	switch age := time.Since(pr.lastBeat); {
+	case age > 2*p.cfg.staleAfter:
+		pr.kill("stale", fmt.Errorf("no heartbeat for %v", age.Round(time.Millisecond)))
+	case age > p.cfg.staleAfter:
+		if p.state(s) == stateReady {
+			p.log.Warn("worker stale", "worker", s.index, "worker_pid", pr.pid, "silent", age.Round(time.Millisecond))
+			p.setState(s, stateStale, pr.pid)
+		}
+	}
+}
+
+// checkLimits starts recycling the current process once it has served its
+// request quota or passed the memory cap, one worker of the pool at a time.
+func (sv *supervisor) checkLimits(pr *process, st *Stats) {
+	p := sv.p
+	over := (pr.limit > 0 && st.Requests >= pr.limit) || (p.cfg.maxMemory > 0 && st.RSS >= p.cfg.maxMemory)
+	if !over || sv.pending != nil || sv.stopping || pr.draining {
+		return
+	}
+	select {
+	case p.replaceTok <- struct{}{}:
+	default:
+		return // another worker is being replaced; try at the next heartbeat
+	}
+	p.log.Info("worker over its limit; recycling", "worker", sv.s.index, "worker_pid", pr.pid,
+		"requests", st.Requests, "request_limit", pr.limit, "rss", st.RSS, "rss_limit", p.cfg.maxMemory)
+	sv.startReplace(&replaceReq{reason: "recycle", done: nil})
+}
+
+// startReplace begins replacing the current process.
+func (sv *supervisor) startReplace(req *replaceReq) {
+	switch {
+	case sv.stopping:
+		sv.reply(req, ErrShuttingDown)
+		return
+	case sv.pending != nil:
+		sv.reply(req, errors.New("defuss: a replacement of this worker is already in progress"))
+		return
+	case sv.cur == nil:
+		// The slot is down and respawns from the binary on disk anyway.
+		sv.reply(req, nil)
+		return
+	}
+	sv.pending = req
+	var err error
+	if sv.next, err = sv.start(); err != nil {
+		sv.finishReplace(fmt.Errorf("%w: %w", ErrWorkerStart, err))
+	}
+}
+
+// finishReplace ends the replacement in progress with err.
+func (sv *supervisor) finishReplace(err error) {
+	req := sv.pending
+	if req == nil {
+		return
+	}
+	sv.pending = nil
+	sv.reply(req, err)
+}
+
+func (sv *supervisor) reply(req *replaceReq, err error) {
+	if req.done != nil {
+		req.done <- err
+	} else {
+		<-sv.p.replaceTok // a recycle: give the token back
+	}
+}
+
+// stop starts the slot's part of a graceful shutdown.
+func (sv *supervisor) stop() {
+	sv.stopping = true
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+		sv.respawn = nil
+	}
+	if sv.next != nil {
+		sv.next.kill("shutdown", ErrShuttingDown)
+	}
+	for _, pr := range []*process{sv.cur, sv.old} {
+		if pr != nil {
+			pr.drainProc(sv.p.cfg.shutdownTimeout, "shutdown")
+		}
+	}
+	if sv.cur != nil {
+		sv.p.setState(sv.s, stateDraining, sv.cur.pid)
+	}
+}
+
+// finish releases the pipes of an exited process. Frames still in the
+// pipe are read first (a failure frame says why the process died), for a
+// bounded time in case a descendant still holds the write end.
+func (pr *process) finish() {
+	if pr.events != nil {
+		t := time.NewTimer(200 * time.Millisecond)
+	drain:
+		for {
+			select {
+			case ev, ok := <-pr.events:
+				if !ok {
+					break drain
+				}
+				if ev.err == nil && ev.msg.kind == frameFailed {
+					pr.failMsg = ev.msg.err
+				}
+			case <-t.C:
+				break drain
+			}
+		}
+		t.Stop()
+	}
+	pr.status.Close() // unblocks readFrames if it still waits
+	pr.control.Close()
+	if pr.events != nil {
+		for range pr.events {
 		}
 	}
 }
@@ -313,20 +621,20 @@ func readFrames(r *os.File, events chan<- frameEvent) {
 	}
 }
 
-// spawn starts a worker process for slot i with its two pipes, and sends
-// it its configuration.
-func (p *primary) spawn(i int) (cmd *exec.Cmd, status, control *os.File, err error) {
+// spawn starts a worker process for slot i with its two pipes, sends it
+// its configuration, and starts the goroutines that watch it.
+func (p *primary) spawn(i int) (*process, error) {
 	statusR, statusW, err := os.Pipe()
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	controlR, controlW, err := os.Pipe()
 	if err != nil {
 		statusR.Close()
 		statusW.Close()
-		return nil, nil, nil, err
+		return nil, err
 	}
-	cmd = exec.Command(p.exe, os.Args[1:]...)
+	cmd := exec.Command(p.exe, os.Args[1:]...)
 	cmd.Env = p.workerEnv(i)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{statusW, controlR} // fd 3, fd 4
@@ -337,8 +645,20 @@ func (p *primary) spawn(i int) (cmd *exec.Cmd, status, control *os.File, err err
 	if err != nil {
 		statusR.Close()
 		controlW.Close()
-		return nil, nil, nil, err
+		return nil, err
 	}
+	pr := &process{
+		cmd:     cmd,
+		pid:     cmd.Process.Pid,
+		status:  statusR,
+		control: controlW,
+		events:  make(chan frameEvent, 8),
+		exited:  make(chan error, 1),
+		started: time.Now(),
+		timer:   time.NewTimer(p.cfg.startTimeout),
+	}
+	go readFrames(statusR, pr.events)
+	go func() { pr.exited <- cmd.Wait() }()
 	port := 0
 	if p.cfg.baseWorkerPort > 0 {
 		port = p.cfg.baseWorkerPort + i
@@ -348,10 +668,10 @@ func (p *primary) spawn(i int) (cmd *exec.Cmd, status, control *os.File, err err
 	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
 		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret}))
 	if err != nil {
-		p.log.Error("cannot send configuration to worker", "worker", i, "worker_pid", cmd.Process.Pid, "err", err)
-		cmd.Process.Kill()
+		p.log.Error("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)
+		pr.kill("spawn", err)
 	}
-	return cmd, statusR, controlW, nil
+	return pr, nil
 }
 
 // workerEnv is the environment of slot i's process.
@@ -392,14 +712,15 @@ func exitStatus(err error) string {
 // worker is the worker role: it serves the handler on its loopback port
 // and reports to the primary.
 type worker struct {
-	slot    int
-	log     *slog.Logger
-	srv     *http.Server
-	ln      net.Listener
-	status  *os.File
-	control *os.File
-	conns   atomic.Int64
-	stats   *sampler
+	slot     int
+	log      *slog.Logger
+	srv      *http.Server
+	ln       net.Listener
+	status   *os.File
+	control  *os.File
+	conns    atomic.Int64
+	requests atomic.Uint64
+	stats    *sampler
 
 	heartbeat       time.Duration
 	shutdownTimeout time.Duration
@@ -436,7 +757,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		done:     make(chan struct{}),
 		finished: make(chan struct{}),
 	}
-	w.stats = newSampler(&w.conns)
+	w.stats = newSampler(&w.conns, &w.requests)
 	if err := w.start(h); err != nil {
 		w.fail(err)
 		if w.srv != nil {
@@ -497,7 +818,7 @@ func (w *worker) start(h http.Handler) error {
 	w.ln = ln
 	w.secret = cfg.secret
 	w.srv = &http.Server{
-		Handler:           h,
+		Handler:           w.counting(h),
 		ConnState:         w.connState,
 		ReadHeaderTimeout: time.Minute,
 		ErrorLog:          slog.NewLogLogger(w.log.Handler(), slog.LevelWarn),
@@ -542,6 +863,14 @@ func (w *worker) checkSecret(h *proxyproto.Header) error {
 		}
 	}
 	return errNotFromPrimary
+}
+
+// counting counts the requests h serves, for WithMaxRequests.
+func (w *worker) counting(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		w.requests.Add(1)
+		h.ServeHTTP(rw, r)
+	})
 }
 
 func (w *worker) connState(_ net.Conn, s http.ConnState) {
@@ -626,7 +955,7 @@ func (w *worker) run(signals bool) {
 	var sigs chan os.Signal
 	if signals {
 		sigs = make(chan os.Signal, 1)
-		notifySignals(sigs)
+		notifySignals(sigs, syscall.SIGINT, syscall.SIGTERM)
 		defer stopSignals(sigs)
 	}
 	var timeout time.Duration
@@ -659,6 +988,6 @@ func (w *worker) run(signals bool) {
 	close(w.finished)
 }
 
-func notifySignals(ch chan<- os.Signal) { signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM) }
+func notifySignals(ch chan<- os.Signal, sigs ...os.Signal) { signal.Notify(ch, sigs...) }
 
 func stopSignals(ch chan<- os.Signal) { signal.Stop(ch) }
