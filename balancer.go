@@ -49,7 +49,8 @@ type WorkerInfo struct {
 	// Stats is the worker's latest self-reported resource use.
 	Stats Stats
 
-	conns *atomic.Int64
+	conns  *atomic.Int64
+	dialed *atomic.Uint64 // connections made to the current process, all told
 }
 
 // ActiveConnections returns how many connections the primary is forwarding

@@ -75,6 +75,9 @@ type config struct {
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
+	// executable, when set (tests only), is what workers run instead of
+	// os.Executable().
+	executable string
 
 	// errs collects option errors; validate reports them all at once.
 	errs []error

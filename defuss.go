@@ -145,7 +145,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if d, ok := ctx.Deadline(); ok {
 			t = max(time.Until(d), time.Nanosecond)
 		}
-		s.w.requestStop(t)
+		s.w.requestStop(t, 0)
 		done = s.w.finished
 	} else {
 		s.p.requestStop()
@@ -158,7 +158,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.p != nil {
 			s.p.forceShutdown()
 		} else {
-			s.w.requestStop(0)
+			s.w.requestStop(0, 0)
 		}
 		<-done
 		return ctx.Err()
@@ -292,6 +292,10 @@ type primary struct {
 	err         error
 	stopSignals func()
 
+	epoch   atomic.Uint64   // see enterDial and quiesce
+	dialing [2]atomic.Int64 // connects in progress, by epoch parity
+	routing atomic.Int64    // accepted connections not yet routed
+
 	replaceTok chan struct{} // held while one worker of the pool is being replaced
 	restartMu  sync.Mutex    // one Restart at a time
 
@@ -311,6 +315,9 @@ func startPrimary(c *config) (*Server, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("defuss: find own binary: %w", err)
+	}
+	if c.executable != "" {
+		exe = c.executable
 	}
 	ln := c.listener
 	if ln == nil {
@@ -498,12 +505,24 @@ wait:
 			p.forceShutdown()
 		}
 	}
-	// Every worker has exited, so nothing can flow on a proxied
-	// connection any more: close what is left and wait for the goroutines.
-	p.log.Info("workers stopped; closing remaining connections")
+	// Every worker has exited, so nothing the clients send can reach one:
+	// end what is left, let the last bytes from the workers through, and
+	// close whatever still hangs after a second.
+	p.log.Info("workers stopped; ending remaining connections")
+	p.endAllConns()
+	connsDone := make(chan struct{})
+	go func() {
+		p.conns.Wait()
+		close(connsDone)
+	}()
+	select {
+	case <-connsDone:
+	case <-time.After(time.Second):
+		p.log.Warn("connections still open a second after the workers stopped; closing them")
+	}
 	p.closeLive()
 	<-p.acceptDone
-	p.conns.Wait()
+	<-connsDone
 	ops.Wait()
 	if p.stopSignals != nil {
 		p.stopSignals()
@@ -524,8 +543,8 @@ func (p *primary) requestStop() {
 // beginShutdown starts a graceful shutdown: no new connections, workers drain.
 func (p *primary) beginShutdown() {
 	p.drainOnce.Do(func() {
-		close(p.drain)
 		p.ln.Close()
+		close(p.drain)
 		p.mu.Lock()
 		p.publish()
 		p.mu.Unlock()
@@ -594,11 +613,10 @@ func (p *primary) state(s *slot) string {
 // publish stores a new view of the slot table. p.mu must be held.
 func (p *primary) publish() {
 	v := &poolView{all: make([]WorkerInfo, len(p.slots))}
-	draining := p.stopping()
 	for i, s := range p.slots {
 		info := s.info
 		info.Ready = info.Ready && info.State != stateDown
-		info.Healthy = info.State == stateReady && !draining
+		info.Healthy = info.State == stateReady
 		v.all[i] = info
 		if info.Healthy {
 			v.cands = append(v.cands, info)

@@ -57,7 +57,7 @@ const (
 
 	// primary → worker
 	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], host
-	frameDrain  byte = 17 // timeout ns u64
+	frameDrain  byte = 17 // timeout ns u64, connections u64
 
 	statsLen       = 8*8 + 4*2
 	maxFailMessage = 512
@@ -85,6 +85,7 @@ type command struct {
 	host            string          // frameConfig
 	heartbeat       time.Duration   // frameConfig
 	shutdownTimeout time.Duration   // frameConfig, frameDrain
+	conns           uint64          // frameDrain: connections the primary made to this worker, all told
 	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
 }
 
@@ -251,6 +252,7 @@ func appendCommand(b []byte, c *command) []byte {
 			b = append(b, c.host...)
 		case frameDrain:
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
+			b = binary.BigEndian.AppendUint64(b, c.conns)
 		}
 		return b
 	})
@@ -274,9 +276,10 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 			return c, fmt.Errorf("%w: config out of range", errFrame)
 		}
 	case frameDrain:
-		if len(p) != 8 {
+		if len(p) != 16 {
 			return c, fmt.Errorf("%w: drain of %d bytes", errFrame, len(p))
 		}
+		c.conns = binary.BigEndian.Uint64(p[8:])
 		if c.shutdownTimeout = time.Duration(binary.BigEndian.Uint64(p)); c.shutdownTimeout <= 0 {
 			return c, fmt.Errorf("%w: drain timeout out of range", errFrame)
 		}

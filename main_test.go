@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -59,10 +60,14 @@ func testWorkerMain() int {
 	case "hang-before-start":
 		select {} // until the primary kills it
 	}
+	exeSize() // as the binary is now, before anyone replaces it
 	s, err := Start(testApp(), WithLogger(log))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test worker:", err)
 		return 1
+	}
+	if os.Getenv(envTestApp) == "exit-after-ready" {
+		return 1 // a crash loop: ready, then dead
 	}
 	workerServer.Store(s)
 	if err := s.Wait(); err != nil {
@@ -118,6 +123,11 @@ func testApp() http.Handler {
 	})
 	mux.HandleFunc("/pid", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, os.Getpid())
+	})
+	// /version identifies the binary this worker runs: its size on disk
+	// when the worker started (a rolling restart test appends to a copy).
+	mux.HandleFunc("/version", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, exeSize())
 	})
 	mux.HandleFunc("/args", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, strings.Join(os.Args, "\x00"))
@@ -186,6 +196,19 @@ func testApp() http.Handler {
 	})
 	return mux
 }
+
+// exeSize is the size of this process's binary when first asked.
+var exeSize = sync.OnceValue(func() int64 {
+	exe, err := os.Executable()
+	if err != nil {
+		return -1
+	}
+	fi, err := os.Stat(exe)
+	if err != nil {
+		return -1
+	}
+	return fi.Size()
+})
 
 // patternReader yields an endless repeating byte pattern without allocating.
 type patternReader struct{}

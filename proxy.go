@@ -101,6 +101,7 @@ func (p *primary) track(c net.Conn) (ok, full bool) {
 	}
 	p.live[c] = liveConn{slot: -1}
 	p.conns.Add(1)
+	p.routing.Add(1)
 	return true, false
 }
 
@@ -135,17 +136,31 @@ func (p *primary) closeLive() {
 	p.live = nil
 }
 
-// closeConnsOf closes the connections spliced to process pid of slot,
-// which has exited: nothing can flow on them any more, and a half-open
-// client side would otherwise keep them (and the slot's count) alive.
-func (p *primary) closeConnsOf(slot, pid int) {
+// endConnsOf ends the client-to-worker direction of the connections
+// spliced to process pid of slot, which has exited: nothing the client
+// sends can reach it any more, and a half-open client side would
+// otherwise keep them (and the slot's count) alive. The other direction
+// still delivers what the worker wrote before it exited, then the
+// connection closes as usual.
+func (p *primary) endConnsOf(slot, pid int) {
 	p.connMu.Lock()
 	defer p.connMu.Unlock()
+	now := time.Now()
 	for c, l := range p.live {
 		if l.slot == slot && l.pid == pid {
-			c.Close()
-			l.worker.Close()
+			c.SetReadDeadline(now)
 		}
+	}
+}
+
+// endAllConns does endConnsOf for every live connection: at shutdown,
+// once every worker has exited.
+func (p *primary) endAllConns() {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	now := time.Now()
+	for c := range p.live {
+		c.SetReadDeadline(now)
 	}
 }
 
@@ -160,6 +175,14 @@ var bg = context.Background()
 // head, so the worker gets header and head in one write.
 func (p *primary) serveConn(c net.Conn) {
 	defer p.untrack(c)
+	routing := true // counted in p.routing until a worker is dialed or the connection refused
+	doneRouting := func() {
+		if routing {
+			routing = false
+			p.routing.Add(-1)
+		}
+	}
+	defer doneRouting()
 	bp := p.bufs.Get().(*[]byte)
 	buf := (*bp)[proxyRoom:]
 	start := time.Now()
@@ -194,6 +217,7 @@ func (p *primary) serveConn(c net.Conn) {
 		return
 	}
 	w, s, pid := p.connect(req)
+	doneRouting()
 	isHTTP := req.Protocol == ProtocolHTTP1
 	req.reset()
 	p.reqs.Put(req)
@@ -336,6 +360,8 @@ func (p *primary) answerHealth(c net.Conn, head bool) {
 // returns nil when no worker takes the connection; otherwise the slot's
 // connection count includes this connection.
 func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
+	e := p.enterDial()
+	defer p.exitDial(e)
 	cands := p.candidates()
 	if len(cands) == 0 {
 		return nil, nil, 0
@@ -360,6 +386,9 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
 		cancel()
 		if err == nil {
+			if w.dialed != nil {
+				w.dialed.Add(1)
+			}
 			return c.(*net.TCPConn), s, w.PID
 		}
 		s.conns.Add(-1)
@@ -369,6 +398,54 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 		}
 	}
 	return nil, nil, 0
+}
+
+// enterDial and exitDial bracket the use of a candidate snapshot, from
+// loading it to the end of the dial, so that quiesce can wait for every
+// connect that may still dial a worker taken out of the snapshot. The two
+// counters alternate by epoch, as in read-copy-update.
+func (p *primary) enterDial() uint64 {
+	for {
+		e := p.epoch.Load()
+		p.dialing[e&1].Add(1)
+		if p.epoch.Load() == e {
+			return e
+		}
+		p.dialing[e&1].Add(-1) // quiesce moved on meanwhile: join the new epoch
+	}
+}
+
+func (p *primary) exitDial(e uint64) { p.dialing[e&1].Add(-1) }
+
+// quiesce waits until every connect that loaded a candidate snapshot
+// published before this call has finished dialing. Bounded by the dial
+// timeout.
+func (p *primary) quiesce() {
+	e := p.epoch.Add(1) - 1
+	waitUntil(p.cfg.dialTimeout+100*time.Millisecond, func() bool { return p.dialing[e&1].Load() == 0 })
+}
+
+// awaitRoutingIdle waits, once the listener is closed, until every
+// accepted connection has been routed (or refused), so that no connection
+// is dialed to a worker after it was told to drain. Bounded by the
+// inspection and dial timeouts.
+func (p *primary) awaitRoutingIdle() {
+	limit := p.cfg.inspectionTimeout + p.cfg.dialTimeout + 100*time.Millisecond
+	select {
+	case <-p.acceptDone:
+	case <-time.After(limit):
+	}
+	waitUntil(limit, func() bool { return p.routing.Load() == 0 })
+}
+
+// waitUntil polls cond every millisecond until it holds or limit passes.
+// The conditions it waits for last microseconds: a dial in progress, a
+// head being sniffed.
+func waitUntil(limit time.Duration, cond func() bool) {
+	deadline := time.Now().Add(limit)
+	for !cond() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // respondAndClose writes a complete HTTP/1 response and closes the
@@ -404,6 +481,13 @@ func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64
 // between two *net.TCPConn uses splice(2).
 func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
 	n, err := io.Copy(worker, client)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// endConnsOf: the worker has exited. End this direction only, so
+		// the other one still delivers the worker's last bytes.
+		worker.CloseWrite()
+		done <- n
+		return
+	}
 	endCopy(worker, client, err, halfOpen)
 	done <- n
 }

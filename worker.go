@@ -1,7 +1,6 @@
 package defuss
 
 import (
-	"context"
 	"crypto/subtle"
 	"errors"
 	"fmt"
@@ -78,6 +77,7 @@ type process struct {
 	events  chan frameEvent // from readFrames; closed at EOF
 	exited  chan error      // cmd.Wait's result
 	started time.Time
+	dialed  atomic.Uint64 // connections the primary made to this process
 
 	ready     bool
 	addr      string
@@ -129,7 +129,11 @@ func (pr *process) drainProc(timeout time.Duration, reason string) {
 	if pr.reason == "" {
 		pr.reason = reason
 	}
-	if _, err := pr.control.Write(appendCommand(nil, &command{kind: frameDrain, shutdownTimeout: timeout})); err != nil {
+	// The worker serves until it has accepted every connection the primary
+	// made to it, then stops accepting: the callers made sure that no
+	// connection to it is still being dialed.
+	drain := &command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()}
+	if _, err := pr.control.Write(appendCommand(nil, drain)); err != nil {
 		pr.cmd.Process.Signal(syscall.SIGTERM)
 	}
 	if pr.timer != nil {
@@ -301,17 +305,11 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		}
 		p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
 			"startup", now.Sub(pr.started).Round(time.Millisecond))
-		if pr == sv.next {
-			sv.promote()
-		}
-		if pr == sv.cur {
-			p.mu.Lock()
-			s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
-			s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, ev.msg.stats
-			p.mu.Unlock()
-			if !pr.draining {
-				p.setState(s, stateReady, pr.pid)
-			}
+		switch pr {
+		case sv.next:
+			sv.promote(now, &ev.msg.stats)
+		case sv.cur:
+			sv.publishCur(now, &ev.msg.stats)
 			sv.report(nil)
 		}
 	case frameStats:
@@ -337,9 +335,24 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 	}
 }
 
+// publishCur routes the slot's new connections to its current process,
+// which has just reported ready.
+func (sv *supervisor) publishCur(now time.Time, st *Stats) {
+	p, s, pr := sv.p, sv.s, sv.cur
+	p.mu.Lock()
+	s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
+	s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, *st
+	s.info.dialed = &pr.dialed
+	if !pr.draining {
+		s.info.State = stateReady
+	}
+	p.publish()
+	p.mu.Unlock()
+}
+
 // promote makes the ready successor the slot's process and drains the
 // predecessor: new connections go to the successor from now on.
-func (sv *supervisor) promote() {
+func (sv *supervisor) promote(now time.Time, st *Stats) {
 	p, s := sv.p, sv.s
 	prev := sv.cur
 	sv.cur, sv.next = sv.next, nil
@@ -350,15 +363,17 @@ func (sv *supervisor) promote() {
 	p.mu.Lock()
 	s.info.Restarts++
 	p.mu.Unlock()
+	sv.publishCur(now, st)
 	p.tel.restart(s.index, reason)
-	if prev != nil {
-		p.log.Info("worker replaced; draining the old process", "worker", s.index, "old_pid", prev.pid,
-			"new_pid", sv.cur.pid, "reason", reason)
-		sv.old = prev
-		prev.drainProc(p.cfg.shutdownTimeout, reason)
-	} else {
+	if prev == nil {
 		sv.finishReplace(nil)
+		return
 	}
+	p.log.Info("worker replaced; draining the old process", "worker", s.index, "old_pid", prev.pid,
+		"new_pid", sv.cur.pid, "reason", reason)
+	sv.old = prev
+	p.quiesce() // no connection is still being dialed to prev
+	prev.drainProc(p.cfg.shutdownTimeout, reason)
 }
 
 // onExit handles the end of one of the slot's processes.
@@ -379,7 +394,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 	if pr.timer != nil {
 		pr.timer.Stop()
 	}
-	p.closeConnsOf(s.index, pr.pid)
+	p.endConnsOf(s.index, pr.pid)
 	p.log.Info("worker exited", "worker", s.index, "worker_pid", pr.pid, "status", exitStatus(werr), "reason", reason)
 	if p.cfg.onExit != nil {
 		p.cfg.onExit(s.index, pr.pid, werr)
@@ -542,6 +557,7 @@ func (sv *supervisor) stop() {
 	if sv.next != nil {
 		sv.next.kill("shutdown", ErrShuttingDown)
 	}
+	sv.p.awaitRoutingIdle() // every accepted connection has been routed
 	for _, pr := range []*process{sv.cur, sv.old} {
 		if pr != nil {
 			pr.drainProc(sv.p.cfg.shutdownTimeout, "shutdown")
@@ -668,8 +684,9 @@ func (p *primary) spawn(i int) (*process, error) {
 	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
 		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret}))
 	if err != nil {
-		p.log.Error("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)
-		pr.kill("spawn", err)
+		// The process is gone already (or going): its exit status says why.
+		p.log.Warn("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)
+		cmd.Process.Kill()
 	}
 	return pr, nil
 }
@@ -726,10 +743,12 @@ type worker struct {
 	shutdownTimeout time.Duration
 	secret          [secretLen]byte
 
-	writeMu  sync.Mutex         // serialises frames on status
-	stop     chan time.Duration // graceful stop requests with their timeout; 0 = at once
-	done     chan struct{}      // closed when the server has stopped; ends the loops
-	finished chan struct{}      // closed when everything is released; err is set
+	writeMu  sync.Mutex       // serialises frames on status
+	stop     chan stopRequest // the first stop request wins
+	accepted atomic.Uint64    // connections accepted on the listener, all told
+	draining atomic.Bool      // the listener was closed on purpose
+	done     chan struct{}    // closed when the server has stopped; ends the loops
+	finished chan struct{}    // closed when everything is released; err is set
 	err      error
 	wg       sync.WaitGroup
 }
@@ -753,7 +772,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		log:      c.logger.With("component", "defuss", "role", "worker", "worker", slot, "pid", os.Getpid()),
 		status:   status,
 		control:  control,
-		stop:     make(chan time.Duration, 1),
+		stop:     make(chan stopRequest, 1),
 		done:     make(chan struct{}),
 		finished: make(chan struct{}),
 	}
@@ -835,17 +854,56 @@ func (w *worker) serve() {
 	// from, so a local process that dials the worker port directly is not
 	// served and cannot claim any client address.
 	ln := &proxyproto.Listener{
-		Listener: w.ln,
+		Listener: countingListener{w.ln, &w.accepted},
 		ConnPolicy: func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) {
 			return proxyproto.REQUIRE, nil
 		},
 		ValidateHeader:    w.checkSecret,
 		ReadHeaderTimeout: 5 * time.Second,
 	}
-	if err := w.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := w.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
 		w.log.Error("serve", "err", err)
-		w.requestStop(0)
+		w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) // read after wg.Wait
+		w.requestStop(0, 0)
 	}
+}
+
+// drain stops the server gracefully within timeout, after accepting the
+// conns connections the primary made to this worker.
+//
+// It does not use http.Server.Shutdown, which drops a request read after
+// it began, even the first request of a connection accepted just before:
+// the primary dials a draining worker only until it has been replaced, so
+// such a request is a client's, and must be served. Instead: accept what
+// the primary sent, stop accepting, turn keep-alives off (idle
+// connections close now, busy ones after their current request), and
+// wait for the connections to close.
+func (w *worker) drain(timeout time.Duration, conns uint64) {
+	deadline := time.Now().Add(timeout)
+	if conns > 0 {
+		waitUntil(min(timeout, 2*time.Second), func() bool { return w.accepted.Load() >= conns })
+	}
+	w.draining.Store(true)
+	w.srv.SetKeepAlivesEnabled(false)
+	w.ln.Close()
+	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 })
+	if n := w.conns.Load(); n > 0 {
+		w.log.Warn("connections still open at the shutdown timeout; closing them", "connections", n, "timeout", timeout)
+	}
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	n *atomic.Uint64
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
 }
 
 // errNotFromPrimary rejects a connection whose PROXY header lacks the secret.
@@ -907,7 +965,7 @@ func (w *worker) heartbeats() {
 		case <-t.C:
 			if err := w.send(&message{kind: frameStats, stats: w.stats.sample()}); err != nil {
 				w.log.Warn("heartbeat", "err", err)
-				w.requestStop(0) // the primary is gone
+				w.requestStop(0, 0) // the primary is gone
 				return
 			}
 		case <-w.done:
@@ -928,7 +986,7 @@ func (w *worker) commands() {
 			case <-w.done: // we closed the pipe ourselves
 			default:
 				w.log.Warn("primary gone, stopping now", "err", err)
-				w.requestStop(0)
+				w.requestStop(0, 0)
 			}
 			return
 		}
@@ -937,15 +995,23 @@ func (w *worker) commands() {
 			w.log.Error("bad command from primary", "err", err, "type", typ)
 			continue
 		}
-		w.requestStop(c.shutdownTimeout)
+		w.requestStop(c.shutdownTimeout, c.conns)
 	}
 }
 
-// requestStop asks run to stop; timeout 0 means at once. The first
-// request wins.
-func (w *worker) requestStop(timeout time.Duration) {
+// stopRequest asks the worker to stop: gracefully within timeout (0: at
+// once), after accepting conns connections in all (the primary's count of
+// the connections it made to this worker, so none is left unaccepted in
+// the listen queue when the listener closes).
+type stopRequest struct {
+	timeout time.Duration
+	conns   uint64
+}
+
+// requestStop asks run to stop. The first request wins.
+func (w *worker) requestStop(timeout time.Duration, conns uint64) {
 	select {
-	case w.stop <- timeout:
+	case w.stop <- stopRequest{timeout, conns}:
 	default:
 	}
 }
@@ -958,28 +1024,20 @@ func (w *worker) run(signals bool) {
 		notifySignals(sigs, syscall.SIGINT, syscall.SIGTERM)
 		defer stopSignals(sigs)
 	}
-	var timeout time.Duration
+	var req stopRequest
 	select {
-	case timeout = <-w.stop:
+	case req = <-w.stop:
 	case <-sigs:
-		timeout = w.shutdownTimeout
+		req.timeout = w.shutdownTimeout
 	}
+	timeout := req.timeout
 	w.log.Debug("stopping", "timeout", timeout)
 	w.send(&message{kind: frameStopping})
-	var err error
 	if timeout > 0 {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		err = w.srv.Shutdown(ctx)
-		cancel()
+		w.drain(timeout, req.conns)
 	}
-	if timeout == 0 || err != nil {
-		w.srv.Close()
-	}
-	if errors.Is(err, context.DeadlineExceeded) {
-		err = nil // the remaining connections were closed; that is the contract
-	}
-	w.log.Debug("server stopped", "err", err)
-	w.err = err
+	w.srv.Close()
+	w.log.Debug("server stopped")
 	close(w.done)
 	w.control.Close()
 	w.wg.Wait()

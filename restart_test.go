@@ -1,0 +1,326 @@
+package defuss
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// loadResult counts a background load's requests.
+type loadResult struct {
+	sent, failed atomic.Int64
+	mu           sync.Mutex
+	firstErr     error
+	versions     map[string]int64 // answer → count, for /version loads
+}
+
+// runLoad sends GET path from 4 goroutines until stop is closed: two use
+// new connections per request, two keep connections alive. It returns
+// when all have stopped.
+func runLoad(addr, path string, stop <-chan struct{}, res *loadResult) func() {
+	var wg sync.WaitGroup
+	res.versions = map[string]int64{}
+	for i := range 4 {
+		tr := &http.Transport{DisableKeepAlives: i%2 == 0}
+		client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer tr.CloseIdleConnections()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				res.sent.Add(1)
+				resp, err := client.Get("http://" + addr + path)
+				var body []byte
+				if err == nil {
+					body, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != 200 {
+						err = errors.New("status " + resp.Status)
+					}
+				}
+				res.mu.Lock()
+				if err != nil {
+					res.failed.Add(1)
+					if res.firstErr == nil {
+						res.firstErr = fmt.Errorf("keep-alive %v: %w", !tr.DisableKeepAlives, err)
+					}
+				} else {
+					res.versions[string(body)]++
+				}
+				res.mu.Unlock()
+			}
+		}()
+	}
+	return wg.Wait
+}
+
+// copyBinary copies this test binary to dir/app, with extra bytes appended
+// (which the ELF loader ignores): a different binary file that answers
+// /version with its own size.
+func copyBinary(t *testing.T, dst string, extra string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = append(b, extra...)
+	tmp := dst + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Replace by rename: a running binary cannot be written over in place.
+	if err := os.Rename(tmp, dst); err != nil {
+		t.Fatal(err)
+	}
+	return int64(len(b))
+}
+
+// Issue 5, points 1 and 2: a rolling restart under load picks up a new
+// binary copied over the old one, with no failed request; afterwards every
+// answer comes from the new binary.
+func TestRollingRestartSwapsBinaryUnderLoad(t *testing.T) {
+	app := filepath.Join(t.TempDir(), "app")
+	v1 := copyBinary(t, app, "")
+	s := startTest(t, optionFunc(func(c *config) { c.executable = app }))
+	addr := s.Addr().String()
+	if _, v := get(t, addr, "/version"); v != strconv.FormatInt(v1, 10) {
+		t.Fatalf("version %s, want %d", v, v1)
+	}
+	before := s.Workers()
+
+	var res loadResult
+	stop := make(chan struct{})
+	wait := runLoad(addr, "/version", stop, &res)
+	waitFor(t, 5*time.Second, "load running", func() bool { return res.sent.Load() > 100 })
+	v2 := copyBinary(t, app, "defuss rolling restart v2")
+	if err := s.Restart(context.Background()); err != nil {
+		t.Fatalf("Restart: %v", err)
+	}
+	// Every new connection now reaches the new binary.
+	for range 10 {
+		if _, v := get(t, addr, "/version"); v != strconv.FormatInt(v2, 10) {
+			t.Fatalf("after Restart, version %s, want %d", v, v2)
+		}
+	}
+	res.mu.Lock()
+	clear(res.versions)
+	res.mu.Unlock()
+	n := res.sent.Load()
+	waitFor(t, 5*time.Second, "load after the restart", func() bool { return res.sent.Load() > n+100 })
+	close(stop)
+	wait()
+	t.Logf("rolling restart under load: %d requests sent, %d failed; answers after it: %v", res.sent.Load(), res.failed.Load(), res.versions)
+	if res.failed.Load() != 0 {
+		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
+	}
+	if len(res.versions) != 1 || res.versions[strconv.FormatInt(v2, 10)] == 0 {
+		t.Errorf("answers after the restart came from %v, want only %d", res.versions, v2)
+	}
+	for i, w := range s.Workers() {
+		if w.Restarts != 1 || w.PID == before[i].PID || !w.Healthy {
+			t.Errorf("slot %d after Restart: %+v (before pid %d)", i, w, before[i].PID)
+		}
+	}
+}
+
+// Issue 5, point 1: if a new worker fails to become ready, the restart
+// stops, the old workers keep serving, and Restart returns the error.
+func TestRestartWithBrokenBinaryKeepsOldWorkers(t *testing.T) {
+	app := filepath.Join(t.TempDir(), "app")
+	copyBinary(t, app, "")
+	s := startTest(t, optionFunc(func(c *config) { c.executable = app }))
+	before := s.Workers()
+	broken := app + ".tmp"
+	if err := os.WriteFile(broken, []byte("#!/bin/sh\necho broken build >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(broken, app); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Restart(context.Background())
+	if !errors.Is(err, ErrWorkerStart) || !strings.Contains(err.Error(), "exit status 3") {
+		t.Fatalf("Restart = %v, want ErrWorkerStart with the exit status", err)
+	}
+	for i, w := range s.Workers() {
+		if w.PID != before[i].PID || !w.Healthy {
+			t.Errorf("slot %d changed by a failed restart: %+v", i, w)
+		}
+	}
+	for range 4 {
+		if code, _ := get(t, s.Addr().String(), "/pid"); code != 200 {
+			t.Fatalf("old workers stopped serving: %d", code)
+		}
+	}
+}
+
+// Issue 5, point 1: SIGHUP to a primary process runs a rolling restart.
+func TestSIGHUPRestarts(t *testing.T) {
+	cmd, _, addr, pids := startPrimaryProcess(t, 2)
+	old := map[string]bool{}
+	for _, p := range pids {
+		old[strconv.Itoa(p)] = true
+	}
+	cmd.Process.Signal(syscall.SIGHUP)
+	fresh := map[string]bool{}
+	waitFor(t, 20*time.Second, "answers from two new workers", func() bool {
+		if _, pid := get(t, addr, "/pid"); !old[pid] {
+			fresh[pid] = true
+		}
+		return len(fresh) == 2
+	})
+	for range 6 {
+		if _, pid := get(t, addr, "/pid"); old[pid] {
+			t.Fatalf("an old worker (%s) still answers after the restart", pid)
+		}
+	}
+}
+
+// processCount samples how many child processes this test process has,
+// and keeps the maximum, until stop.
+func maxChildren(stop <-chan struct{}) func() int {
+	var most atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(5 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				if n := int64(len(children())); n > most.Load() {
+					most.Store(n)
+				}
+			}
+		}
+	}()
+	return func() int { <-done; return int(most.Load()) }
+}
+
+// Issue 5, point 3: WithMaxRequests recycles workers through the rolling
+// path with no failed request, never more than one at a time.
+func TestRecycleAfterMaxRequests(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithMaxRequests(30, 10))
+	stopCount := make(chan struct{})
+	most := maxChildren(stopCount)
+	var res loadResult
+	stop := make(chan struct{})
+	wait := runLoad(s.Addr().String(), "/pid", stop, &res)
+	waitWorkers(t, s, 30*time.Second, "each worker recycled twice", func(ws []WorkerInfo) bool {
+		return ws[0].Restarts >= 2 && ws[1].Restarts >= 2
+	})
+	close(stop)
+	wait()
+	close(stopCount)
+	t.Logf("recycling by request count: %d requests sent, %d failed; at most %d worker processes at once", res.sent.Load(), res.failed.Load(), most())
+	if res.failed.Load() != 0 {
+		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
+	}
+	if n := most(); n > 3 {
+		t.Errorf("%d worker processes at once; recycling must replace one worker at a time (2 slots + 1)", n)
+	}
+	got := points(t, m.collect(), "defuss.worker.restarts", "{restart}")
+	for k := range got {
+		if !strings.Contains(k, "defuss.reason=recycle") {
+			t.Errorf("restart counted with %q, want reason recycle only", k)
+		}
+	}
+}
+
+// Issue 5, point 3: WithMaxMemory recycles workers whose RSS passes the
+// cap (1 byte here: every worker is over it), one at a time, with no
+// failed request.
+func TestRecycleAtMaxMemory(t *testing.T) {
+	s := startTest(t, WithMaxMemory(1))
+	stopCount := make(chan struct{})
+	most := maxChildren(stopCount)
+	var res loadResult
+	stop := make(chan struct{})
+	wait := runLoad(s.Addr().String(), "/pid", stop, &res)
+	waitWorkers(t, s, 30*time.Second, "each worker recycled twice", func(ws []WorkerInfo) bool {
+		return ws[0].Restarts >= 2 && ws[1].Restarts >= 2
+	})
+	close(stop)
+	wait()
+	close(stopCount)
+	t.Logf("recycling by memory: %d requests sent, %d failed; at most %d worker processes at once", res.sent.Load(), res.failed.Load(), most())
+	if res.failed.Load() != 0 {
+		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
+	}
+	if n := most(); n > 3 {
+		t.Errorf("%d worker processes at once, want at most 3", n)
+	}
+}
+
+// Issue 5, point 5: a worker that dies right after it becomes ready is
+// respawned with exponential backoff: a handful of restarts in 3 s, not
+// hundreds; the crash loop is logged and counted.
+func TestCrashLoopBacksOff(t *testing.T) {
+	var logs syncBuffer
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithWorkers(1), WithWorkerEnv(envTestApp+"=exit-after-ready"),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	start := time.Now()
+	waitWorkers(t, s, 10*time.Second, "three restarts", func(ws []WorkerInfo) bool { return ws[0].Restarts >= 3 })
+	time.Sleep(3*time.Second - time.Since(start)) // let the loop run for a fixed time
+	n := s.Workers()[0].Restarts
+	t.Logf("crash loop: %d restarts in %v", n, time.Since(start).Round(time.Millisecond))
+	// Backoff 50ms, 100ms, 200ms, 400ms, 800ms, 1.6s: at most 6-7 in 3 s.
+	if n > 8 {
+		t.Errorf("%d restarts in 3s: the backoff does not hold", n)
+	}
+	if !strings.Contains(string(logs.Bytes()), "crash loop") {
+		t.Error("the crash loop was not logged")
+	}
+	if got := points(t, m.collect(), "defuss.worker.restarts", "{restart}"); got["defuss.reason=crash,defuss.worker.index=0"].value < 3 {
+		t.Errorf("worker.restarts = %v, want >= 3 crashes", got)
+	}
+}
+
+// Issue 5, point 6: operations run safely alongside each other and
+// alongside shutdown; shutdown wins.
+func TestRestartConcurrentWithRestartAndShutdown(t *testing.T) {
+	s := startTest(t)
+	errs := make(chan error, 2)
+	go func() { errs <- s.Restart(context.Background()) }()
+	go func() { errs <- s.Restart(context.Background()) }()
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent Restart: %v", err)
+		}
+	}
+	for _, w := range s.Workers() {
+		if w.Restarts != 2 || !w.Healthy {
+			t.Errorf("after two restarts: %+v", w)
+		}
+	}
+	go func() { errs <- s.Restart(context.Background()) }()
+	if err := s.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := <-errs; err != nil && !errors.Is(err, ErrShuttingDown) {
+		t.Fatalf("Restart during shutdown = %v, want nil or ErrShuttingDown", err)
+	}
+	if err := s.Restart(context.Background()); !errors.Is(err, ErrShuttingDown) {
+		t.Fatalf("Restart after shutdown = %v, want ErrShuttingDown", err)
+	}
+}
