@@ -1,0 +1,145 @@
+//go:build linux
+
+// Command server is the HTTP server that the benchmark harness in ../ runs
+// in each configuration. One binary, several modes:
+//
+//	server -mode direct    -addr 127.0.0.1:0                # plain net/http, all cores
+//	server -mode defuss    -addr 127.0.0.1:0 -workers 2     # defuss.Start: primary + workers
+//	server -mode reuseport -addr 127.0.0.1:PORT             # SO_REUSEPORT listener
+//	server -mode plain     -addr 127.0.0.1:0                # a backend behind HAProxy
+//
+// Once it accepts, the server prints "listening HOST:PORT" on stdout (the
+// primary only, under defuss), so the harness can pass port 0 and learn the
+// port. It serves /small (the 13-byte body "Hello, World!") and /large (a
+// preallocated 64 KiB body).
+//
+// Under -mode defuss the binary is re-executed once per worker with the same
+// arguments, so everything before defuss.Start (flag parsing, building the
+// handler) runs in the workers too; that is cheap and idempotent here.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/defuss-go/defuss"
+	"golang.org/x/sys/unix"
+)
+
+var (
+	smallBody = []byte("Hello, World!")
+	largeBody = make([]byte, 64<<10)
+)
+
+func main() {
+	mode := flag.String("mode", "direct", "direct, defuss, reuseport or plain")
+	addr := flag.String("addr", "127.0.0.1:0", "address to listen on")
+	workers := flag.Int("workers", 2, "defuss workers (-mode defuss)")
+	handoff := flag.Bool("handoff", false, "defuss hand-off mode (-mode defuss); not implemented by the library yet")
+	flag.Parse()
+
+	for i := range largeBody {
+		largeBody[i] = 'a' + byte(i%26)
+	}
+	var err error
+	switch *mode {
+	case "direct", "plain":
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", *addr); err == nil {
+			err = serve(ln)
+		}
+	case "reuseport":
+		var ln net.Listener
+		if ln, err = listenReusePort(*addr); err == nil {
+			err = serve(ln)
+		}
+	case "defuss":
+		err = runDefuss(*addr, *workers, *handoff)
+	default:
+		err = fmt.Errorf("unknown -mode %q", *mode)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "benchserver (%s, pid %d): %v\n", *mode, os.Getpid(), err)
+		os.Exit(1)
+	}
+}
+
+func handler() http.Handler {
+	mux := http.NewServeMux()
+	small := strconv.Itoa(len(smallBody))
+	large := strconv.Itoa(len(largeBody))
+	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h["Content-Type"] = []string{"text/plain; charset=utf-8"}
+		h["Content-Length"] = []string{small}
+		w.Write(smallBody)
+	})
+	mux.HandleFunc("/large", func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h["Content-Type"] = []string{"application/octet-stream"}
+		h["Content-Length"] = []string{large}
+		w.Write(largeBody)
+	})
+	return mux
+}
+
+// serve serves the handler on ln until SIGTERM or SIGINT ends the process
+// (the default action; the harness needs no graceful stop here).
+func serve(ln net.Listener) error {
+	fmt.Printf("listening %s\n", ln.Addr())
+	srv := &http.Server{Handler: handler(), ReadHeaderTimeout: 10 * time.Second}
+	return srv.Serve(ln)
+}
+
+// runDefuss runs the handler under defuss: the primary prints its public
+// address, workers print nothing. defuss handles SIGTERM itself (graceful
+// stop, bounded by the shutdown timeout).
+func runDefuss(addr string, workers int, handoff bool) error {
+	if handoff {
+		// Hand-off mode (issue 6) does not exist yet. When it lands, this
+		// becomes: opts = append(opts, defuss.WithHandoff(true)).
+		return errors.New("defuss hand-off mode is not implemented by this version of the library")
+	}
+	// Warnings and errors only, to stderr (the harness keeps it in a log
+	// file): a library problem during a run must stay visible.
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	opts := []defuss.Option{
+		defuss.WithAddr(addr),
+		defuss.WithWorkers(workers),
+		defuss.WithLogger(log),
+		defuss.WithShutdownTimeout(2 * time.Second),
+	}
+	s, err := defuss.Start(handler(), opts...)
+	if err != nil {
+		return err
+	}
+	if !s.IsWorker() {
+		fmt.Printf("listening %s\n", s.Addr())
+	}
+	return s.Wait()
+}
+
+// listenReusePort listens on addr with SO_REUSEPORT set (from x/sys/unix,
+// which the module already requires: package syscall lacks the constant), so that several
+// processes can share the port and the kernel spreads connections.
+func listenReusePort(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", addr)
+}

@@ -1,0 +1,135 @@
+//go:build linux
+
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// wrkResult is what one wrk run measured.
+type wrkResult struct {
+	rps      float64
+	p50, p99 time.Duration
+	requests int64
+	problems string  // socket errors or non-2xx answers, empty if none
+	otherCPU float64 // share of the CPUs used by processes outside the harness meanwhile; -1 unknown
+}
+
+// wrkArgs is the wrk command line for a workload against url.
+func (h *harness) wrkArgs(w workload, url string, d time.Duration) []string {
+	args := []string{
+		"-t" + strconv.Itoa(h.threads),
+		"-c" + strconv.Itoa(h.conns),
+		"-d" + strconv.Itoa(wrkSeconds(d)) + "s",
+		"--latency",
+	}
+	if w.close {
+		args = append(args, "-H", "Connection: close")
+	}
+	return append(args, url+w.path)
+}
+
+// wrkSeconds rounds d to wrk's unit: whole seconds, at least one.
+func wrkSeconds(d time.Duration) int {
+	return max(1, int((d+time.Second/2)/time.Second))
+}
+
+// runWrk runs wrk and parses its report.
+func (h *harness) runWrk(ctx context.Context, w workload, url string, d time.Duration) (wrkResult, error) {
+	args := h.wrkArgs(w, url, d)
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(wrkSeconds(d))*time.Second+30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, h.wrk, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return wrkResult{}, err
+	}
+	h.reg.notePID(cmd.Process.Pid)
+	before := sampleCPU()
+	err := cmd.Wait()
+	after := sampleCPU()
+	if err != nil {
+		if ctx.Err() != nil {
+			return wrkResult{}, ctx.Err()
+		}
+		return wrkResult{}, fmt.Errorf("wrk %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()+out.String()))
+	}
+	if h.verbose {
+		fmt.Fprintf(os.Stderr, "$ wrk %s\n%s", strings.Join(args, " "), out.String())
+	}
+	r, err := parseWrk(out.String())
+	r.otherCPU = otherCPU(before, after)
+	return r, err
+}
+
+// parseWrk reads requests/s, the 50th and 99th latency percentiles and any
+// errors from wrk's --latency report.
+func parseWrk(s string) (wrkResult, error) {
+	var r wrkResult
+	var problems []string
+	var haveRPS, have50, have99 bool
+	sc := bufio.NewScanner(strings.NewReader(s))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		f := strings.Fields(line)
+		switch {
+		case strings.HasPrefix(line, "Requests/sec:") && len(f) == 2:
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				return r, fmt.Errorf("wrk: bad Requests/sec line %q", line)
+			}
+			r.rps, haveRPS = v, true
+		case (f != nil && (f[0] == "50%" || f[0] == "99%")) && len(f) == 2:
+			d, err := parseWrkDuration(f[1])
+			if err != nil {
+				return r, err
+			}
+			if f[0] == "50%" {
+				r.p50, have50 = d, true
+			} else {
+				r.p99, have99 = d, true
+			}
+		case strings.Contains(line, " requests in ") && len(f) > 0:
+			r.requests, _ = strconv.ParseInt(f[0], 10, 64)
+		case strings.HasPrefix(line, "Socket errors:"):
+			problems = append(problems, "socket errors:"+strings.TrimPrefix(line, "Socket errors:"))
+		case strings.HasPrefix(line, "Non-2xx or 3xx responses:"):
+			problems = append(problems, strings.ToLower(line[:1])+line[1:])
+		}
+	}
+	if !haveRPS || !have50 || !have99 {
+		return r, errors.New("wrk: report without Requests/sec or latency distribution:\n" + s)
+	}
+	r.problems = strings.Join(problems, "; ")
+	return r, nil
+}
+
+// parseWrkDuration parses wrk's latency format: "812.00us", "1.23ms", "2.01s", "1.05m".
+func parseWrkDuration(s string) (time.Duration, error) {
+	units := []struct {
+		suffix string
+		unit   time.Duration
+	}{{"us", time.Microsecond}, {"ms", time.Millisecond}, {"s", time.Second}, {"m", time.Minute}, {"h", time.Hour}}
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			v, err := strconv.ParseFloat(num, 64)
+			if err != nil {
+				break
+			}
+			return time.Duration(v * float64(u.unit)), nil
+		}
+	}
+	return 0, fmt.Errorf("wrk: unknown latency %q", s)
+}
