@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pires/go-proxyproto"
+	"golang.org/x/sys/unix"
 )
 
 // response503 is what an HTTP/1 client gets when no worker can take its
@@ -480,7 +481,7 @@ func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64
 // copyToWorker carries client bytes to the worker; on Linux, io.Copy
 // between two *net.TCPConn uses splice(2).
 func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
-	n, err := io.Copy(worker, client)
+	n, err := copyStream(worker, client)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		// endConnsOf: the worker has exited. End this direction only, so
 		// the other one still delivers the worker's last bytes.
@@ -494,9 +495,64 @@ func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan
 
 // copyToClient carries worker bytes to the client.
 func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
-	n, err := io.Copy(client, worker)
+	n, err := copyStream(client, worker)
 	endCopy(client, worker, err, halfOpen)
 	return n
+}
+
+// copyStream copies src to dst until EOF, like io.Copy. Between two TCP
+// connections it uses splice(2) as io.Copy does, but it waits for data
+// without holding a splice pipe: io.Copy keeps a pipe (two descriptors
+// and its kernel buffer) for as long as the source is idle, which would
+// triple the primary's descriptors for idle keep-alive connections.
+func copyStream(dst, src net.Conn) (int64, error) {
+	d, ok1 := dst.(*net.TCPConn)
+	s, ok2 := src.(*net.TCPConn)
+	if !ok1 || !ok2 {
+		return io.Copy(dst, src)
+	}
+	rc, err := s.SyscallConn()
+	if err != nil {
+		return io.Copy(dst, src)
+	}
+	var (
+		total int64
+		lr    = io.LimitedReader{R: s}
+		avail int
+		perr  error
+		peek  [1]byte
+	)
+	// probe runs when src may be readable: it reports how many bytes are
+	// there (0 on a readable socket: EOF), or false to wait for more.
+	probe := func(fd uintptr) bool {
+		avail, perr = 0, nil
+		n, _, err := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EAGAIN:
+			return false
+		case err != nil:
+			perr = os.NewSyscallError("recvfrom", err)
+		case n > 0:
+			avail, perr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+			avail = max(avail, 1)
+		}
+		return true
+	}
+	for {
+		err := rc.Read(probe)
+		if err == nil {
+			err = perr
+		}
+		if err != nil || avail == 0 {
+			return total, err
+		}
+		lr.N = int64(avail)
+		n, err := d.ReadFrom(&lr)
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // endCopy ends one direction: src has been read to EOF (err nil) or failed.

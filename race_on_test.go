@@ -1,0 +1,6 @@
+//go:build race
+
+package defuss
+
+// raceEnabled: the race detector's own memory makes RSS no measure of ours.
+const raceEnabled = true
