@@ -51,6 +51,7 @@ type WorkerInfo struct {
 
 	conns  *atomic.Int64
 	dialed *atomic.Uint64 // connections made to the current process, all told
+	slot   *slot
 }
 
 // ActiveConnections returns how many connections the primary is forwarding

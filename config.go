@@ -35,6 +35,9 @@ const (
 	DefaultDialTimeout       = 1 * time.Second
 )
 
+// maxWorkers bounds WithWorkers and Scale.
+const maxWorkers = 1024
+
 // An Option configures [Start]. Options are created by the With* functions.
 type Option interface {
 	apply(*config)
@@ -400,8 +403,8 @@ func (c *config) validate() error {
 	} else if a, ok := c.listener.Addr().(*net.TCPAddr); ok {
 		publicPort = a.Port
 	}
-	if c.workers > 1024 {
-		bad("WithWorkers(%d): at most 1024", c.workers)
+	if c.workers > maxWorkers {
+		bad("WithWorkers(%d): at most %d", c.workers, maxWorkers)
 	}
 	if c.workerHost == "" {
 		bad("WithWorkerHost(%q): empty host", c.workerHost)

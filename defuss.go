@@ -54,6 +54,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -190,8 +191,11 @@ func (s *Server) Restart(ctx context.Context) error {
 func (p *primary) restart(ctx context.Context) error {
 	p.restartMu.Lock()
 	defer p.restartMu.Unlock()
-	p.log.Info("rolling restart", "workers", len(p.slots))
-	for _, s := range p.slots {
+	p.mu.Lock()
+	slots := slices.Clone(p.slots)
+	p.mu.Unlock()
+	p.log.Info("rolling restart", "workers", len(slots))
+	for _, s := range slots {
 		select {
 		case p.replaceTok <- struct{}{}:
 		case <-ctx.Done():
@@ -218,10 +222,110 @@ func (p *primary) replaceSlot(s *slot) error {
 	req := &replaceReq{reason: "reload", done: make(chan error, 1)}
 	select {
 	case s.replace <- req:
+	case <-s.done:
+		return nil // scaled away meanwhile
 	case <-p.drain:
 		return ErrShuttingDown
 	}
 	return <-req.done // the supervisor always answers, also when shutting down
+}
+
+// Scale changes the number of workers to n (at least 1) at run time.
+// Scaling up starts the new workers and returns once they report ready
+// (if one fails, the new slots are removed again and the error returned).
+// Scaling down takes the highest slots out of rotation, drains them (their
+// in-flight requests finish) and returns once their processes have
+// exited. SIGTTIN and SIGTTOU (with signal handling on) scale by one, as
+// gunicorn does. Scale is safe to call concurrently with Restart and with
+// other Scale calls; a shutdown wins. In a worker, Scale returns
+// [ErrNotPrimary].
+func (s *Server) Scale(ctx context.Context, n int) error {
+	if s.p == nil {
+		return ErrNotPrimary
+	}
+	return s.p.scale(ctx, n)
+}
+
+func (p *primary) scale(ctx context.Context, n int) error {
+	if n < 1 || n > maxWorkers {
+		return fmt.Errorf("%w: Scale(%d): want 1 to %d workers", ErrInvalidOption, n, maxWorkers)
+	}
+	return p.scaleTo(ctx, func(int) int { return n })
+}
+
+// scaleBy adds delta workers (SIGTTIN, SIGTTOU), keeping 1 to maxWorkers.
+func (p *primary) scaleBy(delta int) error {
+	return p.scaleTo(context.Background(), func(have int) int { return min(max(have+delta, 1), maxWorkers) })
+}
+
+// scaleTo scales to target(the current number of workers).
+func (p *primary) scaleTo(ctx context.Context, target func(have int) int) error {
+	p.scaleMu.Lock()
+	defer p.scaleMu.Unlock()
+	p.mu.Lock()
+	if p.stopping() {
+		p.mu.Unlock()
+		return ErrShuttingDown
+	}
+	have := len(p.slots)
+	n := target(have)
+	var changed []*slot
+	switch {
+	case n > have:
+		startup := make(chan error, n-have)
+		for i := have; i < n; i++ {
+			s := newSlot(i)
+			p.slots = append(p.slots, s)
+			changed = append(changed, s)
+			p.supervisors.Add(1) // before drain closes: see beginShutdown
+			go func() {
+				defer p.supervisors.Done()
+				p.supervise(s, startup)
+			}()
+		}
+		p.publish()
+		p.mu.Unlock()
+		p.log.Info("scaling up", "from", have, "to", n)
+		for range changed {
+			var err error
+			select {
+			case err = <-startup:
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-p.drain:
+				err = ErrShuttingDown
+			}
+			if err != nil {
+				p.log.Error("scaling up failed; removing the new workers", "err", err)
+				p.removeSlots(changed)
+				return err
+			}
+		}
+		return nil
+	case n < have:
+		changed = slices.Clone(p.slots[n:])
+		p.mu.Unlock()
+		p.log.Info("scaling down", "from", have, "to", n)
+		return p.removeSlots(changed)
+	}
+	p.mu.Unlock()
+	return nil
+}
+
+// removeSlots takes slots out of the table, drains them and waits until
+// their supervisors have ended.
+func (p *primary) removeSlots(slots []*slot) error {
+	p.mu.Lock()
+	p.slots = slices.DeleteFunc(p.slots, func(s *slot) bool { return slices.Contains(slots, s) })
+	p.publish()
+	p.mu.Unlock()
+	for _, s := range slots {
+		close(s.retire)
+	}
+	for _, s := range slots {
+		<-s.done
+	}
+	return nil
 }
 
 // Addr returns the address the server accepts on: the public address in
@@ -298,6 +402,7 @@ type primary struct {
 
 	replaceTok chan struct{} // held while one worker of the pool is being replaced
 	restartMu  sync.Mutex    // one Restart at a time
+	scaleMu    sync.Mutex    // one Scale at a time
 
 	secret   [secretLen]byte // in the PROXY header of every connection to a worker
 	draining atomic.Bool     // a shutdown has started: the health path answers 503
@@ -351,19 +456,17 @@ func startPrimary(c *config) (*Server, error) {
 	p.reqs.New = func() any { return new(Request) }
 	p.slots = make([]*slot, c.workers)
 	for i := range p.slots {
-		s := &slot{index: i, replace: make(chan *replaceReq)}
-		s.info = WorkerInfo{Index: i, State: stateStarting, conns: &s.conns}
-		p.slots[i] = s
+		p.slots[i] = newSlot(i)
 	}
 	p.mu.Lock()
 	p.publish()
 	p.mu.Unlock()
-	p.tel = newTelemetry(c.meterProvider, c.workers, p.snapshot)
+	p.tel = newTelemetry(c.meterProvider, p.snapshot)
 
 	var sigs <-chan os.Signal
 	if c.signals {
 		ch := make(chan os.Signal, 2)
-		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
 		p.stopSignals = func() { stopSignals(ch) }
 		sigs = ch
 	}
@@ -410,9 +513,9 @@ func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) erro
 			}
 			waiting--
 		case sig := <-sigs:
-			if sig != syscall.SIGHUP { // the workers start from the binary on disk anyway
+			if sig == syscall.SIGINT || sig == syscall.SIGTERM {
 				return ErrInterrupted
-			}
+			} // SIGHUP: the workers start from the binary on disk anyway
 		}
 	}
 	return nil
@@ -427,18 +530,28 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	// stopSig reports whether a signal asks to stop; SIGHUP starts a
 	// rolling restart instead.
 	stopSig := func(sig os.Signal) bool {
-		if sig != syscall.SIGHUP {
+		var op func() error
+		switch sig {
+		case syscall.SIGHUP:
+			op = func() error { return p.restart(context.Background()) }
+		case syscall.SIGTTIN, syscall.SIGTTOU:
+			delta := 1
+			if sig == syscall.SIGTTOU {
+				delta = -1
+			}
+			op = func() error { return p.scaleBy(delta) }
+		default:
 			return true
 		}
 		if p.stopping() {
 			return false
 		}
-		p.log.Info("SIGHUP: rolling restart")
+		p.log.Info("signal received", "signal", sig.String())
 		ops.Add(1)
 		go func() {
 			defer ops.Done()
-			if err := p.restart(context.Background()); err != nil {
-				p.log.Error("rolling restart failed", "err", err)
+			if err := op(); err != nil && !errors.Is(err, ErrShuttingDown) {
+				p.log.Error("operation failed", "signal", sig.String(), "err", err)
 			}
 		}()
 		return false
@@ -544,8 +657,8 @@ func (p *primary) requestStop() {
 func (p *primary) beginShutdown() {
 	p.drainOnce.Do(func() {
 		p.ln.Close()
-		close(p.drain)
 		p.mu.Lock()
+		close(p.drain) // under mu: Scale adds supervisors only before this
 		p.publish()
 		p.mu.Unlock()
 	})

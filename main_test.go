@@ -81,7 +81,11 @@ func testWorkerMain() int {
 // "ready <addr> <pid,pid,...>" to stdout once it serves.
 func testPrimaryMain() int {
 	n, _ := strconv.Atoi(os.Getenv(envTestPrimary))
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	level := slog.LevelWarn
+	if os.Getenv("DEFUSS_TEST_PRIMARY_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
 	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s"

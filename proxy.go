@@ -233,7 +233,7 @@ func (p *primary) serveConn(c net.Conn) {
 		}
 		return
 	}
-	attrs := p.tel.worker[s.index]
+	attrs := s.attrs.worker
 	p.tel.active.Add(bg, 1, attrs)
 	routed := time.Now()
 	defer func() {
@@ -253,8 +253,8 @@ func (p *primary) serveConn(c net.Conn) {
 		return
 	}
 	up, down := splice(c, w, p.cfg.halfOpen)
-	p.tel.bytes.Add(bg, int64(n-hdr)+up, p.tel.toWorker[s.index])
-	p.tel.bytes.Add(bg, down, p.tel.toClient[s.index])
+	p.tel.bytes.Add(bg, int64(n-hdr)+up, s.attrs.toWorker)
+	p.tel.bytes.Add(bg, down, s.attrs.toClient)
 }
 
 // sniff reads from c into buf until it holds a complete request head, buf
@@ -378,9 +378,9 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 	}
 	for k := range cands {
 		w := &cands[(i+k)%len(cands)]
-		s := p.slots[w.Index]
+		s := w.slot
 		if k > 0 {
-			p.tel.dialRetries.Add(bg, 1, p.tel.worker[w.Index])
+			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
 		}
 		s.conns.Add(1)
 		ctx, cancel := context.WithTimeout(bg, p.cfg.dialTimeout)
@@ -393,7 +393,7 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 			return c.(*net.TCPConn), s, w.PID
 		}
 		s.conns.Add(-1)
-		p.tel.dialFailures.Add(bg, 1, p.tel.worker[w.Index])
+		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
 		if ok, n := p.dialLog.allow(); ok {
 			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err, "suppressed", n)
 		}

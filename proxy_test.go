@@ -218,12 +218,12 @@ func newTestPrimary(t *testing.T, b Balancer, opt Option, addrs ...string) *prim
 	p.reqs.New = func() any { return new(Request) }
 	v := &poolView{}
 	for i, a := range addrs {
-		s := &slot{index: i}
+		s := newSlot(i)
 		p.slots = append(p.slots, s)
-		v.cands = append(v.cands, WorkerInfo{Index: i, Addr: a, conns: &s.conns})
+		v.cands = append(v.cands, WorkerInfo{Index: i, Addr: a, conns: &s.conns, slot: s})
 	}
 	p.view.Store(v)
-	p.tel = newTelemetry(c.meterProvider, len(addrs), p.snapshot)
+	p.tel = newTelemetry(c.meterProvider, p.snapshot)
 	return p
 }
 

@@ -1,11 +1,13 @@
 package defuss
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -322,5 +324,128 @@ func TestRestartConcurrentWithRestartAndShutdown(t *testing.T) {
 	}
 	if err := s.Restart(context.Background()); !errors.Is(err, ErrShuttingDown) {
 		t.Fatalf("Restart after shutdown = %v, want ErrShuttingDown", err)
+	}
+}
+
+// Issue 5, point 4: Scale up and down under load with no failed request;
+// scaling down drains before it stops.
+func TestScaleUnderLoad(t *testing.T) {
+	s := startTest(t)
+	var res loadResult
+	stop := make(chan struct{})
+	wait := runLoad(s.Addr().String(), "/pid", stop, &res)
+	waitFor(t, 5*time.Second, "load running", func() bool { return res.sent.Load() > 100 })
+	if err := s.Scale(context.Background(), 4); err != nil {
+		t.Fatalf("Scale(4): %v", err)
+	}
+	ws := s.Workers()
+	if len(ws) != 4 {
+		t.Fatalf("after Scale(4): %d workers", len(ws))
+	}
+	for _, w := range ws {
+		if !w.Healthy {
+			t.Errorf("after Scale(4): %+v", w)
+		}
+	}
+	// The new workers take connections.
+	seen := map[string]bool{}
+	waitFor(t, 10*time.Second, "answers from 4 workers", func() bool {
+		_, pid := get(t, s.Addr().String(), "/pid")
+		seen[pid] = true
+		return len(seen) == 4
+	})
+	// A slow request on worker 3 finishes although worker 3 is scaled away.
+	slow := make(chan string, 1)
+	inFlight := make(chan struct{})
+	go func() {
+		// Find a connection that worker 3 serves, then ask it for a slow answer.
+		for {
+			c, err := net.Dial("tcp", s.Addr().String())
+			if err != nil {
+				slow <- err.Error()
+				return
+			}
+			r := bufio.NewReader(c)
+			fmt.Fprint(c, "GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+			resp, err := http.ReadResponse(r, nil)
+			if err != nil {
+				slow <- err.Error()
+				return
+			}
+			pid, _ := io.ReadAll(resp.Body)
+			if string(pid) != strconv.Itoa(ws[3].PID) {
+				c.Close()
+				continue
+			}
+			defer c.Close()
+			fmt.Fprint(c, "GET /sleep?d=500ms HTTP/1.1\r\nHost: t\r\n\r\n")
+			if resp, err = http.ReadResponse(r, nil); err != nil {
+				slow <- err.Error()
+				return
+			}
+			close(inFlight) // the header came: the handler is sleeping
+			b, _ := io.ReadAll(resp.Body)
+			slow <- string(b)
+			return
+		}
+	}()
+	select {
+	case <-inFlight:
+	case err := <-slow:
+		t.Fatalf("slow request: %s", err)
+	}
+	if err := s.Scale(context.Background(), 1); err != nil {
+		t.Fatalf("Scale(1): %v", err)
+	}
+	if got := <-slow; got != "done" {
+		t.Errorf("in-flight request on a scaled-away worker: %q, want \"done\"", got)
+	}
+	if ws := s.Workers(); len(ws) != 1 || !ws[0].Healthy {
+		t.Fatalf("after Scale(1): %+v", ws)
+	}
+	for _, w := range ws[1:] {
+		if alive(w.PID) {
+			t.Errorf("scaled-away worker %d (pid %d) still runs", w.Index, w.PID)
+		}
+	}
+	n := res.sent.Load()
+	waitFor(t, 5*time.Second, "load on one worker", func() bool { return res.sent.Load() > n+100 })
+	close(stop)
+	wait()
+	t.Logf("scaling 2 → 4 → 1 under load: %d requests sent, %d failed", res.sent.Load(), res.failed.Load())
+	if res.failed.Load() != 0 {
+		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
+	}
+	if err := s.Scale(context.Background(), 0); !errors.Is(err, ErrInvalidOption) {
+		t.Errorf("Scale(0) = %v, want ErrInvalidOption", err)
+	}
+}
+
+// Issue 5, point 4: SIGTTIN adds a worker, SIGTTOU removes one.
+func TestSIGTTINAndSIGTTOUScale(t *testing.T) {
+	cmd, _, addr, pids := startPrimaryProcess(t, 2)
+	cmd.Process.Signal(syscall.SIGTTIN)
+	seen := map[string]bool{}
+	waitFor(t, 10*time.Second, "answers from 3 workers", func() bool {
+		_, pid := get(t, addr, "/pid")
+		seen[pid] = true
+		return len(seen) == 3
+	})
+	added := 0
+	for pid := range seen {
+		if p, _ := strconv.Atoi(pid); p != pids[0] && p != pids[1] {
+			added = p
+		}
+	}
+	// One signal at a time: the kernel merges a signal sent again before
+	// the first was delivered.
+	cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 10*time.Second, "the added worker gone", func() bool { return !alive(added) })
+	cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 10*time.Second, "worker 1 gone", func() bool { return !alive(pids[1]) })
+	for range 6 {
+		if _, pid := get(t, addr, "/pid"); pid != strconv.Itoa(pids[0]) {
+			t.Fatalf("answer from %s, want only worker 0 (%d)", pid, pids[0])
+		}
 	}
 }

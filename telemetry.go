@@ -65,19 +65,31 @@ type telemetry struct {
 	refused       metric.Int64Counter
 	rejectReason  map[string]metric.MeasurementOption
 
-	worker    []metric.MeasurementOption // by slot: defuss.worker.index
-	toWorker  []metric.MeasurementOption // by slot: worker index, direction client_to_worker
-	toClient  []metric.MeasurementOption // by slot: worker index, direction worker_to_client
-	outcome   map[string]metric.MeasurementOption
-	fallback  map[pickResult]metric.MeasurementOption
-	reg       metric.Registration
-	workerSet []attribute.Set
+	outcome  map[string]metric.MeasurementOption
+	fallback map[pickResult]metric.MeasurementOption
+	reg      metric.Registration
+}
+
+// slotAttrs are the measurement options of one worker slot, made once per
+// slot so that the hot path records without allocating.
+type slotAttrs struct {
+	worker   metric.MeasurementOption // defuss.worker.index
+	toWorker metric.MeasurementOption // and direction client_to_worker
+	toClient metric.MeasurementOption // and direction worker_to_client
+}
+
+func newSlotAttrs(i int) slotAttrs {
+	return slotAttrs{
+		worker:   metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i))),
+		toWorker: metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("client_to_worker"))),
+		toClient: metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("worker_to_client"))),
+	}
 }
 
 // newTelemetry creates the primary's instruments on mp. Errors go to
 // otel.Handle and leave a no-op instrument in place: telemetry never fails
 // Start.
-func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *telemetry {
+func newTelemetry(mp metric.MeterProvider, view func() *poolView) *telemetry {
 	m := mp.Meter(ScopeName, metric.WithInstrumentationVersion(Version))
 	t := &telemetry{}
 	check := func(err error) {
@@ -156,13 +168,6 @@ func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *
 		metric.WithDescription("HTTP connections open in the worker, by its own count."))
 	check(err)
 
-	for i := range workers {
-		set := attribute.NewSet(attrWorker.Int(i))
-		t.workerSet = append(t.workerSet, set)
-		t.worker = append(t.worker, metric.WithAttributeSet(set))
-		t.toWorker = append(t.toWorker, metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("client_to_worker"))))
-		t.toClient = append(t.toClient, metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("worker_to_client"))))
-	}
 	t.outcome = map[string]metric.MeasurementOption{}
 	for _, o := range []string{sniffComplete, sniffTimeout, sniffCap, sniffEOF} {
 		t.outcome[o] = metric.WithAttributeSet(attribute.NewSet(attrOutcome.String(o)))
@@ -179,7 +184,7 @@ func newTelemetry(mp metric.MeterProvider, workers int, view func() *poolView) *
 			if w.PID == 0 || w.LastHeartbeat.IsZero() {
 				continue // no process, or nothing reported yet
 			}
-			opt := metric.WithAttributeSet(t.workerSet[w.Index])
+			opt := metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(w.Index)))
 			o.ObserveFloat64(cpu, w.Stats.CPUPercent/100, opt)
 			o.ObserveInt64(rss, int64(w.Stats.RSS), opt)
 			o.ObserveInt64(heapInUse, int64(w.Stats.HeapInUse), opt)

@@ -63,8 +63,18 @@ var ErrWorkerStart = errors.New("defuss: worker failed to start")
 type slot struct {
 	index   int
 	conns   atomic.Int64
+	attrs   slotAttrs
 	info    WorkerInfo       // guarded by primary.mu
 	replace chan *replaceReq // to the supervisor
+	retire  chan struct{}    // closed: drain the slot's processes and end (scaling down)
+	done    chan struct{}    // closed when the supervisor has ended
+}
+
+func newSlot(i int) *slot {
+	s := &slot{index: i, attrs: newSlotAttrs(i), replace: make(chan *replaceReq),
+		retire: make(chan struct{}), done: make(chan struct{})}
+	s.info = WorkerInfo{Index: i, State: stateStarting, conns: &s.conns, slot: s}
+	return s
 }
 
 // process is one worker process of a slot and what the supervisor knows of
@@ -164,6 +174,7 @@ type supervisor struct {
 	failures int          // consecutive early deaths, for the backoff
 	respawn  *time.Timer  // armed while the slot waits to respawn
 	stopping bool
+	retiring bool // scaling down removed the slot
 	gone     bool // respawn is off and the process died: the slot is over
 }
 
@@ -175,7 +186,8 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 	sv.startCur()
 	tick := time.NewTicker(min(p.cfg.heartbeat, p.cfg.staleAfter/4))
 	defer tick.Stop()
-	drain, force := p.drain, p.force
+	defer close(s.done)
+	drain, force, retire := p.drain, p.force, s.retire
 	for !(sv.stopping || sv.gone) || sv.cur != nil || sv.next != nil || sv.old != nil {
 		var respawn <-chan time.Time
 		if sv.respawn != nil {
@@ -210,6 +222,9 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 		case <-drain:
 			drain = nil
 			sv.stop()
+		case <-retire:
+			retire = nil
+			sv.retire()
 		case <-force:
 			force = nil
 			for _, pr := range []*process{sv.cur, sv.next, sv.old} {
@@ -280,7 +295,7 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		ev.err = p.checkMessage(s, pr.pid, &ev.msg)
 	}
 	if ev.err != nil {
-		p.tel.badFrames.Add(bg, 1, p.tel.worker[s.index])
+		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
 		if pr == sv.cur {
 			p.setState(s, stateUnhealthy, pr.pid)
@@ -511,6 +526,9 @@ func (sv *supervisor) checkLimits(pr *process, st *Stats) {
 // startReplace begins replacing the current process.
 func (sv *supervisor) startReplace(req *replaceReq) {
 	switch {
+	case sv.retiring:
+		sv.reply(req, nil) // the slot is going away: nothing to replace
+		return
 	case sv.stopping:
 		sv.reply(req, ErrShuttingDown)
 		return
@@ -566,6 +584,28 @@ func (sv *supervisor) stop() {
 	if sv.cur != nil {
 		sv.p.setState(sv.s, stateDraining, sv.cur.pid)
 	}
+}
+
+// retire drains the slot's processes and ends the slot: scaling down. The
+// slot is no longer in the table, so no new connection picks it; those
+// that picked it from an older snapshot finish dialing first.
+func (sv *supervisor) retire() {
+	p := sv.p
+	sv.stopping, sv.retiring = true, true
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+		sv.respawn = nil
+	}
+	if sv.next != nil {
+		sv.next.kill("scale-down", errors.New("slot retired"))
+	}
+	p.quiesce()
+	for _, pr := range []*process{sv.cur, sv.old} {
+		if pr != nil {
+			pr.drainProc(p.cfg.shutdownTimeout, "scale-down")
+		}
+	}
+	p.log.Info("worker slot retired; draining", "worker", sv.s.index)
 }
 
 // finish releases the pipes of an exited process. Frames still in the
