@@ -49,9 +49,9 @@ type WorkerInfo struct {
 	// Stats is the worker's latest self-reported resource use.
 	Stats Stats
 
-	conns  *atomic.Int64
-	dialed *atomic.Uint64 // connections made to the current process, all told
-	slot   *slot
+	conns *atomic.Int64
+	slot  *slot
+	proc  *process // the process connections go to
 }
 
 // ActiveConnections returns how many connections the primary is forwarding

@@ -187,6 +187,9 @@ func (s *syncBuffer) Bytes() []byte {
 // else, a malformed one, or one that does not arrive in time closes the
 // connection and is counted.
 func TestTrustedProxies(t *testing.T) {
+	if handoffMode {
+		t.Skip("WithTrustedProxies is a splice-mode option (Start refuses it with WithHandoff)")
+	}
 	m, opt := newMetrics(t)
 	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"))
 	addr := s.Addr().String()

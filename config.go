@@ -75,6 +75,7 @@ type config struct {
 	maxRequests       uint64
 	maxRequestsJitter uint64
 	maxMemory         uint64
+	handoff           bool
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -323,6 +324,21 @@ func WithMaxMemory(bytes int64) Option {
 	})
 }
 
+// WithHandoff switches the primary from splicing to handing connections
+// off. The primary peeks at the request head without reading it
+// (MSG_PEEK), picks a worker, and passes the connection's descriptor to it
+// over a Unix socket (SCM_RIGHTS); the worker then serves the client
+// directly, and r.RemoteAddr is the client's address with no header at
+// all. The primary copies no byte, so this is the fastest mode; but it no
+// longer sees a connection's bytes or its end (workers report closes for
+// the connection counts), so defuss.connection.duration and
+// defuss.connection.bytes are not recorded. It cannot be combined with
+// WithTrustedProxies, whose headers the primary must consume. The default
+// is false: splice.
+func WithHandoff(on bool) Option {
+	return optionFunc(func(c *config) { c.handoff = on })
+}
+
 // trusts reports whether a PROXY header from a is to be believed.
 func (c *config) trusts(a netip.Addr) bool {
 	a = a.Unmap()
@@ -429,6 +445,9 @@ func (c *config) validate() error {
 	}
 	if c.shutdownTimeout <= 0 {
 		bad("WithShutdownTimeout(%v): must be > 0", c.shutdownTimeout)
+	}
+	if c.handoff && len(c.trusted) > 0 {
+		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
 	}
 	if c.startTimeout <= 0 {
 		bad("WithStartTimeout(%v): must be > 0", c.startTimeout)

@@ -54,9 +54,10 @@ const (
 	frameStats    byte = 2 // slot u16, pid u32, stats
 	frameStopping byte = 3 // slot u16, pid u32
 	frameFailed   byte = 4 // slot u16, pid u32, message (UTF-8, ≤ maxFailMessage)
+	frameClosed   byte = 5 // slot u16, pid u32, count u32: handed-off connections closed
 
 	// primary → worker
-	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], host
+	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], flags u8, host
 	frameDrain  byte = 17 // timeout ns u64, connections u64
 
 	statsLen       = 8*8 + 4*2
@@ -69,12 +70,13 @@ var errFrame = errors.New("defuss: malformed frame")
 
 // message is a decoded frame from a worker.
 type message struct {
-	kind  byte
-	slot  int
-	pid   int
-	port  int    // frameReady
-	stats Stats  // frameReady, frameStats
-	err   string // frameFailed
+	kind   byte
+	slot   int
+	pid    int
+	port   int    // frameReady
+	stats  Stats  // frameReady, frameStats
+	err    string // frameFailed
+	closed int    // frameClosed
 }
 
 // command is a decoded frame from the primary.
@@ -87,6 +89,7 @@ type command struct {
 	shutdownTimeout time.Duration   // frameConfig, frameDrain
 	conns           uint64          // frameDrain: connections the primary made to this worker, all told
 	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
+	handoff         bool            // frameConfig: connections also arrive on fd 5
 }
 
 // secretLen is the size of the per-run secret that the primary puts in the
@@ -135,6 +138,8 @@ func appendMessage(b []byte, m *message) []byte {
 			b = appendStats(b, &m.stats)
 		case frameStats:
 			b = appendStats(b, &m.stats)
+		case frameClosed:
+			b = binary.BigEndian.AppendUint32(b, uint32(m.closed))
 		case frameFailed:
 			msg := strings.ToValidUTF8(m.err, "\uFFFD")
 			if len(msg) > maxFailMessage {
@@ -176,6 +181,8 @@ func decodeMessage(typ byte, p []byte) (message, error) {
 	case frameStats:
 		want += statsLen
 	case frameStopping:
+	case frameClosed:
+		want += 4
 	case frameFailed:
 		if len(p) > want+maxFailMessage {
 			return m, fmt.Errorf("%w: failure message of %d bytes", errFrame, len(p)-want)
@@ -204,6 +211,10 @@ func decodeMessage(typ byte, p []byte) (message, error) {
 		var err error
 		if m.stats, err = decodeStats(p); err != nil {
 			return m, err
+		}
+	case frameClosed:
+		if m.closed = int(binary.BigEndian.Uint32(p)); m.closed <= 0 || m.closed > math.MaxInt32 {
+			return m, fmt.Errorf("%w: closed count %d", errFrame, m.closed)
 		}
 	case frameFailed:
 		if !utf8.Valid(p) {
@@ -249,6 +260,11 @@ func appendCommand(b []byte, c *command) []byte {
 			b = binary.BigEndian.AppendUint64(b, uint64(c.heartbeat))
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
 			b = append(b, c.secret[:]...)
+			var flags byte
+			if c.handoff {
+				flags |= 1
+			}
+			b = append(b, flags)
 			b = append(b, c.host...)
 		case frameDrain:
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
@@ -262,7 +278,7 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 	c := command{kind: typ}
 	switch typ {
 	case frameConfig:
-		const fixed = 20 + secretLen
+		const fixed = 20 + secretLen + 1
 		if len(p) < fixed || len(p) > fixed+maxHostLen {
 			return c, fmt.Errorf("%w: config of %d bytes", errFrame, len(p))
 		}
@@ -270,7 +286,12 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 		c.port = int(binary.BigEndian.Uint16(p[2:]))
 		c.heartbeat = time.Duration(binary.BigEndian.Uint64(p[4:]))
 		c.shutdownTimeout = time.Duration(binary.BigEndian.Uint64(p[12:]))
-		copy(c.secret[:], p[20:fixed])
+		copy(c.secret[:], p[20:20+secretLen])
+		flags := p[20+secretLen]
+		if flags&^1 != 0 {
+			return c, fmt.Errorf("%w: config flags %#x", errFrame, flags)
+		}
+		c.handoff = flags&1 != 0
 		c.host = string(p[fixed:])
 		if c.heartbeat <= 0 || c.shutdownTimeout <= 0 || c.host == "" {
 			return c, fmt.Errorf("%w: config out of range", errFrame)

@@ -450,9 +450,8 @@ func TestBrokenFramingReplacesWorker(t *testing.T) {
 		if pid != before[0].PID {
 			continue
 		}
-		if got := c.roundTrip(t, "/forge?oversize=1"); got != "forged" {
-			t.Fatalf("forge: %q", got)
-		}
+		// The primary may kill the worker before its answer leaves.
+		fmt.Fprint(c, "GET /forge?oversize=1 HTTP/1.1\r\nHost: test\r\n\r\n")
 		break
 	}
 	waitWorkers(t, s, 5*time.Second, "worker 0 replaced", func(ws []WorkerInfo) bool {

@@ -34,6 +34,11 @@ const (
 	envTestPrimaryOpts = "DEFUSS_TEST_PRIMARY_OPTS" // options of a primary process
 )
 
+// handoffMode runs the tests' primaries in hand-off mode instead of
+// splice mode: DEFUSS_TEST_HANDOFF=1 go test ./... runs the core tests in
+// the other mode.
+var handoffMode = os.Getenv("DEFUSS_TEST_HANDOFF") != ""
+
 // workerServer is the Server of this process when it runs as a test worker.
 var workerServer atomic.Pointer[Server]
 
@@ -88,18 +93,23 @@ func testPrimaryMain() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
+	trusted := false
 	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s"
 	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
 		case "trusted":
 			opts = append(opts, WithTrustedProxies(v))
+			trusted = true
 		case "health":
 			opts = append(opts, WithHealthPath(v))
 		case "drain":
 			d, _ := time.ParseDuration(v)
 			opts = append(opts, WithDrainDelay(d))
 		}
+	}
+	if handoffMode && !trusted {
+		opts = append(opts, WithHandoff(true))
 	}
 	s, err := Start(testApp(), opts...)
 	if err != nil {
@@ -252,6 +262,9 @@ func startTest(t *testing.T, opts ...Option) *Server {
 				}
 			}
 		}),
+	}
+	if handoffMode {
+		base = append(base, WithHandoff(true))
 	}
 	s, err := Start(http.NotFoundHandler(), append(base, opts...)...)
 	if err != nil {

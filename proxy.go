@@ -185,6 +185,10 @@ func (p *primary) serveConn(c net.Conn) {
 	}
 	defer doneRouting()
 	bp := p.bufs.Get().(*[]byte)
+	if tc, ok := c.(*net.TCPConn); ok && p.cfg.handoff {
+		p.handoffConn(tc, bp, doneRouting)
+		return
+	}
 	buf := (*bp)[proxyRoom:]
 	start := time.Now()
 	n, hdr, outcome, err := sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
@@ -224,13 +228,7 @@ func (p *primary) serveConn(c net.Conn) {
 	p.reqs.Put(req)
 	if w == nil {
 		p.bufs.Put(bp)
-		p.tel.unavailable.Add(bg, 1)
-		if ok, dropped := p.noWorkerLog.allow(); ok {
-			p.log.Warn("no worker available; refusing connection", "http", isHTTP, "suppressed", dropped)
-		}
-		if isHTTP {
-			respondAndClose(c, response503)
-		}
+		p.refuseUnavailable(c, isHTTP)
 		return
 	}
 	attrs := s.attrs.worker
@@ -255,6 +253,152 @@ func (p *primary) serveConn(c net.Conn) {
 	up, down := splice(c, w, p.cfg.halfOpen)
 	p.tel.bytes.Add(bg, int64(n-hdr)+up, s.attrs.toWorker)
 	p.tel.bytes.Add(bg, down, s.attrs.toClient)
+}
+
+// handoffConn routes one client connection in hand-off mode: it peeks at
+// the head (nothing is read from the socket), picks a worker and passes
+// the descriptor to it. The worker reads every byte itself.
+func (p *primary) handoffConn(c *net.TCPConn, bp *[]byte, doneRouting func()) {
+	buf := (*bp)[proxyRoom:]
+	start := time.Now()
+	n, outcome, err := peekHead(c, buf, p.cfg.inspectionTimeout)
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
+	if err != nil && n == 0 {
+		p.bufs.Put(bp)
+		return
+	}
+	req := p.reqs.Get().(*Request)
+	parseRequest(req, buf[:n])
+	req.RemoteAddr = clientAddr(c)
+	health := p.isHealthCheck(req)
+	head := req.Method == "HEAD"
+	var s *slot
+	if !health {
+		s = p.handOff(c, req)
+	}
+	doneRouting()
+	isHTTP := req.Protocol == ProtocolHTTP1
+	req.reset()
+	p.reqs.Put(req)
+	p.bufs.Put(bp)
+	switch {
+	case health:
+		p.answerHealth(c, head)
+	case s == nil:
+		p.refuseUnavailable(c, isHTTP)
+	}
+}
+
+// handOff picks a worker for req and passes c's descriptor to it. A worker
+// whose socket fails is skipped for the next one: nothing was read from c.
+// It returns the slot, whose connection count includes c, or nil.
+func (p *primary) handOff(c *net.TCPConn, req *Request) *slot {
+	e := p.enterDial()
+	defer p.exitDial(e)
+	cands := p.candidates()
+	if len(cands) == 0 {
+		return nil
+	}
+	i := p.pickWorker(req, cands)
+	for k := range cands {
+		w := &cands[(i+k)%len(cands)]
+		s, pr := w.slot, w.proc
+		if pr == nil || pr.handoff == nil {
+			continue
+		}
+		if k > 0 {
+			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
+		}
+		s.conns.Add(1)
+		pr.open.Add(1)
+		err := sendConn(pr.handoff, c)
+		if err == nil {
+			pr.dialed.Add(1)
+			p.tel.active.Add(bg, 1, s.attrs.worker)
+			return s
+		}
+		s.conns.Add(-1)
+		pr.open.Add(-1)
+		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
+		if ok, n := p.dialLog.allow(); ok {
+			p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
+		}
+	}
+	return nil
+}
+
+// sendConn passes c's descriptor over uc (SCM_RIGHTS).
+func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	err = rc.Control(func(fd uintptr) {
+		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)
+	})
+	return errors.Join(err, werr)
+}
+
+// peekHead waits, as sniff does, for a complete head, a full buf, EOF or
+// the timeout, but with MSG_PEEK: the bytes stay in the socket for the
+// worker. It returns how many bytes it saw and why it stopped.
+func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, sniffEOF, err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	defer c.SetReadDeadline(time.Time{})
+	n, outcome := 0, sniffTimeout
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		m, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EAGAIN:
+			return false
+		case err != nil:
+			perr = os.NewSyscallError("recvfrom", err)
+			return true
+		case m == 0:
+			outcome = sniffEOF
+			return true
+		}
+		n = m
+		switch {
+		case headEnd(buf[:m], 0) >= 0:
+			outcome = sniffComplete
+		case m == len(buf):
+			outcome = sniffCap
+		default:
+			return false // wait for more bytes to arrive
+		}
+		return true
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, sniffTimeout, nil
+	}
+	if err == nil {
+		err = perr
+	}
+	if err != nil {
+		return n, sniffEOF, err
+	}
+	return n, outcome, nil
+}
+
+// refuseUnavailable answers a connection no worker can take: 503 for
+// HTTP/1, a plain close otherwise.
+func (p *primary) refuseUnavailable(c net.Conn, isHTTP bool) {
+	p.tel.unavailable.Add(bg, 1)
+	if ok, dropped := p.noWorkerLog.allow(); ok {
+		p.log.Warn("no worker available; refusing connection", "http", isHTTP, "suppressed", dropped)
+	}
+	resp := ""
+	if isHTTP {
+		resp = response503
+	}
+	respondAndClose(c, resp) // a non-HTTP client gets a plain close (FIN, not a reset)
 }
 
 // sniff reads from c into buf until it holds a complete request head, buf
@@ -367,15 +511,7 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 	if len(cands) == 0 {
 		return nil, nil, 0
 	}
-	start := time.Now()
-	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
-	p.tel.balance.Record(bg, time.Since(start).Seconds())
-	if res != pickOK {
-		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res])
-		if ok, n := p.balancerLog.allow(); ok {
-			p.log.Error("balancer failed; used round robin", "failure", res.String(), "suppressed", n)
-		}
-	}
+	i := p.pickWorker(req, cands)
 	for k := range cands {
 		w := &cands[(i+k)%len(cands)]
 		s := w.slot
@@ -387,8 +523,8 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
 		cancel()
 		if err == nil {
-			if w.dialed != nil {
-				w.dialed.Add(1)
+			if w.proc != nil {
+				w.proc.dialed.Add(1)
 			}
 			return c.(*net.TCPConn), s, w.PID
 		}
@@ -399,6 +535,21 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 		}
 	}
 	return nil, nil, 0
+}
+
+// pickWorker asks the balancer for a worker, times it, and counts and
+// logs a fallback.
+func (p *primary) pickWorker(req *Request, cands []WorkerInfo) int {
+	start := time.Now()
+	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
+	p.tel.balance.Record(bg, time.Since(start).Seconds())
+	if res != pickOK {
+		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res])
+		if ok, n := p.balancerLog.allow(); ok {
+			p.log.Error("balancer failed; used round robin", "failure", res.String(), "suppressed", n)
+		}
+	}
+	return i
 }
 
 // enterDial and exitDial bracket the use of a candidate snapshot, from

@@ -33,6 +33,7 @@ const envSlot = "DEFUSS_WORKER_SLOT"
 const (
 	fdStatus  = 3
 	fdControl = 4
+	fdHandoff = 5 // hand-off mode only
 )
 
 // Respawn backoff: the first retry after a crash waits backoffMin, each
@@ -87,7 +88,9 @@ type process struct {
 	events  chan frameEvent // from readFrames; closed at EOF
 	exited  chan error      // cmd.Wait's result
 	started time.Time
-	dialed  atomic.Uint64 // connections the primary made to this process
+	dialed  atomic.Uint64 // connections the primary made (or handed) to this process
+	handoff *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
+	open    atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
 
 	ready     bool
 	addr      string
@@ -347,6 +350,17 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		}
 	case frameFailed:
 		pr.failMsg = ev.msg.err
+	case frameClosed:
+		n := int64(ev.msg.closed)
+		if pr.open.Add(-n) < 0 {
+			pr.open.Add(n) // more closes than connections: not trusted
+			p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
+				"err", fmt.Errorf("%w: %d closes reported, more than were handed", errFrame, n))
+			p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+			return
+		}
+		s.conns.Add(-n)
+		p.tel.active.Add(bg, -n, s.attrs.worker)
 	}
 }
 
@@ -357,7 +371,7 @@ func (sv *supervisor) publishCur(now time.Time, st *Stats) {
 	p.mu.Lock()
 	s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
 	s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, *st
-	s.info.dialed = &pr.dialed
+	s.info.proc = pr
 	if !pr.draining {
 		s.info.State = stateReady
 	}
@@ -410,6 +424,12 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 		pr.timer.Stop()
 	}
 	p.endConnsOf(s.index, pr.pid)
+	if n := pr.open.Swap(0); n != 0 {
+		// Handed-off connections the worker had not reported closed died
+		// with it.
+		s.conns.Add(-n)
+		p.tel.active.Add(bg, -n, s.attrs.worker)
+	}
 	p.log.Info("worker exited", "worker", s.index, "worker_pid", pr.pid, "status", exitStatus(werr), "reason", reason)
 	if p.cfg.onExit != nil {
 		p.cfg.onExit(s.index, pr.pid, werr)
@@ -632,6 +652,9 @@ func (pr *process) finish() {
 	}
 	pr.status.Close() // unblocks readFrames if it still waits
 	pr.control.Close()
+	if pr.handoff != nil {
+		pr.handoff.Close()
+	}
 	if pr.events != nil {
 		for range pr.events {
 		}
@@ -695,12 +718,28 @@ func (p *primary) spawn(i int) (*process, error) {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{statusW, controlR} // fd 3, fd 4
 	cmd.SysProcAttr = proc.SysProcAttr()
+	var handoff *net.UnixConn
+	if p.cfg.handoff {
+		var theirs *os.File
+		if handoff, theirs, err = handoffPair(); err != nil {
+			statusR.Close()
+			statusW.Close()
+			controlR.Close()
+			controlW.Close()
+			return nil, err
+		}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, theirs) // fd 5
+		defer theirs.Close()
+	}
 	err = cmd.Start()
 	statusW.Close()
 	controlR.Close()
 	if err != nil {
 		statusR.Close()
 		controlW.Close()
+		if handoff != nil {
+			handoff.Close()
+		}
 		return nil, err
 	}
 	pr := &process{
@@ -708,6 +747,7 @@ func (p *primary) spawn(i int) (*process, error) {
 		pid:     cmd.Process.Pid,
 		status:  statusR,
 		control: controlW,
+		handoff: handoff,
 		events:  make(chan frameEvent, 8),
 		exited:  make(chan error, 1),
 		started: time.Now(),
@@ -722,7 +762,8 @@ func (p *primary) spawn(i int) (*process, error) {
 	// The pipe buffer takes this small frame without blocking, even if the
 	// worker never reads it.
 	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
-		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret}))
+		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret,
+		handoff: p.cfg.handoff}))
 	if err != nil {
 		// The process is gone already (or going): its exit status says why.
 		p.log.Warn("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)
@@ -766,6 +807,24 @@ func exitStatus(err error) string {
 	return err.Error()
 }
 
+// handoffPair returns the primary's end of a new hand-off socket pair and
+// the worker's end, to pass as fd 5. SOCK_SEQPACKET keeps each descriptor
+// in its own message.
+func handoffPair() (*net.UnixConn, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "defuss-handoff")
+	defer ours.Close() // FileConn made its own descriptor
+	c, err := net.FileConn(ours)
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, nil, err
+	}
+	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-handoff-worker"), nil
+}
+
 // worker is the worker role: it serves the handler on its loopback port
 // and reports to the primary.
 type worker struct {
@@ -787,10 +846,14 @@ type worker struct {
 	stop     chan stopRequest // the first stop request wins
 	accepted atomic.Uint64    // connections accepted on the listener, all told
 	draining atomic.Bool      // the listener was closed on purpose
-	done     chan struct{}    // closed when the server has stopped; ends the loops
-	finished chan struct{}    // closed when everything is released; err is set
-	err      error
-	wg       sync.WaitGroup
+
+	handoff      *handoffListener // hand-off mode
+	handedClosed atomic.Int64     // handed-off connections closed, not yet reported
+	kick         chan struct{}    // wakes reportCloses
+	done         chan struct{}    // closed when the server has stopped; ends the loops
+	finished     chan struct{}    // closed when everything is released; err is set
+	err          error
+	wg           sync.WaitGroup
 }
 
 // errNotWorker says the process looks like a worker but lacks its pipes.
@@ -821,6 +884,11 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		w.fail(err)
 		if w.srv != nil {
 			w.srv.Close()
+			close(w.done)
+			if w.handoff != nil {
+				w.handoff.Close()
+				w.handoff.uc.Close()
+			}
 			w.wg.Wait()
 		}
 		status.Close()
@@ -884,7 +952,171 @@ func (w *worker) start(h http.Handler) error {
 	}
 	w.wg.Add(1)
 	go w.serve()
+	if cfg.handoff {
+		uc, err := inheritedSocket(fdHandoff)
+		if err != nil {
+			return fmt.Errorf("defuss: worker %d: hand-off socket: %w", w.slot, err)
+		}
+		w.handoff = &handoffListener{uc: uc, addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{}),
+			accepted: &w.accepted, w: w}
+		w.kick = make(chan struct{}, 1)
+		w.wg.Add(3)
+		go w.serveHandoff()
+		go w.handoff.receive(&w.wg, w.log)
+		go w.reportCloses()
+	}
 	return w.send(&message{kind: frameReady, port: ln.Addr().(*net.TCPAddr).Port, stats: w.stats.sample()})
+}
+
+// serveHandoff serves the connections the primary hands off.
+func (w *worker) serveHandoff() {
+	defer w.wg.Done()
+	if err := w.srv.Serve(w.handoff); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+		w.log.Error("serve handed-off connections", "err", err)
+	}
+}
+
+// reportCloses tells the primary, in batches, how many handed-off
+// connections have closed, so that its connection counts stay exact.
+func (w *worker) reportCloses() {
+	defer w.wg.Done()
+	for {
+		select {
+		case <-w.kick:
+			if n := w.handedClosed.Swap(0); n > 0 {
+				if err := w.send(&message{kind: frameClosed, closed: int(n)}); err != nil {
+					return
+				}
+			}
+		case <-w.done:
+			return
+		}
+	}
+}
+
+// handedConn is a connection that the primary handed off: its close,
+// also after a handler hijacked it, is reported to the primary.
+type handedConn struct {
+	*net.TCPConn
+	w    *worker
+	once sync.Once
+}
+
+var _ net.Conn = (*handedConn)(nil)
+
+func (c *handedConn) Close() error {
+	err := c.TCPConn.Close()
+	c.once.Do(c.w.handedClose)
+	return err
+}
+
+// handedClose counts one closed handed-off connection and wakes the
+// reporter.
+func (w *worker) handedClose() {
+	w.handedClosed.Add(1)
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// handoffListener yields the connections whose descriptors arrive on the
+// hand-off socket.
+type handoffListener struct {
+	uc       *net.UnixConn
+	addr     net.Addr
+	conns    chan net.Conn
+	done     chan struct{}
+	once     sync.Once
+	accepted *atomic.Uint64
+	w        *worker // for close reports
+}
+
+var _ net.Listener = (*handoffListener)(nil)
+
+func (l *handoffListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		l.accepted.Add(1)
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close stops Accept; the socket itself closes when the worker stops.
+func (l *handoffListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *handoffListener) Addr() net.Addr { return l.addr }
+
+// receive reads descriptors from the hand-off socket until it closes.
+func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
+	defer wg.Done()
+	var b [1]byte
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	for {
+		_, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
+		if err != nil {
+			return // the primary is gone, or the worker stops
+		}
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			log.Error("hand-off message", "err", err)
+			continue
+		}
+		for _, m := range msgs {
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				continue
+			}
+			for _, fd := range fds {
+				f := os.NewFile(uintptr(fd), "handed-off")
+				c, err := net.FileConn(f)
+				f.Close()
+				tc, ok := c.(*net.TCPConn)
+				if err != nil || !ok {
+					log.Error("handed-off connection is not TCP", "err", err)
+					if c != nil {
+						c.Close()
+					}
+					continue
+				}
+				hc := &handedConn{TCPConn: tc, w: l.w}
+				select {
+				case l.conns <- hc:
+				case <-l.done:
+					hc.Close()
+				}
+			}
+		}
+	}
+}
+
+// inheritedSocket returns fd as a Unix socket after checking what it is.
+func inheritedSocket(fd int) (*net.UnixConn, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("fd %d: %w", fd, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("fd %d is not a socket", fd)
+	}
+	unix.CloseOnExec(fd)
+	f := os.NewFile(uintptr(fd), "defuss-handoff")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("fd %d is not a Unix socket", fd)
+	}
+	return uc, nil
 }
 
 func (w *worker) serve() {
@@ -926,6 +1158,9 @@ func (w *worker) drain(timeout time.Duration, conns uint64) {
 	w.draining.Store(true)
 	w.srv.SetKeepAlivesEnabled(false)
 	w.ln.Close()
+	if w.handoff != nil {
+		w.handoff.Close()
+	}
 	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 })
 	if n := w.conns.Load(); n > 0 {
 		w.log.Warn("connections still open at the shutdown timeout; closing them", "connections", n, "timeout", timeout)
@@ -1080,6 +1315,10 @@ func (w *worker) run(signals bool) {
 	w.log.Debug("server stopped")
 	close(w.done)
 	w.control.Close()
+	if w.handoff != nil {
+		w.handoff.Close()
+		w.handoff.uc.Close()
+	}
 	w.wg.Wait()
 	w.status.Close()
 	w.log.Debug("worker stopped")
