@@ -32,8 +32,7 @@ func (h *harness) setups() []setup {
 	return []setup{
 		{key: "direct", name: "direct (1 process)", start: (*harness).startDirect},
 		{key: "defuss", name: "defuss splice (" + n + " workers)", start: defussStarter(), idle: true},
-		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter("-handoff"), idle: true,
-			missing: "not implemented"}, // hand-off (issue 6): delete this line once defuss.WithHandoff exists
+		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter("-handoff"), idle: true},
 		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: (*harness).startHAProxy, idle: true},
 		{key: "reuseport", name: "SO_REUSEPORT (" + n + " processes)", start: (*harness).startReusePort},
 	}

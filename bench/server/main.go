@@ -20,7 +20,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -44,7 +43,7 @@ func main() {
 	mode := flag.String("mode", "direct", "direct, defuss, reuseport or plain")
 	addr := flag.String("addr", "127.0.0.1:0", "address to listen on")
 	workers := flag.Int("workers", 2, "defuss workers (-mode defuss)")
-	handoff := flag.Bool("handoff", false, "defuss hand-off mode (-mode defuss); not implemented by the library yet")
+	handoff := flag.Bool("handoff", false, "defuss hand-off mode (-mode defuss)")
 	flag.Parse()
 
 	for i := range largeBody {
@@ -104,11 +103,6 @@ func serve(ln net.Listener) error {
 // address, workers print nothing. defuss handles SIGTERM itself (graceful
 // stop, bounded by the shutdown timeout).
 func runDefuss(addr string, workers int, handoff bool) error {
-	if handoff {
-		// Hand-off mode (issue 6) does not exist yet. When it lands, this
-		// becomes: opts = append(opts, defuss.WithHandoff(true)).
-		return errors.New("defuss hand-off mode is not implemented by this version of the library")
-	}
 	// Warnings and errors only, to stderr (the harness keeps it in a log
 	// file): a library problem during a run must stay visible.
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -117,6 +111,7 @@ func runDefuss(addr string, workers int, handoff bool) error {
 		defuss.WithWorkers(workers),
 		defuss.WithLogger(log),
 		defuss.WithShutdownTimeout(2 * time.Second),
+		defuss.WithHandoff(handoff),
 	}
 	s, err := defuss.Start(handler(), opts...)
 	if err != nil {
