@@ -235,7 +235,7 @@ func (patternReader) Read(p []byte) (int, error) {
 }
 
 // testLogger writes the primary's log into the test's output.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 

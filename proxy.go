@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -651,11 +652,17 @@ func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
 	return n
 }
 
-// copyStream copies src to dst until EOF, like io.Copy. Between two TCP
-// connections it uses splice(2) as io.Copy does, but it waits for data
-// without holding a splice pipe: io.Copy keeps a pipe (two descriptors
-// and its kernel buffer) for as long as the source is idle, which would
-// triple the primary's descriptors for idle keep-alive connections.
+// copyStream copies src to dst until EOF, like io.Copy, without holding
+// anything while src is idle: io.Copy between TCP connections keeps a
+// splice pipe (two descriptors and its kernel buffer) for as long as the
+// source is idle, which would triple the primary's descriptors for idle
+// keep-alive connections.
+//
+// Between two TCP connections it reads what has arrived into a pooled
+// buffer, taken only once src is readable, and writes it on: for the
+// small messages of most HTTP traffic, two system calls. When a read fills
+// the buffer, the rest of what is queued moves with splice(2), in the
+// kernel.
 func copyStream(dst, src net.Conn) (int64, error) {
 	d, ok1 := dst.(*net.TCPConn)
 	s, ok2 := src.(*net.TCPConn)
@@ -668,43 +675,61 @@ func copyStream(dst, src net.Conn) (int64, error) {
 	}
 	var (
 		total int64
+		n     int
+		rerr  error
+		bp    *[]byte
 		lr    = io.LimitedReader{R: s}
-		avail int
-		perr  error
-		peek  [1]byte
 	)
-	// probe runs when src may be readable: it reports how many bytes are
-	// there (0 on a readable socket: EOF), or false to wait for more.
-	probe := func(fd uintptr) bool {
-		avail, perr = 0, nil
-		n, _, err := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case err == unix.EAGAIN:
-			return false
-		case err != nil:
-			perr = os.NewSyscallError("recvfrom", err)
-		case n > 0:
-			avail, perr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-			avail = max(avail, 1)
+	read := func(fd uintptr) bool {
+		bp = copyBufs.Get().(*[]byte)
+		n, rerr = unix.Read(int(fd), *bp)
+		if rerr == unix.EAGAIN {
+			copyBufs.Put(bp)
+			bp = nil
+			return false // wait for data without a buffer
+		}
+		if rerr != nil {
+			n, rerr = 0, os.NewSyscallError("read", rerr)
 		}
 		return true
 	}
+	queued := func(fd uintptr) { n, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }
 	for {
-		err := rc.Read(probe)
+		err := rc.Read(read)
 		if err == nil {
-			err = perr
+			err = rerr
 		}
-		if err != nil || avail == 0 {
+		if err != nil || n == 0 {
+			if bp != nil {
+				copyBufs.Put(bp)
+			}
+			return total, err // n == 0: EOF
+		}
+		full := n == len(*bp)
+		w, err := d.Write((*bp)[:n])
+		copyBufs.Put(bp)
+		bp = nil
+		total += int64(w)
+		if err != nil {
 			return total, err
 		}
-		lr.N = int64(avail)
-		n, err := d.ReadFrom(&lr)
-		total += n
+		if !full {
+			continue
+		}
+		if err := rc.Control(queued); err != nil || rerr != nil || n == 0 {
+			continue
+		}
+		lr.N = int64(n)
+		m, err := d.ReadFrom(&lr)
+		total += m
 		if err != nil {
 			return total, err
 		}
 	}
 }
+
+// copyBufs holds copyStream's buffers, in use only while data moves.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
 // endCopy ends one direction: src has been read to EOF (err nil) or failed.
 func endCopy(dst, src net.Conn, err error, halfOpen bool) {

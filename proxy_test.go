@@ -207,7 +207,7 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 
 // newTestPrimary builds a primary whose only worker is at addr, for tests
 // of the connection path on real sockets without worker processes.
-func newTestPrimary(t *testing.T, b Balancer, opt Option, addrs ...string) *primary {
+func newTestPrimary(t testing.TB, b Balancer, opt Option, addrs ...string) *primary {
 	c, err := newConfig(func(string) string { return "" }, WithWorkers(len(addrs)), WithLogger(testLogger(t)), WithBalancer(b), opt)
 	if err != nil {
 		t.Fatal(err)
