@@ -220,9 +220,13 @@ func WithWorkerEnv(env ...string) Option {
 	})
 }
 
-// WithSignalHandling sets whether Start handles SIGINT and SIGTERM (true,
-// the default): the first signal starts a graceful shutdown, a second one
-// stops at once. With false, call [Server.Shutdown] yourself.
+// WithSignalHandling sets whether Start handles signals (true, the
+// default): in the primary, the first SIGINT or SIGTERM starts a graceful
+// shutdown and a second one stops at once, SIGHUP starts [Server.Restart],
+// and SIGTTIN and SIGTTOU [Server.Scale] by one; in every process, SIGPIPE
+// is caught, so that writing a log line to a closed stdout or stderr
+// returns an error instead of killing the server. With false, none of
+// this: call [Server.Shutdown] yourself.
 func WithSignalHandling(on bool) Option {
 	return optionFunc(func(c *config) { c.signals = on })
 }
@@ -284,7 +288,10 @@ func WithDrainDelay(d time.Duration) Option {
 // once, sniffing or forwarding. A connection over the cap is closed as soon
 // as it is accepted, before anything is read, and counted in
 // defuss.connections.refused. Zero, the default, means no cap (the
-// process's file descriptor limit still applies).
+// process's file descriptor limit still applies). In hand-off mode
+// ([WithHandoff]) the primary holds a connection only while it peeks at
+// the head, so the cap counts only those, not the connections workers
+// serve.
 func WithMaxConnections(n int) Option {
 	return optionFunc(func(c *config) {
 		if n < 0 {

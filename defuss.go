@@ -467,7 +467,8 @@ func startPrimary(c *config) (*Server, error) {
 	if c.signals {
 		ch := make(chan os.Signal, 2)
 		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
-		p.stopSignals = func() { stopSignals(ch) }
+		pipe := catchSIGPIPE()
+		p.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
 		sigs = ch
 	}
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())

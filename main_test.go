@@ -195,6 +195,27 @@ func testApp() http.Handler {
 		rw.Flush()
 		io.Copy(c, rw) // rw's reader holds what arrived with the head
 	})
+	// /exit answers "exiting", flushes, and ends the worker with status 0.
+	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "7") // complete once flushed
+		fmt.Fprint(w, "exiting")
+		w.(http.Flusher).Flush()
+		os.Exit(0)
+	})
+	// /panic panics in the handler (net/http recovers); with ?process=1,
+	// in a goroutine of its own, which ends the process (exit status 2).
+	mux.HandleFunc("/panic", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Has("process") {
+			go panic("test: panic outside a handler")
+			select {}
+		}
+		panic("test: panic in a handler")
+	})
+	// /log writes a line to the worker's stderr and answers "logged".
+	mux.HandleFunc("/log", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(os.Stderr, "test worker: a log line")
+		fmt.Fprint(w, "logged")
+	})
 	// /forge?slot=N makes this worker send a frame that claims slot N.
 	mux.HandleFunc("/forge", func(w http.ResponseWriter, r *http.Request) {
 		slot, _ := strconv.Atoi(r.URL.Query().Get("slot"))

@@ -1298,6 +1298,7 @@ func (w *worker) run(signals bool) {
 		sigs = make(chan os.Signal, 1)
 		notifySignals(sigs, syscall.SIGINT, syscall.SIGTERM)
 		defer stopSignals(sigs)
+		defer stopSignals(catchSIGPIPE())
 	}
 	var req stopRequest
 	select {
@@ -1328,3 +1329,13 @@ func (w *worker) run(signals bool) {
 func notifySignals(ch chan<- os.Signal, sigs ...os.Signal) { signal.Notify(ch, sigs...) }
 
 func stopSignals(ch chan<- os.Signal) { signal.Stop(ch) }
+
+// catchSIGPIPE keeps a write to a closed stdout or stderr (a log line
+// whose reader has gone) from killing the process: while SIGPIPE is
+// notified, such a write returns EPIPE instead (see os/signal). The signal
+// itself is dropped: nobody reads the channel.
+func catchSIGPIPE() chan os.Signal {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGPIPE)
+	return ch
+}
