@@ -68,7 +68,7 @@ func points(t *testing.T, ms map[string]metricdata.Metrics, name, unit string) m
 	add := func(set attribute.Set, p point) {
 		var kv []string
 		for _, a := range set.ToSlice() {
-			kv = append(kv, string(a.Key)+"="+a.Value.Emit())
+			kv = append(kv, string(a.Key)+"="+a.Value.String())
 		}
 		p.attrs = strings.Join(kv, ",")
 		out[p.attrs] = p
