@@ -26,13 +26,16 @@
 // The primary listens on the public address (":3000" by default). For each
 // new TCP connection it reads the start of the HTTP/1.x request head (for
 // at most 10ms and 16 KiB by default), asks a [Balancer] which worker takes
-// the connection, dials that worker on its loopback port, writes the bytes
-// it read and then splices the two TCP streams (splice(2) on Linux). Routing
-// is per connection: every request on a keep-alive connection goes to the
-// same worker. Workers serve the handler with an http.Server on a loopback
+// the connection, dials that worker on its loopback port, writes a PROXY
+// header (the client's address) and the bytes it read, and then copies the
+// two TCP streams (splice(2) on Linux for bulk data). With [WithHandoff] it
+// instead peeks at the head and passes the connection itself to the worker.
+// Routing is per connection: every request on a keep-alive connection goes
+// to the same worker. Workers serve the handler with an http.Server on a loopback
 // port and report readiness and heartbeats (CPU, RSS, Go heap, connections)
 // to the primary over an inherited pipe. The primary replaces workers that
-// die, with exponential backoff, and on SIGINT/SIGTERM or [Server.Shutdown]
+// die, with exponential backoff, replaces them one at a time on
+// [Server.Restart] or SIGHUP, and on SIGINT/SIGTERM or [Server.Shutdown]
 // stops accepting, lets in-flight requests finish, and kills what is left
 // after the shutdown timeout.
 //
