@@ -199,6 +199,9 @@ func (p *primary) restart(ctx context.Context) error {
 	p.mu.Unlock()
 	p.log.Info("rolling restart", "workers", len(slots))
 	for _, s := range slots {
+		if p.stopping() {
+			return ErrShuttingDown // checked first: the selects below pick at random
+		}
 		select {
 		case p.replaceTok <- struct{}{}:
 		case <-ctx.Done():
@@ -208,6 +211,9 @@ func (p *primary) restart(ctx context.Context) error {
 		}
 		err := p.replaceSlot(s)
 		<-p.replaceTok
+		if err == nil && p.stopping() {
+			err = ErrShuttingDown
+		}
 		if err != nil {
 			p.log.Error("rolling restart stopped", "worker", s.index, "err", err)
 			return err
