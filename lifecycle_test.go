@@ -464,3 +464,24 @@ func TestBrokenFramingReplacesWorker(t *testing.T) {
 		t.Errorf("worker 1 was replaced too: %+v", ws[1])
 	}
 }
+
+// WithRespawn(false): a worker that dies is not replaced; once none is
+// left the primary stops, and Wait says why.
+func TestNoRespawnStopsWhenNoWorkerIsLeft(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithRespawn(false))
+	pid := s.Workers()[0].PID
+	syscall.Kill(pid, syscall.SIGKILL)
+	done := make(chan error, 1)
+	go func() { done <- s.Wait() }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrNoWorkers) {
+			t.Fatalf("Wait = %v, want ErrNoWorkers", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the primary kept running with no worker and respawn off")
+	}
+	if w := s.Workers()[0]; w.PID != 0 || w.State != stateDown || w.Restarts != 0 {
+		t.Errorf("slot after the worker died: %+v", w)
+	}
+}
