@@ -176,7 +176,42 @@ var bg = context.Background()
 // head. The PROXY header for the worker is written right in front of the
 // head, so the worker gets header and head in one write.
 func (p *primary) serveConn(c net.Conn) {
-	defer p.untrack(c)
+	r := p.route(c)
+	if r == nil {
+		p.untrack(c)
+		return
+	}
+	// Relay in a goroutine of its own, whose stack starts small: routing
+	// (dialing above all) grew this one's, and an idle connection would
+	// keep it for its whole life.
+	go r.relay()
+}
+
+// relay is a routed connection, spliced to its worker until both
+// directions end.
+type relay struct {
+	p      *primary
+	client net.Conn
+	worker *net.TCPConn
+	s      *slot
+	sent   int64 // head bytes already written to the worker
+	routed time.Time
+}
+
+func (r *relay) relay() {
+	p, s := r.p, r.s
+	defer p.untrack(r.client)
+	up, down := splice(r.client, r.worker, p.cfg.halfOpen)
+	s.conns.Add(-1)
+	p.tel.active.Add(bg, -1, s.attrs.worker)
+	p.tel.duration.Record(bg, time.Since(r.routed).Seconds(), s.attrs.worker)
+	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker)
+	p.tel.bytes.Add(bg, down, s.attrs.toClient)
+}
+
+// route sniffs, parses and routes c, and returns it connected to its
+// worker, or nil when it was answered, refused or handed off here.
+func (p *primary) route(c net.Conn) *relay {
 	routing := true // counted in p.routing until a worker is dialed or the connection refused
 	doneRouting := func() {
 		if routing {
@@ -188,7 +223,7 @@ func (p *primary) serveConn(c net.Conn) {
 	bp := p.bufs.Get().(*[]byte)
 	if tc, ok := c.(*net.TCPConn); ok && p.cfg.handoff {
 		p.handoffConn(tc, bp, doneRouting)
-		return
+		return nil
 	}
 	buf := (*bp)[proxyRoom:]
 	start := time.Now()
@@ -196,7 +231,7 @@ func (p *primary) serveConn(c net.Conn) {
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
 	if err != nil && n == 0 {
 		p.bufs.Put(bp)
-		return // the client left before sending anything
+		return nil // the client left before sending anything
 	}
 	client := clientAddr(c)
 	if hdr != 0 {
@@ -207,7 +242,7 @@ func (p *primary) serveConn(c net.Conn) {
 			if ok, dropped := p.proxyLog.allow(); ok {
 				p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", clientAddr(c).String(), "suppressed", dropped)
 			}
-			return
+			return nil
 		}
 		hdr = max(hdr, 0)
 	}
@@ -220,7 +255,7 @@ func (p *primary) serveConn(c net.Conn) {
 		p.reqs.Put(req)
 		p.bufs.Put(bp)
 		p.answerHealth(c, head)
-		return
+		return nil
 	}
 	w, s, pid := p.connect(req)
 	doneRouting()
@@ -230,16 +265,10 @@ func (p *primary) serveConn(c net.Conn) {
 	if w == nil {
 		p.bufs.Put(bp)
 		p.refuseUnavailable(c, isHTTP)
-		return
+		return nil
 	}
-	attrs := s.attrs.worker
-	p.tel.active.Add(bg, 1, attrs)
-	routed := time.Now()
-	defer func() {
-		s.conns.Add(-1)
-		p.tel.active.Add(bg, -1, attrs)
-		p.tel.duration.Record(bg, time.Since(routed).Seconds(), attrs)
-	}()
+	p.tel.active.Add(bg, 1, s.attrs.worker)
+	r := &relay{p: p, client: c, worker: w, s: s, sent: int64(n - hdr), routed: time.Now()}
 	p.routed(c, w, s.index, pid)
 	var hb [proxyRoom]byte
 	h := appendProxyV2(hb[:0], client, localAddr(c), &p.secret)
@@ -248,12 +277,11 @@ func (p *primary) serveConn(c net.Conn) {
 	_, werr := w.Write((*bp)[from : proxyRoom+n])
 	p.bufs.Put(bp)
 	if werr != nil {
+		// The worker is gone already: end the connection as a relay would.
 		w.Close()
-		return
+		r.client.Close()
 	}
-	up, down := splice(c, w, p.cfg.halfOpen)
-	p.tel.bytes.Add(bg, int64(n-hdr)+up, s.attrs.toWorker)
-	p.tel.bytes.Add(bg, down, s.attrs.toClient)
+	return r
 }
 
 // handoffConn routes one client connection in hand-off mode: it peeks at
