@@ -217,11 +217,11 @@ func maxChildren(stop <-chan struct{}) func() int {
 	return func() int { <-done; return int(most.Load()) }
 }
 
-// Issue 5, point 3: WithMaxRequests recycles workers through the rolling
-// path with no failed request, never more than one at a time.
-func TestRecycleAfterMaxRequests(t *testing.T) {
-	m, opt := newMetrics(t)
-	s := startTest(t, opt, WithMaxRequests(30, 10))
+// recycleUnderLoad runs a load until each of the two workers has been
+// recycled twice, and checks that no request failed and that never more
+// than one worker was being replaced at a time (2 slots + 1 processes).
+func recycleUnderLoad(t *testing.T, s *Server, what string) {
+	t.Helper()
 	stopCount := make(chan struct{})
 	most := maxChildren(stopCount)
 	var res loadResult
@@ -233,13 +233,21 @@ func TestRecycleAfterMaxRequests(t *testing.T) {
 	close(stop)
 	wait()
 	close(stopCount)
-	t.Logf("recycling by request count: %d requests sent, %d failed; at most %d worker processes at once", res.sent.Load(), res.failed.Load(), most())
+	t.Logf("recycling by %s: %d requests sent, %d failed; at most %d worker processes at once", what, res.sent.Load(), res.failed.Load(), most())
 	if res.failed.Load() != 0 {
 		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
 	}
 	if n := most(); n > 3 {
 		t.Errorf("%d worker processes at once; recycling must replace one worker at a time (2 slots + 1)", n)
 	}
+}
+
+// Issue 5, point 3: WithMaxRequests recycles workers through the rolling
+// path with no failed request, never more than one at a time.
+func TestRecycleAfterMaxRequests(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithMaxRequests(30, 10))
+	recycleUnderLoad(t, s, "request count")
 	got := points(t, m.collect(), "defuss.worker.restarts", "{restart}")
 	for k := range got {
 		if !strings.Contains(k, "defuss.reason=recycle") {
@@ -252,25 +260,7 @@ func TestRecycleAfterMaxRequests(t *testing.T) {
 // cap (1 byte here: every worker is over it), one at a time, with no
 // failed request.
 func TestRecycleAtMaxMemory(t *testing.T) {
-	s := startTest(t, WithMaxMemory(1))
-	stopCount := make(chan struct{})
-	most := maxChildren(stopCount)
-	var res loadResult
-	stop := make(chan struct{})
-	wait := runLoad(s.Addr().String(), "/pid", stop, &res)
-	waitWorkers(t, s, 30*time.Second, "each worker recycled twice", func(ws []WorkerInfo) bool {
-		return ws[0].Restarts >= 2 && ws[1].Restarts >= 2
-	})
-	close(stop)
-	wait()
-	close(stopCount)
-	t.Logf("recycling by memory: %d requests sent, %d failed; at most %d worker processes at once", res.sent.Load(), res.failed.Load(), most())
-	if res.failed.Load() != 0 {
-		t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
-	}
-	if n := most(); n > 3 {
-		t.Errorf("%d worker processes at once, want at most 3", n)
-	}
+	recycleUnderLoad(t, startTest(t, WithMaxMemory(1)), "memory")
 }
 
 // Issue 5, point 5: a worker that dies right after it becomes ready is
