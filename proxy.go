@@ -548,9 +548,7 @@ func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
 			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
 		}
 		s.conns.Add(1)
-		ctx, cancel := context.WithTimeout(bg, p.cfg.dialTimeout)
-		c, err := p.dialer.DialContext(ctx, "tcp", w.Addr)
-		cancel()
+		c, err := p.dialer.DialContext(bg, "tcp", w.Addr) // p.dialer.Timeout bounds it
 		if err == nil {
 			if w.proc != nil {
 				w.proc.dialed.Add(1)
