@@ -303,11 +303,5 @@ func TestHealthPath(t *testing.T) {
 	if code, _ := get(t, addr, "/pid"); code != 200 {
 		t.Fatalf("during the drain delay, requests are still served; got %d", code)
 	}
-	waitFor(t, 10*time.Second, "listener closed after the drain delay", func() bool {
-		c, err := dialTCP(addr)
-		if err == nil {
-			c.Close()
-		}
-		return err != nil
-	})
+	waitRefused(t, addr, 10*time.Second, "listener closed after the drain delay")
 }

@@ -81,13 +81,7 @@ func TestShutdownLetsInFlightRequestFinish(t *testing.T) {
 		t.Fatalf("response %v, %v", resp, err)
 	}
 	go s.Shutdown(context.Background())
-	waitFor(t, 5*time.Second, "listener closed", func() bool {
-		conn, err := dialTCP(addr)
-		if err == nil {
-			conn.Close()
-		}
-		return err != nil
-	})
+	waitRefused(t, addr, 5*time.Second, "listener closed")
 	body, err := readAllString(resp.Body)
 	if err != nil || body != "done" {
 		t.Fatalf("in-flight response body %q, %v; want \"done\"", body, err)
@@ -274,13 +268,7 @@ func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
 			t.Fatalf("response %v, %v", resp, err)
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
-		waitFor(t, 5*time.Second, "listener closed", func() bool {
-			conn, err := dialTCP(addr)
-			if err == nil {
-				conn.Close()
-			}
-			return err != nil
-		})
+		waitRefused(t, addr, 5*time.Second, "listener closed")
 		if body, err := readAllString(resp.Body); err != nil || body != "done" {
 			t.Fatalf("in-flight body %q, %v; want \"done\"", body, err)
 		}
@@ -304,13 +292,7 @@ func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
 			t.Fatalf("response %v, %v", resp, err)
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
-		waitFor(t, 5*time.Second, "listener closed", func() bool {
-			conn, err := dialTCP(addr)
-			if err == nil {
-				conn.Close()
-			}
-			return err != nil
-		})
+		waitRefused(t, addr, 5*time.Second, "listener closed")
 		start := time.Now()
 		cmd.Process.Signal(syscall.SIGINT)
 		cmd.Wait()

@@ -368,6 +368,19 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
+// waitRefused waits until a new connection to addr is refused: the
+// listener has closed.
+func waitRefused(t *testing.T, addr string, timeout time.Duration, what string) {
+	t.Helper()
+	waitFor(t, timeout, what, func() bool {
+		c, err := dialTCP(addr)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+}
+
 // waitWorkers waits on the primary's change notifications until cond holds
 // for the slot table.
 func waitWorkers(t *testing.T, s *Server, timeout time.Duration, what string, cond func([]WorkerInfo) bool) []WorkerInfo {
