@@ -16,10 +16,6 @@ import (
 	"go.opentelemetry.io/otel/metric"
 )
 
-// ErrInvalidOption is wrapped by every error that [Start] returns for a bad
-// option; the message names the option.
-var ErrInvalidOption = errors.New("defuss: invalid option")
-
 // Defaults of the options. The heartbeat is much faster than the Node
 // reference's (60 s / 150 s): a stuck worker is noticed within seconds, and a
 // heartbeat frame costs the primary next to nothing.
@@ -466,4 +462,14 @@ func (c *config) validate() error {
 // among the workers, at least one.
 func (c *config) workerProcs() int {
 	return max(1, runtime.GOMAXPROCS(0)/c.workers)
+}
+
+// WithMeterProvider sets the OpenTelemetry meter provider of the primary's
+// metrics. A nil mp keeps the default, otel.GetMeterProvider().
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return optionFunc(func(c *config) {
+		if mp != nil {
+			c.meterProvider = mp
+		}
+	})
 }

@@ -1,10 +1,7 @@
 package defuss
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -12,12 +9,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
-
-	"github.com/pires/go-proxyproto"
-	"golang.org/x/sys/unix"
 )
 
 // response503 is what an HTTP/1 client gets when no worker can take its
@@ -284,138 +277,6 @@ func (p *primary) route(c net.Conn) *relay {
 	return r
 }
 
-// handoffConn routes one client connection in hand-off mode: it peeks at
-// the head (nothing is read from the socket), picks a worker and passes
-// the descriptor to it. The worker reads every byte itself.
-func (p *primary) handoffConn(c *net.TCPConn, bp *[]byte, doneRouting func()) {
-	buf := (*bp)[proxyRoom:]
-	start := time.Now()
-	n, outcome, err := peekHead(c, buf, p.cfg.inspectionTimeout)
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
-	if err != nil && n == 0 {
-		p.bufs.Put(bp)
-		return
-	}
-	req := p.reqs.Get().(*Request)
-	parseRequest(req, buf[:n])
-	req.RemoteAddr = clientAddr(c)
-	health := p.isHealthCheck(req)
-	head := req.Method == "HEAD"
-	var s *slot
-	if !health {
-		s = p.handOff(c, req)
-	}
-	doneRouting()
-	isHTTP := req.Protocol == ProtocolHTTP1
-	req.reset()
-	p.reqs.Put(req)
-	p.bufs.Put(bp)
-	switch {
-	case health:
-		p.answerHealth(c, head)
-	case s == nil:
-		p.refuseUnavailable(c, isHTTP)
-	}
-}
-
-// handOff picks a worker for req and passes c's descriptor to it. A worker
-// whose socket fails is skipped for the next one: nothing was read from c.
-// It returns the slot, whose connection count includes c, or nil.
-func (p *primary) handOff(c *net.TCPConn, req *Request) *slot {
-	e := p.enterDial()
-	defer p.exitDial(e)
-	cands := p.candidates()
-	if len(cands) == 0 {
-		return nil
-	}
-	i := p.pickWorker(req, cands)
-	for k := range cands {
-		w := &cands[(i+k)%len(cands)]
-		s, pr := w.slot, w.proc
-		if pr == nil || pr.handoff == nil {
-			continue
-		}
-		if k > 0 {
-			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
-		}
-		s.conns.Add(1)
-		pr.open.Add(1)
-		err := sendConn(pr.handoff, c)
-		if err == nil {
-			pr.dialed.Add(1)
-			p.tel.active.Add(bg, 1, s.attrs.worker)
-			return s
-		}
-		s.conns.Add(-1)
-		pr.open.Add(-1)
-		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
-		if ok, n := p.dialLog.allow(); ok {
-			p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
-		}
-	}
-	return nil
-}
-
-// sendConn passes c's descriptor over uc (SCM_RIGHTS).
-func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var werr error
-	err = rc.Control(func(fd uintptr) {
-		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)
-	})
-	return errors.Join(err, werr)
-}
-
-// peekHead waits, as sniff does, for a complete head, a full buf, EOF or
-// the timeout, but with MSG_PEEK: the bytes stay in the socket for the
-// worker. It returns how many bytes it saw and why it stopped.
-func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return 0, sniffEOF, err
-	}
-	c.SetReadDeadline(time.Now().Add(timeout))
-	defer c.SetReadDeadline(time.Time{})
-	n, outcome := 0, sniffTimeout
-	var perr error
-	err = rc.Read(func(fd uintptr) bool {
-		m, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case err == unix.EAGAIN:
-			return false
-		case err != nil:
-			perr = os.NewSyscallError("recvfrom", err)
-			return true
-		case m == 0:
-			outcome = sniffEOF
-			return true
-		}
-		n = m
-		switch {
-		case headEnd(buf[:m], 0) >= 0:
-			outcome = sniffComplete
-		case m == len(buf):
-			outcome = sniffCap
-		default:
-			return false // wait for more bytes to arrive
-		}
-		return true
-	})
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return n, sniffTimeout, nil
-	}
-	if err == nil {
-		err = perr
-	}
-	if err != nil {
-		return n, sniffEOF, err
-	}
-	return n, outcome, nil
-}
-
 // refuseUnavailable answers a connection no worker can take: 503 for
 // HTTP/1, a plain close otherwise.
 func (p *primary) refuseUnavailable(c net.Conn, isHTTP bool) {
@@ -478,28 +339,6 @@ func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, 
 		hdr = -1
 	}
 	return n, hdr, sniffCap, nil
-}
-
-// proxiedClient checks a PROXY header that a client sent, and returns the
-// client address it carries, or why the connection must be refused.
-func (p *primary) proxiedClient(peer netip.AddrPort, header []byte, hdr int) (netip.AddrPort, string) {
-	if !p.cfg.trusts(peer.Addr()) {
-		return peer, "untrusted"
-	}
-	if hdr < 0 {
-		return peer, "malformed"
-	}
-	h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(header)))
-	if err != nil {
-		return peer, "malformed"
-	}
-	if h.Command.IsLocal() {
-		return peer, "" // a health check of the balancer itself: keep the socket address
-	}
-	if a, ok := h.SourceAddr.(*net.TCPAddr); ok {
-		return a.AddrPort(), ""
-	}
-	return peer, "malformed"
 }
 
 // isHealthCheck reports whether req is for the primary's health path.
@@ -641,134 +480,6 @@ func respondAndClose(c net.Conn, resp string) {
 	}
 }
 
-// splice copies between client and worker in both directions until both
-// are done, then closes both, and returns the bytes copied each way. With
-// halfOpen, a clean EOF in one direction is passed on as a FIN while the
-// other keeps flowing; otherwise, and on any error, the first direction to
-// end closes both.
-func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64) {
-	done := make(chan int64, 1)
-	go copyToWorker(worker, client, halfOpen, done)
-	down = copyToClient(client, worker, halfOpen)
-	up = <-done
-	worker.Close()
-	client.Close()
-	return up, down
-}
-
-// copyToWorker carries client bytes to the worker; on Linux, io.Copy
-// between two *net.TCPConn uses splice(2).
-func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
-	n, err := copyStream(worker, client)
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		// endConnsOf: the worker has exited. End this direction only, so
-		// the other one still delivers the worker's last bytes.
-		worker.CloseWrite()
-		done <- n
-		return
-	}
-	endCopy(worker, client, err, halfOpen)
-	done <- n
-}
-
-// copyToClient carries worker bytes to the client.
-func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
-	n, err := copyStream(client, worker)
-	endCopy(client, worker, err, halfOpen)
-	return n
-}
-
-// copyStream copies src to dst until EOF, like io.Copy, without holding
-// anything while src is idle: io.Copy between TCP connections keeps a
-// splice pipe (two descriptors and its kernel buffer) for as long as the
-// source is idle, which would triple the primary's descriptors for idle
-// keep-alive connections.
-//
-// Between two TCP connections it reads what has arrived into a pooled
-// buffer, taken only once src is readable, and writes it on: for the
-// small messages of most HTTP traffic, two system calls. When a read fills
-// the buffer, the rest of what is queued moves with splice(2), in the
-// kernel.
-func copyStream(dst, src net.Conn) (int64, error) {
-	d, ok1 := dst.(*net.TCPConn)
-	s, ok2 := src.(*net.TCPConn)
-	if !ok1 || !ok2 {
-		return io.Copy(dst, src)
-	}
-	rc, err := s.SyscallConn()
-	if err != nil {
-		return io.Copy(dst, src)
-	}
-	var (
-		total int64
-		n     int
-		rerr  error
-		bp    *[]byte
-		lr    = io.LimitedReader{R: s}
-	)
-	read := func(fd uintptr) bool {
-		bp = copyBufs.Get().(*[]byte)
-		n, rerr = unix.Read(int(fd), *bp)
-		if rerr == unix.EAGAIN {
-			copyBufs.Put(bp)
-			bp = nil
-			return false // wait for data without a buffer
-		}
-		if rerr != nil {
-			n, rerr = 0, os.NewSyscallError("read", rerr)
-		}
-		return true
-	}
-	queued := func(fd uintptr) { n, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }
-	for {
-		err := rc.Read(read)
-		if err == nil {
-			err = rerr
-		}
-		if err != nil || n == 0 {
-			if bp != nil {
-				copyBufs.Put(bp)
-			}
-			return total, err // n == 0: EOF
-		}
-		full := n == len(*bp)
-		w, err := d.Write((*bp)[:n])
-		copyBufs.Put(bp)
-		bp = nil
-		total += int64(w)
-		if err != nil {
-			return total, err
-		}
-		if !full {
-			continue
-		}
-		if err := rc.Control(queued); err != nil || rerr != nil || n == 0 {
-			continue
-		}
-		lr.N = int64(n)
-		m, err := d.ReadFrom(&lr)
-		total += m
-		if err != nil {
-			return total, err
-		}
-	}
-}
-
-// copyBufs holds copyStream's buffers, in use only while data moves.
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
-
-// endCopy ends one direction: src has been read to EOF (err nil) or failed.
-func endCopy(dst, src net.Conn, err error, halfOpen bool) {
-	if err == nil && halfOpen {
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-			return
-		}
-	}
-	dst.Close()
-	src.Close()
-}
-
 // localAddr is the address the client connected to, or the zero AddrPort
 // for non-TCP listeners.
 func localAddr(c net.Conn) netip.AddrPort {
@@ -785,80 +496,4 @@ func clientAddr(c net.Conn) netip.AddrPort {
 		return a.AddrPort()
 	}
 	return netip.AddrPort{}
-}
-
-// PROXY protocol (haproxy.org/download/2.9/doc/proxy-protocol.txt). The
-// primary writes a v2 header in front of every connection to a worker:
-// it carries the client's address and, in a custom TLV, the per-run secret
-// that proves to the worker that the connection comes from its primary.
-var proxyV2Sig = [12]byte{0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A}
-
-const (
-	proxyRoom      = 128  // room for the outgoing header: 16 + 36 (IPv6) + 3 + secretLen
-	tlvSecret      = 0xE0 // PP2_TYPE_MIN_CUSTOM
-	proxyV1Max     = 107  // longest v1 line, CRLF included
-	proxyUnknown   = -2   // proxyHeaderLen: more bytes needed to tell
-	proxyMalformed = -1   // proxyHeaderLen: a PROXY header that cannot be valid
-)
-
-// appendProxyV2 appends a v2 header for a TCP connection from src to dst
-// (LOCAL, without addresses, when either is not known) with the secret.
-func appendProxyV2(b []byte, src, dst netip.AddrPort, secret *[secretLen]byte) []byte {
-	const tlvLen = 3 + secretLen
-	b = append(b, proxyV2Sig[:]...)
-	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
-	switch {
-	case !src.IsValid() || !dst.IsValid():
-		b = append(b, 0x20, 0x00) // v2 LOCAL, UNSPEC
-		b = binary.BigEndian.AppendUint16(b, tlvLen)
-	case s.Is4() && d.Is4():
-		b = append(b, 0x21, 0x11) // v2 PROXY, TCP over IPv4
-		b = binary.BigEndian.AppendUint16(b, 12+tlvLen)
-		s4, d4 := s.As4(), d.As4()
-		b = append(append(b, s4[:]...), d4[:]...)
-		b = binary.BigEndian.AppendUint16(b, src.Port())
-		b = binary.BigEndian.AppendUint16(b, dst.Port())
-	default:
-		b = append(b, 0x21, 0x21) // v2 PROXY, TCP over IPv6
-		b = binary.BigEndian.AppendUint16(b, 36+tlvLen)
-		s16, d16 := src.Addr().As16(), dst.Addr().As16()
-		b = append(append(b, s16[:]...), d16[:]...)
-		b = binary.BigEndian.AppendUint16(b, src.Port())
-		b = binary.BigEndian.AppendUint16(b, dst.Port())
-	}
-	b = append(b, tlvSecret, 0, secretLen)
-	return append(b, secret[:]...)
-}
-
-// proxyHeaderLen looks at the start of what a client sent: the length of
-// the PROXY header there, 0 if b does not start with one, proxyUnknown if
-// more bytes are needed to tell, or proxyMalformed.
-func proxyHeaderLen(b []byte) int {
-	const v1 = "PROXY "
-	switch {
-	case len(b) < len(v1) && bytes.HasPrefix([]byte(v1), b),
-		len(b) < 16 && bytes.HasPrefix(proxyV2Sig[:], b[:min(len(b), 12)]):
-		return proxyUnknown
-	case bytes.HasPrefix(b, []byte(v1)):
-		if i := bytes.Index(b[:min(len(b), proxyV1Max)], []byte("\r\n")); i >= 0 {
-			return i + 2
-		}
-		if len(b) >= proxyV1Max {
-			return proxyMalformed
-		}
-		return proxyUnknown
-	case bytes.HasPrefix(b, proxyV2Sig[:]):
-		if b[12]>>4 != 2 {
-			return proxyMalformed
-		}
-		n := 16 + int(binary.BigEndian.Uint16(b[14:16]))
-		if n > 16+512 {
-			return proxyMalformed // far more than any address block and TLVs a balancer sends
-		}
-		if len(b) < n {
-			return proxyUnknown
-		}
-		return n
-	}
-	return 0
 }

@@ -2,10 +2,6 @@ package defuss
 
 import (
 	"context"
-	"encoding/json"
-	"net/http"
-	"sync"
-	"time"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -33,16 +29,6 @@ const (
 	sniffCap      = "cap"
 	sniffEOF      = "eof"
 )
-
-// WithMeterProvider sets the OpenTelemetry meter provider of the primary's
-// metrics. A nil mp keeps the default, otel.GetMeterProvider().
-func WithMeterProvider(mp metric.MeterProvider) Option {
-	return optionFunc(func(c *config) {
-		if mp != nil {
-			c.meterProvider = mp
-		}
-	})
-}
 
 // telemetry holds every instrument of the primary, created once in
 // newTelemetry. Per-worker measurement options are precomputed so that the
@@ -210,88 +196,4 @@ func (t *telemetry) close() {
 func (t *telemetry) restart(slot int, reason string) {
 	t.restarts.Add(context.Background(), 1, metric.WithAttributeSet(
 		attribute.NewSet(attrWorker.Int(slot), attrReason.String(reason))))
-}
-
-// burstLog rate-limits one kind of log line: at most one per interval, so
-// a failure that repeats per connection never floods the log.
-type burstLog struct {
-	mu         sync.Mutex
-	next       time.Time
-	suppressed int
-}
-
-const burstInterval = time.Second
-
-// allow reports whether a line may be logged now, and how many were
-// suppressed since the last one that was.
-func (b *burstLog) allow() (ok bool, suppressed int) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	now := time.Now()
-	if now.Before(b.next) {
-		b.suppressed++
-		return false, 0
-	}
-	b.next = now.Add(burstInterval)
-	suppressed, b.suppressed = b.suppressed, 0
-	return true, suppressed
-}
-
-// StatusHandler returns an http.Handler that serves the state of s's
-// worker pool as JSON: per worker its index, pid, state, uptime, seconds
-// since the last heartbeat, restarts, connections and resource use. It is
-// meant for an admin listener on a private address, not for the public
-// port (which only workers serve anyway). In a worker, it serves 404.
-func StatusHandler(s *Server) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if s == nil || s.p == nil {
-			http.NotFound(w, r)
-			return
-		}
-		now := time.Now()
-		type worker struct {
-			Index             int     `json:"index"`
-			PID               int     `json:"pid"`
-			State             string  `json:"state"`
-			Healthy           bool    `json:"healthy"`
-			Addr              string  `json:"addr,omitempty"`
-			UptimeSeconds     float64 `json:"uptime_seconds"`
-			HeartbeatAge      float64 `json:"heartbeat_age_seconds"`
-			Restarts          int     `json:"restarts"`
-			ActiveConnections int64   `json:"active_connections"`
-			CPUPercent        float64 `json:"cpu_percent"`
-			RSSBytes          uint64  `json:"rss_bytes"`
-			HeapInUseBytes    uint64  `json:"heap_in_use_bytes"`
-			HeapTotalBytes    uint64  `json:"heap_total_bytes"`
-			Goroutines        int     `json:"goroutines"`
-		}
-		out := struct {
-			PID      int      `json:"pid"`
-			Addr     string   `json:"addr"`
-			Draining bool     `json:"draining"`
-			Ready    int      `json:"ready"`
-			Workers  []worker `json:"workers"`
-		}{PID: s.p.pid, Addr: s.p.ln.Addr().String(), Draining: s.p.stopping()}
-		for _, wi := range s.Workers() {
-			o := worker{Index: wi.Index, PID: wi.PID, State: wi.State, Healthy: wi.Healthy, Addr: wi.Addr,
-				Restarts: wi.Restarts, ActiveConnections: wi.ActiveConnections(),
-				CPUPercent: wi.Stats.CPUPercent, RSSBytes: wi.Stats.RSS, HeapInUseBytes: wi.Stats.HeapInUse,
-				HeapTotalBytes: wi.Stats.HeapTotal, Goroutines: wi.Stats.Goroutines}
-			if wi.PID != 0 {
-				o.UptimeSeconds = now.Sub(wi.Started).Seconds()
-			}
-			if !wi.LastHeartbeat.IsZero() {
-				o.HeartbeatAge = now.Sub(wi.LastHeartbeat).Seconds()
-			}
-			if wi.Healthy {
-				out.Ready++
-			}
-			out.Workers = append(out.Workers, o)
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Cache-Control", "no-store")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(out)
-	})
 }

@@ -1,0 +1,137 @@
+package defuss
+
+import (
+	"context"
+	"fmt"
+	"slices"
+)
+
+func (p *primary) restart(ctx context.Context) error {
+	p.restartMu.Lock()
+	defer p.restartMu.Unlock()
+	p.mu.Lock()
+	slots := slices.Clone(p.slots)
+	p.mu.Unlock()
+	p.log.Info("rolling restart", "workers", len(slots))
+	for _, s := range slots {
+		if p.stopping() {
+			return ErrShuttingDown // checked first: the selects below pick at random
+		}
+		select {
+		case p.replaceTok <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.drain:
+			return ErrShuttingDown
+		}
+		err := p.replaceSlot(s)
+		<-p.replaceTok
+		if err == nil && p.stopping() {
+			err = ErrShuttingDown
+		}
+		if err != nil {
+			p.log.Error("rolling restart stopped", "worker", s.index, "err", err)
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+	p.log.Info("rolling restart done")
+	return nil
+}
+
+// replaceSlot asks s's supervisor for a replacement and waits for it.
+func (p *primary) replaceSlot(s *slot) error {
+	req := &replaceReq{reason: "reload", done: make(chan error, 1)}
+	select {
+	case s.replace <- req:
+	case <-s.done:
+		return nil // scaled away meanwhile
+	case <-p.drain:
+		return ErrShuttingDown
+	}
+	return <-req.done // the supervisor always answers, also when shutting down
+}
+
+func (p *primary) scale(ctx context.Context, n int) error {
+	if n < 1 || n > maxWorkers {
+		return fmt.Errorf("%w: Scale(%d): want 1 to %d workers", ErrInvalidOption, n, maxWorkers)
+	}
+	return p.scaleTo(ctx, func(int) int { return n })
+}
+
+// scaleBy adds delta workers (SIGTTIN, SIGTTOU), keeping 1 to maxWorkers.
+func (p *primary) scaleBy(delta int) error {
+	return p.scaleTo(context.Background(), func(have int) int { return min(max(have+delta, 1), maxWorkers) })
+}
+
+// scaleTo scales to target(the current number of workers).
+func (p *primary) scaleTo(ctx context.Context, target func(have int) int) error {
+	p.scaleMu.Lock()
+	defer p.scaleMu.Unlock()
+	p.mu.Lock()
+	if p.stopping() {
+		p.mu.Unlock()
+		return ErrShuttingDown
+	}
+	have := len(p.slots)
+	n := target(have)
+	var changed []*slot
+	switch {
+	case n > have:
+		startup := make(chan error, n-have)
+		for i := have; i < n; i++ {
+			s := newSlot(i)
+			p.slots = append(p.slots, s)
+			changed = append(changed, s)
+			p.supervisors.Add(1) // before drain closes: see beginShutdown
+			go func() {
+				defer p.supervisors.Done()
+				p.supervise(s, startup)
+			}()
+		}
+		p.publish()
+		p.mu.Unlock()
+		p.log.Info("scaling up", "from", have, "to", n)
+		for range changed {
+			var err error
+			select {
+			case err = <-startup:
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-p.drain:
+				err = ErrShuttingDown
+			}
+			if err != nil {
+				p.log.Error("scaling up failed; removing the new workers", "err", err)
+				p.removeSlots(changed)
+				return err
+			}
+		}
+		return nil
+	case n < have:
+		changed = slices.Clone(p.slots[n:])
+		p.mu.Unlock()
+		p.log.Info("scaling down", "from", have, "to", n)
+		return p.removeSlots(changed)
+	}
+	p.mu.Unlock()
+	return nil
+}
+
+// removeSlots takes slots out of the table, drains them and waits until
+// their supervisors have ended.
+func (p *primary) removeSlots(slots []*slot) error {
+	p.mu.Lock()
+	p.slots = slices.DeleteFunc(p.slots, func(s *slot) bool { return slices.Contains(slots, s) })
+	p.publish()
+	p.mu.Unlock()
+	for _, s := range slots {
+		close(s.retire)
+	}
+	for _, s := range slots {
+		<-s.done
+	}
+	return nil
+}

@@ -1,0 +1,532 @@
+package defuss
+
+import (
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"time"
+)
+
+// Respawn backoff: the first retry after a crash waits backoffMin, each
+// further consecutive failure doubles it up to backoffMax; a worker that
+// ran for stableUptime resets the sequence.
+const (
+	backoffMin   = 50 * time.Millisecond
+	backoffMax   = 30 * time.Second
+	stableUptime = 10 * time.Second
+)
+
+// crashLoopAfter consecutive early deaths are logged as a crash loop.
+const crashLoopAfter = 3
+
+// replaceReq asks a slot's supervisor to replace its process by a new
+// one: start it, wait until it is ready, route new connections to it,
+// then drain the old one. done receives the outcome once the old process
+// has exited.
+type replaceReq struct {
+	reason string // "reload" or "recycle"
+	done   chan error
+}
+
+// supervisor owns one slot: its current process, a successor being
+// started for a replacement, and a predecessor being drained.
+type supervisor struct {
+	p        *primary
+	s        *slot
+	startup  chan<- error // the first process's outcome; nil once sent
+	cur      *process     // the process the slot routes to (nil while down)
+	next     *process     // a successor that has not reported ready yet
+	old      *process     // a predecessor that drains
+	pending  *replaceReq  // the replacement in progress
+	failures int          // consecutive early deaths, for the backoff
+	respawn  *time.Timer  // armed while the slot waits to respawn
+	stopping bool
+	retiring bool // scaling down removed the slot
+	gone     bool // respawn is off and the process died: the slot is over
+}
+
+// supervise runs slot s until the primary has stopped and every process
+// of the slot has exited. startup receives the outcome of the slot's
+// first process (nil once it is ready).
+func (p *primary) supervise(s *slot, startup chan<- error) {
+	sv := &supervisor{p: p, s: s, startup: startup}
+	sv.startCur()
+	tick := time.NewTicker(min(p.cfg.heartbeat, p.cfg.staleAfter/4))
+	defer tick.Stop()
+	defer close(s.done)
+	drain, force, retire := p.drain, p.force, s.retire
+	for !(sv.stopping || sv.gone) || sv.cur != nil || sv.next != nil || sv.old != nil {
+		var respawn <-chan time.Time
+		if sv.respawn != nil {
+			respawn = sv.respawn.C
+		}
+		select {
+		case ev, ok := <-sv.cur.eventsC():
+			sv.onEvent(sv.cur, ev, ok)
+		case ev, ok := <-sv.next.eventsC():
+			sv.onEvent(sv.next, ev, ok)
+		case ev, ok := <-sv.old.eventsC():
+			sv.onEvent(sv.old, ev, ok)
+		case err := <-sv.cur.exitC():
+			sv.onExit(sv.cur, err)
+		case err := <-sv.next.exitC():
+			sv.onExit(sv.next, err)
+		case err := <-sv.old.exitC():
+			sv.onExit(sv.old, err)
+		case <-sv.cur.timerC():
+			sv.onTimer(sv.cur)
+		case <-sv.next.timerC():
+			sv.onTimer(sv.next)
+		case <-sv.old.timerC():
+			sv.onTimer(sv.old)
+		case <-respawn:
+			sv.respawn = nil
+			sv.startCur()
+		case <-tick.C:
+			sv.checkStale()
+		case req := <-s.replace:
+			sv.startReplace(req)
+		case <-drain:
+			drain = nil
+			sv.stop()
+		case <-retire:
+			retire = nil
+			sv.retire()
+		case <-force:
+			force = nil
+			for _, pr := range []*process{sv.cur, sv.next, sv.old} {
+				if pr != nil {
+					pr.kill("shutdown", errors.New("forced shutdown"))
+				}
+			}
+		}
+	}
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+	}
+	p.setState(s, stateDown, 0)
+}
+
+// start spawns a new process for the slot. It returns nil if spawning
+// failed; the failure is handled like a process that died at once.
+func (sv *supervisor) start() (*process, error) {
+	p, s := sv.p, sv.s
+	pr, err := p.spawn(s.index)
+	if err != nil {
+		err = fmt.Errorf("defuss: spawn worker %d: %w", s.index, err)
+		p.log.Error("spawn failed", "worker", s.index, "err", err)
+		return nil, err
+	}
+	if p.cfg.maxRequests > 0 {
+		pr.limit = p.cfg.maxRequests
+		if j := p.cfg.maxRequestsJitter; j > 0 {
+			pr.limit += uint64(mrand.Int64N(int64(j) + 1))
+		}
+	}
+	p.log.Info("worker spawned", "worker", s.index, "worker_pid", pr.pid)
+	if sv.cur == nil && sv.next == nil {
+		p.mu.Lock()
+		s.info.PID, s.info.Addr, s.info.Started, s.info.LastHeartbeat, s.info.Stats = pr.pid, "", pr.started, time.Time{}, Stats{}
+		s.info.Ready = false
+		p.mu.Unlock()
+		p.setState(s, stateStarting, pr.pid)
+	}
+	return pr, nil
+}
+
+// startCur starts the slot's current process, or handles the failure to
+// spawn one like a death at once.
+func (sv *supervisor) startCur() {
+	var err error
+	if sv.cur, err = sv.start(); err != nil {
+		sv.report(err)
+		sv.died("spawn", err, 0)
+	}
+}
+
+// report sends the first process's outcome to Start.
+func (sv *supervisor) report(err error) {
+	if sv.startup != nil {
+		sv.startup <- err
+		sv.startup = nil
+	}
+}
+
+func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
+	p, s := sv.p, sv.s
+	if !ok {
+		pr.events = nil // EOF: the process is exiting; wait for it
+		return
+	}
+	if ev.err == nil {
+		ev.err = p.checkMessage(s, pr.pid, &ev.msg)
+	}
+	if ev.err != nil {
+		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
+		if pr == sv.cur {
+			p.setState(s, stateUnhealthy, pr.pid)
+		}
+		if ev.fatal {
+			pr.kill("protocol", ev.err)
+		}
+		return
+	}
+	now := time.Now()
+	pr.lastBeat = now
+	switch ev.msg.kind {
+	case frameReady:
+		if pr.ready {
+			return
+		}
+		pr.ready = true
+		pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(ev.msg.port))
+		if pr.timer != nil && !pr.draining {
+			pr.timer.Stop()
+			pr.timer = nil
+		}
+		p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
+			"startup", now.Sub(pr.started).Round(time.Millisecond))
+		switch pr {
+		case sv.next:
+			sv.promote(now, &ev.msg.stats)
+		case sv.cur:
+			sv.publishCur(now, &ev.msg.stats)
+			sv.report(nil)
+		}
+	case frameStats:
+		if pr != sv.cur {
+			return
+		}
+		p.mu.Lock()
+		s.info.LastHeartbeat, s.info.Stats = now, ev.msg.stats
+		state := s.info.State
+		p.publish()
+		p.mu.Unlock()
+		if pr.ready && !pr.draining && (state == stateStale || state == stateUnhealthy) {
+			p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
+			p.setState(s, stateReady, pr.pid)
+		}
+		sv.checkLimits(pr, &ev.msg.stats)
+	case frameStopping:
+		if pr == sv.cur {
+			p.setState(s, stateDraining, pr.pid)
+		}
+	case frameFailed:
+		pr.failMsg = ev.msg.err
+	case frameClosed:
+		n := int64(ev.msg.closed)
+		if pr.open.Add(-n) < 0 {
+			pr.open.Add(n) // more closes than connections: not trusted
+			p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
+				"err", fmt.Errorf("%w: %d closes reported, more than were handed", errFrame, n))
+			p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+			return
+		}
+		s.conns.Add(-n)
+		p.tel.active.Add(bg, -n, s.attrs.worker)
+	}
+}
+
+// publishCur routes the slot's new connections to its current process,
+// which has just reported ready.
+func (sv *supervisor) publishCur(now time.Time, st *Stats) {
+	p, s, pr := sv.p, sv.s, sv.cur
+	p.mu.Lock()
+	s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
+	s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, *st
+	s.info.proc = pr
+	if !pr.draining {
+		s.info.State = stateReady
+	}
+	p.publish()
+	p.mu.Unlock()
+}
+
+// promote makes the ready successor the slot's process and drains the
+// predecessor: new connections go to the successor from now on.
+func (sv *supervisor) promote(now time.Time, st *Stats) {
+	p, s := sv.p, sv.s
+	prev := sv.cur
+	sv.cur, sv.next = sv.next, nil
+	reason := "reload"
+	if sv.pending != nil {
+		reason = sv.pending.reason
+	}
+	p.mu.Lock()
+	s.info.Restarts++
+	p.mu.Unlock()
+	sv.publishCur(now, st)
+	p.tel.restart(s.index, reason)
+	if prev == nil {
+		sv.finishReplace(nil)
+		return
+	}
+	p.log.Info("worker replaced; draining the old process", "worker", s.index, "old_pid", prev.pid,
+		"new_pid", sv.cur.pid, "reason", reason)
+	sv.old = prev
+	p.quiesce() // no connection is still being dialed to prev
+	prev.drainProc(p.cfg.shutdownTimeout, reason)
+}
+
+// onExit handles the end of one of the slot's processes.
+func (sv *supervisor) onExit(pr *process, werr error) {
+	p, s := sv.p, sv.s
+	pr.finish()
+	uptime := time.Since(pr.started)
+	reason, err := pr.reason, pr.reasonErr
+	if reason == "" {
+		reason, err = "crash", werr
+		if pr.failMsg != "" {
+			err = fmt.Errorf("%s (%w)", pr.failMsg, werr)
+		}
+		if sv.stopping {
+			reason = "shutdown"
+		}
+	}
+	if pr.timer != nil {
+		pr.timer.Stop()
+	}
+	p.endConnsOf(s.index, pr.pid)
+	if n := pr.open.Swap(0); n != 0 {
+		// Handed-off connections the worker had not reported closed died
+		// with it.
+		s.conns.Add(-n)
+		p.tel.active.Add(bg, -n, s.attrs.worker)
+	}
+	p.log.Info("worker exited", "worker", s.index, "worker_pid", pr.pid, "status", exitStatus(werr), "reason", reason)
+	if p.cfg.onExit != nil {
+		p.cfg.onExit(s.index, pr.pid, werr)
+	}
+	switch pr {
+	case sv.old:
+		sv.old = nil
+		sv.finishReplace(nil)
+	case sv.next:
+		sv.next = nil
+		sv.finishReplace(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
+		if sv.cur == nil {
+			sv.died(reason, err, uptime) // the predecessor died meanwhile: respawn
+		}
+	case sv.cur:
+		sv.cur = nil
+		p.mu.Lock()
+		s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
+		p.mu.Unlock()
+		p.setState(s, stateDown, 0)
+		if !pr.ready {
+			sv.report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
+		}
+		sv.died(reason, err, uptime)
+	}
+}
+
+// died decides what follows the death of the slot's current process (or
+// the failure to spawn it): a respawn after a backoff, or nothing during
+// shutdown or with respawn off.
+func (sv *supervisor) died(reason string, err error, uptime time.Duration) {
+	p, s := sv.p, sv.s
+	if sv.stopping {
+		return
+	}
+	if sv.next != nil {
+		return // a successor is starting; it takes over when ready
+	}
+	if !p.cfg.respawn {
+		p.log.Warn("worker exited, not respawning", "worker", s.index, "reason", reason, "err", err)
+		sv.gone = true
+		p.slotGone()
+		return
+	}
+	if uptime >= stableUptime {
+		sv.failures = 0
+	}
+	sv.failures++
+	delay := min(backoffMin<<min(sv.failures-1, 20), backoffMax)
+	attrs := []any{"worker", s.index, "reason", reason, "err", err, "uptime", uptime.Round(time.Millisecond), "backoff", delay}
+	if sv.failures >= crashLoopAfter {
+		p.log.Error("worker crash loop: respawning with backoff", append(attrs, "consecutive_failures", sv.failures)...)
+	} else {
+		p.log.Warn("worker exited, respawning", attrs...)
+	}
+	p.tel.restart(s.index, reason)
+	p.mu.Lock()
+	s.info.Restarts++
+	p.mu.Unlock()
+	sv.respawn = time.NewTimer(delay)
+}
+
+func (sv *supervisor) onTimer(pr *process) {
+	p := sv.p
+	pr.timer = nil
+	switch {
+	case pr.draining:
+		p.log.Warn("worker did not stop in time, killing it", "worker", sv.s.index, "worker_pid", pr.pid, "timeout", p.cfg.shutdownTimeout)
+		pr.kill(pr.reason, errors.New("shutdown timeout"))
+	case !pr.ready:
+		pr.kill("start-timeout", fmt.Errorf("no ready report within %v", p.cfg.startTimeout))
+	}
+}
+
+// checkStale marks a silent current process stale, and kills it when it
+// stays silent for twice staleAfter.
+func (sv *supervisor) checkStale() {
+	p, s, pr := sv.p, sv.s, sv.cur
+	if pr == nil || !pr.ready || pr.draining {
+		return
+	}
+	switch age := time.Since(pr.lastBeat); {
+	case age > 2*p.cfg.staleAfter:
+		pr.kill("stale", fmt.Errorf("no heartbeat for %v", age.Round(time.Millisecond)))
+	case age > p.cfg.staleAfter:
+		if p.state(s) == stateReady {
+			p.log.Warn("worker stale", "worker", s.index, "worker_pid", pr.pid, "silent", age.Round(time.Millisecond))
+			p.setState(s, stateStale, pr.pid)
+		}
+	}
+}
+
+// checkLimits starts recycling the current process once it has served its
+// request quota or passed the memory cap, one worker of the pool at a time.
+func (sv *supervisor) checkLimits(pr *process, st *Stats) {
+	p := sv.p
+	over := (pr.limit > 0 && st.Requests >= pr.limit) || (p.cfg.maxMemory > 0 && st.RSS >= p.cfg.maxMemory)
+	if !over || sv.pending != nil || sv.stopping || pr.draining {
+		return
+	}
+	select {
+	case p.replaceTok <- struct{}{}:
+	default:
+		return // another worker is being replaced; try at the next heartbeat
+	}
+	p.log.Info("worker over its limit; recycling", "worker", sv.s.index, "worker_pid", pr.pid,
+		"requests", st.Requests, "request_limit", pr.limit, "rss", st.RSS, "rss_limit", p.cfg.maxMemory)
+	sv.startReplace(&replaceReq{reason: "recycle", done: nil})
+}
+
+// startReplace begins replacing the current process.
+func (sv *supervisor) startReplace(req *replaceReq) {
+	switch {
+	case sv.retiring:
+		sv.reply(req, nil) // the slot is going away: nothing to replace
+		return
+	case sv.stopping:
+		sv.reply(req, ErrShuttingDown)
+		return
+	case sv.pending != nil:
+		sv.reply(req, errors.New("defuss: a replacement of this worker is already in progress"))
+		return
+	case sv.cur == nil:
+		// The slot is down and respawns from the binary on disk anyway.
+		sv.reply(req, nil)
+		return
+	}
+	sv.pending = req
+	var err error
+	if sv.next, err = sv.start(); err != nil {
+		sv.finishReplace(fmt.Errorf("%w: %w", ErrWorkerStart, err))
+	}
+}
+
+// finishReplace ends the replacement in progress with err.
+func (sv *supervisor) finishReplace(err error) {
+	req := sv.pending
+	if req == nil {
+		return
+	}
+	sv.pending = nil
+	sv.reply(req, err)
+}
+
+func (sv *supervisor) reply(req *replaceReq, err error) {
+	if req.done != nil {
+		req.done <- err
+	} else {
+		<-sv.p.replaceTok // a recycle: give the token back
+	}
+}
+
+// stop starts the slot's part of a graceful shutdown.
+func (sv *supervisor) stop() {
+	sv.stopping = true
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+		sv.respawn = nil
+	}
+	if sv.next != nil {
+		sv.next.kill("shutdown", ErrShuttingDown)
+	}
+	sv.p.awaitRoutingIdle() // every accepted connection has been routed
+	for _, pr := range []*process{sv.cur, sv.old} {
+		if pr != nil {
+			pr.drainProc(sv.p.cfg.shutdownTimeout, "shutdown")
+		}
+	}
+	if sv.cur != nil {
+		sv.p.setState(sv.s, stateDraining, sv.cur.pid)
+	}
+}
+
+// retire drains the slot's processes and ends the slot: scaling down. The
+// slot is no longer in the table, so no new connection picks it; those
+// that picked it from an older snapshot finish dialing first.
+func (sv *supervisor) retire() {
+	p := sv.p
+	sv.stopping, sv.retiring = true, true
+	if sv.respawn != nil {
+		sv.respawn.Stop()
+		sv.respawn = nil
+	}
+	if sv.next != nil {
+		sv.next.kill("scale-down", errors.New("slot retired"))
+	}
+	p.quiesce()
+	for _, pr := range []*process{sv.cur, sv.old} {
+		if pr != nil {
+			pr.drainProc(p.cfg.shutdownTimeout, "scale-down")
+		}
+	}
+	p.log.Info("worker slot retired; draining", "worker", sv.s.index)
+}
+
+// checkMessage validates a decoded frame against the slot and process it
+// came from: a worker speaks only for its own slot.
+func (p *primary) checkMessage(s *slot, pid int, m *message) error {
+	switch {
+	case m.slot != s.index:
+		return fmt.Errorf("%w: worker %d sent a frame for slot %d", errFrame, s.index, m.slot)
+	case m.pid != pid:
+		return fmt.Errorf("%w: worker %d (pid %d) sent a frame for pid %d", errFrame, s.index, pid, m.pid)
+	case m.kind == frameReady && p.cfg.baseWorkerPort > 0 && m.port != p.cfg.baseWorkerPort+s.index:
+		return fmt.Errorf("%w: worker %d reported port %d, want %d", errFrame, s.index, m.port, p.cfg.baseWorkerPort+s.index)
+	}
+	return nil
+}
+
+// frameEvent is one frame read from a worker, or why it could not be.
+type frameEvent struct {
+	msg   message
+	err   error
+	fatal bool // the stream is out of sync; nothing more can be trusted
+}
+
+// readFrames reads frames from a worker's status pipe until EOF or an
+// unrecoverable error, then closes events.
+func readFrames(r *os.File, events chan<- frameEvent) {
+	defer close(events)
+	buf := make([]byte, maxFramePayload)
+	for {
+		typ, payload, err := readFrame(r, buf)
+		if err != nil {
+			if errors.Is(err, errFrame) {
+				events <- frameEvent{err: err, fatal: true}
+			}
+			return
+		}
+		m, err := decodeMessage(typ, payload)
+		events <- frameEvent{msg: m, err: err}
+	}
+}
