@@ -1,0 +1,49 @@
+// Package defuss turns a net/http program into a multi-process server with
+// one call: a primary process that balances connections across N worker
+// processes running the same binary.
+//
+// Typical usage:
+//
+//	func main() {
+//		mux := http.NewServeMux()
+//		mux.HandleFunc("/", hello)
+//		if err := defuss.Run(mux); err != nil {
+//			log.Fatal(err)
+//		}
+//	}
+//
+// # Code before Start runs in every process
+//
+// Start re-executes the program's own binary (os.Executable, with the same
+// arguments) once per worker. EVERYTHING main does before it calls Start or
+// Run therefore runs in the primary AND IN EVERY WORKER: opening files,
+// connecting to databases, printing banners, binding other ports. Keep such
+// work cheap and idempotent, or do it after Start returns and only when
+// [IsWorker] says which role this process has.
+//
+// # Process model
+//
+// The primary listens on the public address (":3000" by default). For each
+// new TCP connection it reads the start of the HTTP/1.x request head (for
+// at most 10ms and 16 KiB by default), asks a [Balancer] which worker takes
+// the connection, dials that worker on its loopback port, writes a PROXY
+// header (the client's address) and the bytes it read, and then copies the
+// two TCP streams (splice(2) on Linux for bulk data). With [WithHandoff] it
+// instead peeks at the head and passes the connection itself to the worker.
+// Routing is per connection: every request on a keep-alive connection goes
+// to the same worker. Workers serve the handler with an http.Server on a loopback
+// port and report readiness and heartbeats (CPU, RSS, Go heap, connections)
+// to the primary over an inherited pipe. The primary replaces workers that
+// die, with exponential backoff, replaces them one at a time on
+// [Server.Restart] or SIGHUP, and on SIGINT/SIGTERM or [Server.Shutdown]
+// stops accepting, lets in-flight requests finish, and kills what is left
+// after the shutdown timeout.
+//
+// # What defuss does not do
+//
+// It does not terminate TLS or speak HTTP/2 to clients (such bytes are
+// routed as "unknown" and passed through unchanged), it does not route
+// request by request, and it does not run on Windows, which has no
+// inherited pipes. Under "go run", the binary that workers re-execute is a
+// temporary build; that works, but build the program for production.
+package defuss
