@@ -42,8 +42,27 @@
 // # What defuss does not do
 //
 // It does not terminate TLS or speak HTTP/2 to clients (such bytes are
-// routed as "unknown" and passed through unchanged), it does not route
-// request by request, and it does not run on Windows, which has no
-// inherited pipes. Under "go run", the binary that workers re-execute is a
-// temporary build; that works, but build the program for production.
+// routed as "unknown" and passed through unchanged), and it does not route
+// request by request. Under "go run", the binary that workers re-execute
+// is a temporary build; that works, but build the program for production.
+//
+// # Platforms
+//
+// defuss builds everywhere Go does. It runs workers on Linux, macOS and
+// the BSDs: all of them have inherited pipes, process groups and
+// SCM_RIGHTS. Linux adds splice(2) for bulk data in splice mode (elsewhere
+// the primary copies through a pooled buffer) and a parent-death signal as
+// a second guard against orphaned workers (elsewhere a worker stops when
+// its control pipe reaches EOF, which happens on Linux too).
+//
+// On Windows, which cannot pass pipes or sockets to a child this way,
+// [Start] and [Run] return [ErrNotSupported] before they bind or spawn
+// anything. defuss does not quietly serve in one process instead: main
+// decides, for example to keep a Windows laptop working in development:
+//
+//	err := defuss.Run(mux)
+//	if errors.Is(err, defuss.ErrNotSupported) {
+//		log.Print("no worker processes on this platform; serving in one process")
+//		err = http.ListenAndServe(":3000", mux)
+//	}
 package defuss

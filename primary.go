@@ -117,7 +117,7 @@ func startPrimary(c *config) (*Server, error) {
 	var sigs <-chan os.Signal
 	if c.signals {
 		ch := make(chan os.Signal, 2)
-		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, sigRestart, sigScaleUp, sigScaleDown)
 		pipe := catchSIGPIPE()
 		p.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
 		sigs = ch
@@ -184,11 +184,11 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	stopSig := func(sig os.Signal) bool {
 		var op func() error
 		switch sig {
-		case syscall.SIGHUP:
+		case sigRestart:
 			op = func() error { return p.restart(context.Background()) }
-		case syscall.SIGTTIN, syscall.SIGTTOU:
+		case sigScaleUp, sigScaleDown:
 			delta := 1
-			if sig == syscall.SIGTTOU {
+			if sig == sigScaleDown {
 				delta = -1
 			}
 			op = func() error { return p.scaleBy(delta) }

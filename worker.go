@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/pires/go-proxyproto"
-	"golang.org/x/sys/unix"
 )
 
 // envSlot marks a process as a worker and names its slot. It is a
@@ -105,24 +104,6 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 	go w.commands()
 	go w.run(c.signals)
 	return &Server{w: w}, nil
-}
-
-// inheritedPipe returns fd as a pollable *os.File after checking that it
-// is a pipe, and marks it close-on-exec so that the worker's own children
-// do not inherit it.
-func inheritedPipe(fd int, name string) (*os.File, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, fmt.Errorf("fd %d: %w", fd, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFIFO {
-		return nil, fmt.Errorf("fd %d is not a pipe", fd)
-	}
-	unix.CloseOnExec(fd)
-	if err := unix.SetNonblock(fd, true); err != nil {
-		return nil, fmt.Errorf("fd %d: %w", fd, err)
-	}
-	return os.NewFile(uintptr(fd), name), nil
 }
 
 // start reads the configuration, binds the port, starts serving and

@@ -6,9 +6,12 @@
 //
 // Everything in main before defuss.Run runs in the primary and in every
 // worker, since workers are this same binary started again.
+//
+// On Windows, where defuss cannot start workers, it serves in one process.
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -22,7 +25,12 @@ func main() {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "Hello from worker pid %d (client %s)\n", os.Getpid(), r.RemoteAddr)
 	})
-	if err := defuss.Run(mux); err != nil {
+	err := defuss.Run(mux)
+	if errors.Is(err, defuss.ErrNotSupported) {
+		slog.Warn("no worker processes on this platform; serving in one process", "err", err)
+		err = http.ListenAndServe(":3000", mux)
+	}
+	if err != nil {
 		slog.Error("server stopped", "err", err)
 		os.Exit(1)
 	}

@@ -1,0 +1,15 @@
+//go:build !unix
+
+package defuss
+
+import (
+	"net"
+	"os"
+)
+
+// This platform cannot pass descriptors to a child process (Start returns
+// ErrNotSupported); these exist so that the shared code builds.
+
+func inheritedPipe(int, string) (*os.File, error) { return nil, ErrNotSupported }
+
+func inheritedSocket(int) (*net.UnixConn, error) { return nil, ErrNotSupported }

@@ -1,0 +1,61 @@
+//go:build unix
+
+package defuss
+
+import (
+	"fmt"
+	"net"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// checkInherited checks that fd is of the kind (unix.S_IFIFO,
+// unix.S_IFSOCK) the primary passes there, and marks it close-on-exec so
+// that the worker's own children do not inherit it.
+func checkInherited(fd int, kind uint32) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fd %d: %w", fd, err)
+	}
+	if uint32(st.Mode)&unix.S_IFMT != kind {
+		what := "pipe"
+		if kind == unix.S_IFSOCK {
+			what = "socket"
+		}
+		return fmt.Errorf("fd %d is not a %s", fd, what)
+	}
+	unix.CloseOnExec(fd)
+	return nil
+}
+
+// inheritedPipe returns the pipe at fd, non-blocking so that deadlines and
+// Close work on it.
+func inheritedPipe(fd int, name string) (*os.File, error) {
+	if err := checkInherited(fd, unix.S_IFIFO); err != nil {
+		return nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("fd %d: %w", fd, err)
+	}
+	return os.NewFile(uintptr(fd), name), nil
+}
+
+// inheritedSocket returns the Unix socket at fd.
+func inheritedSocket(fd int) (*net.UnixConn, error) {
+	if err := checkInherited(fd, unix.S_IFSOCK); err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "defuss-handoff")
+	defer f.Close() // FileConn made its own descriptor
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("fd %d is not a Unix socket", fd)
+	}
+	return uc, nil
+}

@@ -1,0 +1,25 @@
+//go:build !unix
+
+package defuss
+
+import (
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+)
+
+// Hand-off needs SCM_RIGHTS, which this platform lacks. Start returns
+// ErrNotSupported before any of these could be called; they exist so that
+// the shared code builds.
+
+func sendConn(*net.UnixConn, *net.TCPConn) error { return ErrNotSupported }
+
+func peekHead(*net.TCPConn, []byte, time.Duration) (int, string, error) {
+	return 0, sniffEOF, ErrNotSupported
+}
+
+func handoffPair() (*net.UnixConn, *os.File, error) { return nil, nil, ErrNotSupported }
+
+func (l *handoffListener) receive(wg *sync.WaitGroup, _ *slog.Logger) { wg.Done() }

@@ -1,0 +1,143 @@
+//go:build unix
+
+package defuss
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// sendConn passes c's descriptor over uc (SCM_RIGHTS).
+func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	err = rc.Control(func(fd uintptr) {
+		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)
+	})
+	return errors.Join(err, werr)
+}
+
+// peekHead waits, as sniff does, for a complete head, a full buf, EOF or
+// the timeout, but with MSG_PEEK: the bytes stay in the socket for the
+// worker. It returns how many bytes it saw and why it stopped.
+func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, sniffEOF, err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	defer c.SetReadDeadline(time.Time{})
+	n, outcome := 0, sniffTimeout
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		m, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EAGAIN:
+			return false
+		case err != nil:
+			perr = os.NewSyscallError("recvfrom", err)
+			return true
+		case m == 0:
+			outcome = sniffEOF
+			return true
+		}
+		n = m
+		switch {
+		case headEnd(buf[:m], 0) >= 0:
+			outcome = sniffComplete
+		case m == len(buf):
+			outcome = sniffCap
+		default:
+			return false // wait for more bytes to arrive
+		}
+		return true
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, sniffTimeout, nil
+	}
+	if err == nil {
+		err = perr
+	}
+	if err != nil {
+		return n, sniffEOF, err
+	}
+	return n, outcome, nil
+}
+
+// handoffPair returns the primary's end of a new hand-off socket pair and
+// the worker's end, to pass as fd 5. Both ends are close-on-exec (the
+// worker's end is inherited through exec.Cmd.ExtraFiles all the same), set
+// under syscall.ForkLock so that no worker spawned meanwhile inherits them.
+func handoffPair() (*net.UnixConn, *os.File, error) {
+	syscall.ForkLock.RLock()
+	fds, err := unix.Socketpair(unix.AF_UNIX, handoffSocketType, 0)
+	if err == nil {
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "defuss-handoff")
+	defer ours.Close() // FileConn made its own descriptor
+	c, err := net.FileConn(ours)
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, nil, err
+	}
+	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-handoff-worker"), nil
+}
+
+// receive reads descriptors from the hand-off socket until it closes.
+func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
+	defer wg.Done()
+	var b [1]byte
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	for {
+		_, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
+		if err != nil {
+			return // the primary is gone, or the worker stops
+		}
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			log.Error("hand-off message", "err", err)
+			continue
+		}
+		for _, m := range msgs {
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				continue
+			}
+			for _, fd := range fds {
+				f := os.NewFile(uintptr(fd), "handed-off")
+				c, err := net.FileConn(f)
+				f.Close()
+				tc, ok := c.(*net.TCPConn)
+				if err != nil || !ok {
+					log.Error("handed-off connection is not TCP", "err", err)
+					if c != nil {
+						c.Close()
+					}
+					continue
+				}
+				hc := &handedConn{TCPConn: tc, w: l.w}
+				select {
+				case l.conns <- hc:
+				case <-l.done:
+					hc.Close()
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,14 @@
+//go:build !unix
+
+package defuss
+
+import "syscall"
+
+// This platform has no SIGTTIN or SIGTTOU; out-of-range values never
+// arrive (signal.Notify ignores them). The primary does not run here
+// anyway: Start returns ErrNotSupported.
+const (
+	sigRestart   = syscall.SIGHUP
+	sigScaleUp   = syscall.Signal(-1)
+	sigScaleDown = syscall.Signal(-2)
+)
