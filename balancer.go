@@ -37,9 +37,8 @@ type WorkerInfo struct {
 	// heartbeat is not stale, its last frame was valid, and it is not
 	// draining.
 	Healthy bool
-	// State is the slot's state: "starting", "ready", "stale", "unhealthy",
-	// "draining" or "down".
-	State string
+	// State is the slot's state.
+	State WorkerState
 	// Started is when the current process was started.
 	Started time.Time
 	// LastHeartbeat is when the primary last received a valid frame.
@@ -94,7 +93,7 @@ func LeastConnections() Balancer {
 //
 //	score = connections*10 + cpuPercent*2 + heapInUse/heapTotal*100
 //
-// as in the Node reference. A term whose stats are missing counts as 0;
+// A term whose stats are missing counts as 0;
 // ties go to the first candidate.
 func ResourceAware() Balancer {
 	return func(_ *Request, c []WorkerInfo) *WorkerInfo {

@@ -17,7 +17,7 @@ func testCandidates(n int, conns ...int64) []WorkerInfo {
 		if i < len(conns) {
 			c.Store(conns[i])
 		}
-		cands[i] = WorkerInfo{Index: 2*i + 1, Ready: true, Healthy: true, State: stateReady, conns: c}
+		cands[i] = WorkerInfo{Index: 2*i + 1, Ready: true, Healthy: true, State: WorkerReady, conns: c}
 	}
 	return cands
 }

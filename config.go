@@ -16,9 +16,9 @@ import (
 	"go.opentelemetry.io/otel/metric"
 )
 
-// Defaults of the options. The heartbeat is much faster than the Node
-// reference's (60 s / 150 s): a stuck worker is noticed within seconds, and a
-// heartbeat frame costs the primary next to nothing.
+// Defaults of the options. The heartbeat is frequent so that a stuck worker
+// is noticed within seconds; a heartbeat frame costs the primary next to
+// nothing.
 const (
 	DefaultAddr              = ":3000"
 	DefaultWorkerHost        = "127.0.0.1"
@@ -28,8 +28,10 @@ const (
 	DefaultHeartbeatStale    = 5 * time.Second
 	DefaultShutdownTimeout   = 10 * time.Second
 	DefaultStartTimeout      = 30 * time.Second
-	DefaultDialTimeout       = 1 * time.Second
 )
+
+// defaultDialTimeout bounds the primary's dial to a worker on loopback.
+const defaultDialTimeout = 1 * time.Second
 
 // maxWorkers bounds WithWorkers and Scale.
 const maxWorkers = 1024
@@ -366,7 +368,7 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 		staleAfter:        DefaultHeartbeatStale,
 		shutdownTimeout:   DefaultShutdownTimeout,
 		startTimeout:      DefaultStartTimeout,
-		dialTimeout:       DefaultDialTimeout,
+		dialTimeout:       defaultDialTimeout,
 		respawn:           true,
 		signals:           true,
 		logger:            slog.Default(),
@@ -390,7 +392,7 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 }
 
 // envAddr is the default public address: ":3000", with PORT/LISTEN_PORT and
-// LISTEN_HOST applied as the reference does.
+// LISTEN_HOST applied, as PaaS platforms set them.
 func envAddr(getenv func(string) string) string {
 	host, port := "", "3000"
 	if p := getenv("PORT"); p != "" {

@@ -64,7 +64,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"staleAfter", c.staleAfter, 5 * time.Second},
 		{"shutdownTimeout", c.shutdownTimeout, DefaultShutdownTimeout},
 		{"startTimeout", c.startTimeout, DefaultStartTimeout},
-		{"dialTimeout", c.dialTimeout, DefaultDialTimeout},
+		{"dialTimeout", c.dialTimeout, defaultDialTimeout},
 		{"respawn", c.respawn, true},
 		{"signals", c.signals, true},
 		{"logger", c.logger, slog.Default()},

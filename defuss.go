@@ -12,24 +12,37 @@ import (
 	"github.com/defuss-go/defuss/internal/proc"
 )
 
-// Sentinel errors. Errors returned by this package wrap them; test with
-// errors.Is.
+// Errors. Every error this package returns that callers may act on wraps
+// one of these; test with errors.Is.
 var (
-	// ErrNotSupported: the platform cannot run workers.
+	// ErrNotSupported is returned by Start on a platform where defuss cannot
+	// start workers (Windows).
 	ErrNotSupported = errors.New("defuss: not supported on this platform")
-	// ErrNoWorkers: every worker has exited and none will be respawned.
-	ErrNoWorkers = errors.New("defuss: no workers left")
-	// ErrInterrupted: a signal arrived while Start waited for the workers.
+	// ErrInvalidOption is wrapped by every error Start returns for a bad
+	// option or a bad argument; the message names the option.
+	ErrInvalidOption = errors.New("defuss: invalid option")
+	// ErrWorkerStart is wrapped by the error that Start, Restart or Scale
+	// returns when a new worker fails before it reports ready (it exits,
+	// cannot bind its port, or stays silent past the start timeout); the
+	// message says which worker and why.
+	ErrWorkerStart = errors.New("defuss: worker failed to start")
+	// ErrInterrupted is returned by Start when SIGINT or SIGTERM arrives
+	// while it waits for the workers to become ready.
 	ErrInterrupted = errors.New("defuss: interrupted during start-up")
-	// ErrShuttingDown: the operation was refused or cut short because the
-	// server is shutting down.
+	// ErrNoWorkers is returned by Wait when every worker has exited and
+	// none will be respawned (WithRespawn(false)).
+	ErrNoWorkers = errors.New("defuss: no workers left")
+	// ErrShuttingDown is returned by Restart and Scale when they are
+	// refused or cut short because the server is shutting down.
 	ErrShuttingDown = errors.New("defuss: server is shutting down")
-	// ErrNotPrimary: the operation exists only in the primary.
+	// ErrNotPrimary is returned by Restart and Scale in a worker: they
+	// exist only in the primary.
 	ErrNotPrimary = errors.New("defuss: not the primary")
 )
 
 // IsWorker reports whether this process is a defuss worker, started by a
-// primary.
+// primary. It can be called before Start, to skip work in the workers that
+// only the primary needs (or the other way round).
 func IsWorker() bool { return os.Getenv(envSlot) != "" }
 
 // Run starts the server and waits until it stops: [Start], then
@@ -162,9 +175,6 @@ func (s *Server) Addr() net.Addr {
 	return s.p.ln.Addr()
 }
 
-// IsWorker reports whether s runs as a worker.
-func (s *Server) IsWorker() bool { return s.w != nil }
-
 // WorkerIndex returns the worker's slot index, or -1 in the primary.
 func (s *Server) WorkerIndex() int {
 	if s.w != nil {
@@ -181,11 +191,3 @@ func (s *Server) Workers() []WorkerInfo {
 	}
 	return s.p.snapshot().all
 }
-
-// ErrWorkerStart is wrapped by the error Start returns when a worker fails
-// before it ever reports ready.
-var ErrWorkerStart = errors.New("defuss: worker failed to start")
-
-// ErrInvalidOption is wrapped by every error that [Start] returns for a bad
-// option; the message names the option.
-var ErrInvalidOption = errors.New("defuss: invalid option")

@@ -93,7 +93,7 @@ func TestShutdownLetsInFlightRequestFinish(t *testing.T) {
 		t.Errorf("Wait = %v, want nil", err)
 	}
 	for _, w := range s.Workers() {
-		if w.PID != 0 || w.State != stateDown {
+		if w.PID != 0 || w.State != WorkerDown {
 			t.Errorf("after Wait, slot %d: %+v", w.Index, w)
 		}
 	}
@@ -399,12 +399,12 @@ func TestForgedFrameMarksSenderUnhealthy(t *testing.T) {
 		break
 	}
 	ws := waitWorkers(t, s, 5*time.Second, "worker 0 unhealthy", func(ws []WorkerInfo) bool {
-		return ws[0].State == stateUnhealthy
+		return ws[0].State == WorkerUnhealthy
 	})
 	if ws[0].Healthy || ws[0].PID != before[0].PID {
 		t.Errorf("forger: %+v", ws[0])
 	}
-	if ws[1].State != stateReady || ws[1].PID != before[1].PID || ws[1].Addr != before[1].Addr ||
+	if ws[1].State != WorkerReady || ws[1].PID != before[1].PID || ws[1].Addr != before[1].Addr ||
 		!ws[1].LastHeartbeat.Equal(before[1].LastHeartbeat) {
 		t.Errorf("slot 1 changed by a forged frame: before %+v, after %+v", before[1], ws[1])
 	}
@@ -463,7 +463,7 @@ func TestNoRespawnStopsWhenNoWorkerIsLeft(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the primary kept running with no worker and respawn off")
 	}
-	if w := s.Workers()[0]; w.PID != 0 || w.State != stateDown || w.Restarts != 0 {
+	if w := s.Workers()[0]; w.PID != 0 || w.State != WorkerDown || w.Restarts != 0 {
 		t.Errorf("slot after the worker died: %+v", w)
 	}
 }

@@ -1,6 +1,9 @@
 package defuss
 
-import "sync/atomic"
+import (
+	"strconv"
+	"sync/atomic"
+)
 
 // slot is one worker position for the life of the primary. Its supervisor
 // goroutine owns the process; conns is touched by connection goroutines.
@@ -17,19 +20,42 @@ type slot struct {
 func newSlot(i int) *slot {
 	s := &slot{index: i, attrs: newSlotAttrs(i), replace: make(chan *replaceReq),
 		retire: make(chan struct{}), done: make(chan struct{})}
-	s.info = WorkerInfo{Index: i, State: stateStarting, conns: &s.conns, slot: s}
+	s.info = WorkerInfo{Index: i, State: WorkerStarting, conns: &s.conns, slot: s}
 	return s
 }
 
-// Slot states, as reported in WorkerInfo.State.
+// A WorkerState is the state of a worker slot, as [WorkerInfo] reports
+// it. Only a WorkerReady slot takes new connections.
+type WorkerState int
+
 const (
-	stateStarting  = "starting"
-	stateReady     = "ready"
-	stateStale     = "stale"
-	stateUnhealthy = "unhealthy"
-	stateDraining  = "draining"
-	stateDown      = "down"
+	// WorkerStarting: a process was started and has not reported ready.
+	WorkerStarting WorkerState = iota
+	// WorkerReady: the process serves and takes new connections.
+	WorkerReady
+	// WorkerStale: no heartbeat for the stale time; no new connections. A
+	// process that stays silent as long again is killed and replaced.
+	WorkerStale
+	// WorkerUnhealthy: the process sent a malformed or misattributed
+	// frame; no new connections until a valid heartbeat.
+	WorkerUnhealthy
+	// WorkerDraining: the process finishes its connections and stops.
+	WorkerDraining
+	// WorkerDown: no process, for example between a crash and its
+	// respawn, or after shutdown.
+	WorkerDown
 )
+
+var workerStateNames = [...]string{"starting", "ready", "stale", "unhealthy", "draining", "down"}
+
+// String returns the state's name, as StatusHandler reports it:
+// "starting", "ready", "stale", "unhealthy", "draining" or "down".
+func (s WorkerState) String() string {
+	if s >= 0 && int(s) < len(workerStateNames) {
+		return workerStateNames[s]
+	}
+	return "WorkerState(" + strconv.Itoa(int(s)) + ")"
+}
 
 // poolView is an immutable snapshot of the slot table.
 type poolView struct {
@@ -38,7 +64,7 @@ type poolView struct {
 }
 
 // setState moves slot s to state and publishes the table.
-func (p *primary) setState(s *slot, state string, pid int) {
+func (p *primary) setState(s *slot, state WorkerState, pid int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s.info.State = state
@@ -46,7 +72,7 @@ func (p *primary) setState(s *slot, state string, pid int) {
 	p.publish()
 }
 
-func (p *primary) state(s *slot) string {
+func (p *primary) state(s *slot) WorkerState {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return s.info.State
@@ -57,8 +83,8 @@ func (p *primary) publish() {
 	v := &poolView{all: make([]WorkerInfo, len(p.slots))}
 	for i, s := range p.slots {
 		info := s.info
-		info.Ready = info.Ready && info.State != stateDown
-		info.Healthy = info.State == stateReady
+		info.Ready = info.Ready && info.State != WorkerDown
+		info.Healthy = info.State == WorkerReady
 		v.all[i] = info
 		if info.Healthy {
 			v.cands = append(v.cands, info)

@@ -42,7 +42,7 @@ func StatusHandler(s *Server) http.Handler {
 			Workers  []worker `json:"workers"`
 		}{PID: s.p.pid, Addr: s.p.ln.Addr().String(), Draining: s.p.stopping()}
 		for _, wi := range s.Workers() {
-			o := worker{Index: wi.Index, PID: wi.PID, State: wi.State, Healthy: wi.Healthy, Addr: wi.Addr,
+			o := worker{Index: wi.Index, PID: wi.PID, State: wi.State.String(), Healthy: wi.Healthy, Addr: wi.Addr,
 				Restarts: wi.Restarts, ActiveConnections: wi.ActiveConnections(),
 				CPUPercent: wi.Stats.CPUPercent, RSSBytes: wi.Stats.RSS, HeapInUseBytes: wi.Stats.HeapInUse,
 				HeapTotalBytes: wi.Stats.HeapTotal, Goroutines: wi.Stats.Goroutines}

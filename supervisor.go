@@ -107,7 +107,7 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 	if sv.respawn != nil {
 		sv.respawn.Stop()
 	}
-	p.setState(s, stateDown, 0)
+	p.setState(s, WorkerDown, 0)
 }
 
 // start spawns a new process for the slot. It returns nil if spawning
@@ -132,7 +132,7 @@ func (sv *supervisor) start() (*process, error) {
 		s.info.PID, s.info.Addr, s.info.Started, s.info.LastHeartbeat, s.info.Stats = pr.pid, "", pr.started, time.Time{}, Stats{}
 		s.info.Ready = false
 		p.mu.Unlock()
-		p.setState(s, stateStarting, pr.pid)
+		p.setState(s, WorkerStarting, pr.pid)
 	}
 	return pr, nil
 }
@@ -168,7 +168,7 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
 		if pr == sv.cur {
-			p.setState(s, stateUnhealthy, pr.pid)
+			p.setState(s, WorkerUnhealthy, pr.pid)
 		}
 		if ev.fatal {
 			pr.kill("protocol", ev.err)
@@ -206,14 +206,14 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		state := s.info.State
 		p.publish()
 		p.mu.Unlock()
-		if pr.ready && !pr.draining && (state == stateStale || state == stateUnhealthy) {
+		if pr.ready && !pr.draining && (state == WorkerStale || state == WorkerUnhealthy) {
 			p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
-			p.setState(s, stateReady, pr.pid)
+			p.setState(s, WorkerReady, pr.pid)
 		}
 		sv.checkLimits(pr, &ev.msg.stats)
 	case frameStopping:
 		if pr == sv.cur {
-			p.setState(s, stateDraining, pr.pid)
+			p.setState(s, WorkerDraining, pr.pid)
 		}
 	case frameFailed:
 		pr.failMsg = ev.msg.err
@@ -240,7 +240,7 @@ func (sv *supervisor) publishCur(now time.Time, st *Stats) {
 	s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, *st
 	s.info.proc = pr
 	if !pr.draining {
-		s.info.State = stateReady
+		s.info.State = WorkerReady
 	}
 	p.publish()
 	p.mu.Unlock()
@@ -316,7 +316,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 		p.mu.Lock()
 		s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
 		p.mu.Unlock()
-		p.setState(s, stateDown, 0)
+		p.setState(s, WorkerDown, 0)
 		if !pr.ready {
 			sv.report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
 		}
@@ -382,9 +382,9 @@ func (sv *supervisor) checkStale() {
 	case age > 2*p.cfg.staleAfter:
 		pr.kill("stale", fmt.Errorf("no heartbeat for %v", age.Round(time.Millisecond)))
 	case age > p.cfg.staleAfter:
-		if p.state(s) == stateReady {
+		if p.state(s) == WorkerReady {
 			p.log.Warn("worker stale", "worker", s.index, "worker_pid", pr.pid, "silent", age.Round(time.Millisecond))
-			p.setState(s, stateStale, pr.pid)
+			p.setState(s, WorkerStale, pr.pid)
 		}
 	}
 }
@@ -466,7 +466,7 @@ func (sv *supervisor) stop() {
 		}
 	}
 	if sv.cur != nil {
-		sv.p.setState(sv.s, stateDraining, sv.cur.pid)
+		sv.p.setState(sv.s, WorkerDraining, sv.cur.pid)
 	}
 }
 

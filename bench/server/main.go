@@ -117,7 +117,7 @@ func runDefuss(addr string, workers int, handoff bool) error {
 	if err != nil {
 		return err
 	}
-	if !s.IsWorker() {
+	if !defuss.IsWorker() {
 		fmt.Printf("listening %s\n", s.Addr())
 	}
 	return s.Wait()
