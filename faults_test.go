@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -325,73 +324,6 @@ func runWorkerFault(t *testing.T, tc faultCase) {
 // ---------------------------------------------------------------------------
 // 4. Primary faults.
 
-// primaryProc is a primary running in its own process.
-type primaryProc struct {
-	cmd     *exec.Cmd
-	stdout  *os.File // read end of its stdout, after the ready line
-	addr    string
-	pids    []int         // its workers at start
-	exited  chan struct{} // closed once it has exited and been reaped
-	waitErr error         // how it exited; read after exited is closed
-}
-
-// startPrimaryPiped runs a primary with n workers in its own process (this
-// test binary, as startPrimaryProcess does, but with stderr going where the
-// test says) and returns once it has printed its ready line on stdout.
-func startPrimaryPiped(t *testing.T, n int, stderr *os.File, env ...string) *primaryProc {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n), "GORACE=atexit_sleep_ms=0"), env...)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = w, stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	w.Close()
-	p := &primaryProc{cmd: cmd, stdout: r, exited: make(chan struct{})}
-	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.exited
-		r.Close()
-		deadline := time.Now().Add(2 * time.Second)
-		for _, pid := range p.pids {
-			for alive(pid) && time.Now().Before(deadline) {
-				time.Sleep(5 * time.Millisecond)
-			}
-			if alive(pid) {
-				t.Errorf("worker %d outlived its primary by 2s", pid)
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	})
-	// Read byte by byte so that nothing after the ready line is consumed.
-	r.SetReadDeadline(time.Now().Add(time.Minute))
-	var line []byte
-	for b := make([]byte, 1); ; {
-		if _, err := r.Read(b); err != nil {
-			t.Fatalf("primary process: %v after %q", err, line)
-		}
-		if b[0] == '\n' {
-			break
-		}
-		line = append(line, b[0])
-	}
-	f := strings.Fields(string(line))
-	if len(f) != 3 || f[0] != "ready" {
-		t.Fatalf("primary process said %q", line)
-	}
-	p.addr = f[1]
-	for _, s := range strings.Split(f[2], ",") {
-		pid, _ := strconv.Atoi(s)
-		p.pids = append(p.pids, pid)
-	}
-	return p
-}
-
 // TestPrimaryFaults: the primary keeps serving when its log output is gone.
 // A closed stdout and stderr (the reader of the pipe exited, as when a log
 // shipper dies) and a full disk (stderr on /dev/full: every write fails
@@ -426,7 +358,7 @@ func TestPrimaryFaults(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			stderr, gone := tc.stderr(t)
-			p := startPrimaryPiped(t, 2, stderr, envTestPrimaryOpts+"=trusted=10.0.0.0/8")
+			p := startPrimaryProcess(t, 2, stderr, envTestPrimaryOpts+"=trusted=10.0.0.0/8")
 			if gone != nil {
 				p.stdout.Close()
 				for _, f := range gone {

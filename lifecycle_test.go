@@ -235,15 +235,15 @@ func TestStartTimeout(t *testing.T) {
 // Behaviour 9: when the primary is killed with SIGKILL, every worker exits
 // within 1s.
 func TestPrimarySIGKILLLeavesNoWorkers(t *testing.T) {
-	cmd, _, addr, pids := startPrimaryProcess(t, 2)
-	if code, _ := get(t, addr, "/pid"); code != 200 {
+	p := startPrimaryProcess(t, 2, nil)
+	if code, _ := get(t, p.addr, "/pid"); code != 200 {
 		t.Fatalf("status %d", code)
 	}
-	cmd.Process.Kill()
+	p.cmd.Process.Kill()
 	killed := time.Now()
-	cmd.Wait()
+	p.wait()
 	waitFor(t, 2*time.Second, "workers to exit", func() bool {
-		for _, pid := range pids {
+		for _, pid := range p.pids {
 			if alive(pid) {
 				return false
 			}
@@ -260,47 +260,47 @@ func TestPrimarySIGKILLLeavesNoWorkers(t *testing.T) {
 // left. A second signal stops at once.
 func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
 	t.Run("graceful", func(t *testing.T) {
-		cmd, out, addr, pids := startPrimaryProcess(t, 2)
-		c := dialRaw(t, addr)
+		p := startPrimaryProcess(t, 2, nil)
+		c := dialRaw(t, p.addr)
 		fmt.Fprint(c, "GET /sleep?d=2s HTTP/1.1\r\nHost: test\r\n\r\n")
 		resp, err := http.ReadResponse(c.r, nil)
 		if err != nil || resp.StatusCode != 200 {
 			t.Fatalf("response %v, %v", resp, err)
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		waitRefused(t, addr, 5*time.Second, "listener closed")
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		waitRefused(t, p.addr, 5*time.Second, "listener closed")
 		if body, err := readAllString(resp.Body); err != nil || body != "done" {
 			t.Fatalf("in-flight body %q, %v; want \"done\"", body, err)
 		}
-		if line, _ := out.ReadString('\n'); line != "stopped\n" {
+		if line, _ := p.readLine(); line != "stopped\n" {
 			t.Errorf("primary said %q, want \"stopped\"", line)
 		}
-		if err := cmd.Wait(); err != nil {
+		if err := p.wait(); err != nil {
 			t.Fatalf("primary exited with %v, want 0", err)
 		}
-		for _, pid := range pids {
+		for _, pid := range p.pids {
 			if alive(pid) {
 				t.Errorf("worker %d still running after the primary exited", pid)
 			}
 		}
 	})
 	t.Run("second signal", func(t *testing.T) {
-		cmd, _, addr, pids := startPrimaryProcess(t, 2)
-		c := dialRaw(t, addr)
+		p := startPrimaryProcess(t, 2, nil)
+		c := dialRaw(t, p.addr)
 		fmt.Fprint(c, "GET /sleep?d=60s HTTP/1.1\r\nHost: test\r\n\r\n")
 		if resp, err := http.ReadResponse(c.r, nil); err != nil || resp.StatusCode != 200 {
 			t.Fatalf("response %v, %v", resp, err)
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		waitRefused(t, addr, 5*time.Second, "listener closed")
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		waitRefused(t, p.addr, 5*time.Second, "listener closed")
 		start := time.Now()
-		cmd.Process.Signal(syscall.SIGINT)
-		cmd.Wait()
+		p.cmd.Process.Signal(syscall.SIGINT)
+		p.wait()
 		if d := time.Since(start); d > 2*time.Second {
 			t.Errorf("primary took %v to stop after the second signal (shutdown timeout 5s)", d)
 		}
 		waitFor(t, time.Second, "workers gone", func() bool {
-			for _, pid := range pids {
+			for _, pid := range p.pids {
 				if alive(pid) {
 					return false
 				}
