@@ -1,6 +1,7 @@
 package defuss
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/base64"
 	"encoding/hex"
@@ -30,7 +31,7 @@ func dialFrom(t *testing.T, ip, addr string) *rawConn {
 	}
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	t.Cleanup(func() { c.Close() })
-	return &rawConn{Conn: c, r: bufioReader(c)}
+	return &rawConn{Conn: c, r: bufio.NewReader(c)}
 }
 
 // remoteOf extracts "remote=..." from the test app's answer to "/".

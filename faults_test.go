@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"strconv"
 	"strings"
@@ -153,7 +154,7 @@ func TestWorkerFaultsUnderLoad(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.endpoint != "" {
-				if _, pattern := mux.Handler(httptestRequest(tc.endpoint)); pattern == "/" {
+				if _, pattern := mux.Handler(httptest.NewRequest("GET", tc.endpoint, nil)); pattern == "/" {
 					t.Skipf("testApp has no %s handler yet (see issue 7's test notes)", tc.endpoint)
 				}
 			}
@@ -172,11 +173,6 @@ func spread(from time.Time, ts []time.Time) string {
 		lo, hi = min(lo, t.Sub(from)), max(hi, t.Sub(from))
 	}
 	return fmt.Sprintf("%v to %v", lo.Round(time.Millisecond), hi.Round(time.Millisecond))
-}
-
-func httptestRequest(path string) *http.Request {
-	r, _ := http.NewRequest("GET", "http://test"+path, nil)
-	return r
 }
 
 func runWorkerFault(t *testing.T, tc faultCase) {
@@ -370,7 +366,7 @@ func TestPrimaryFaults(t *testing.T) {
 			// With testApp's /log, workers write to their stdout and stderr
 			// (inherited from the primary) on every such request, as
 			// request logging does: they must survive it too.
-			_, pattern := testApp().(*http.ServeMux).Handler(httptestRequest("/log"))
+			_, pattern := testApp().(*http.ServeMux).Handler(httptest.NewRequest("GET", "/log", nil))
 			workersLog := pattern != "/"
 			if !workersLog {
 				t.Logf("testApp has no /log handler yet: only the primary's own logging is exercised")

@@ -45,7 +45,7 @@ func TestWorkersAreReexecutedBinary(t *testing.T) {
 		}
 		var pid, slot, gmp int
 		var remote string
-		if _, err := fmtSscanf(body, "pid=%d slot=%d procs=%d remote=%s", &pid, &slot, &gmp, &remote); err != nil {
+		if _, err := fmt.Sscanf(body, "pid=%d slot=%d procs=%d remote=%s", &pid, &slot, &gmp, &remote); err != nil {
 			t.Fatalf("body %q: %v", body, err)
 		}
 		if !want[pid] || ws[slot].PID != pid {
@@ -82,8 +82,8 @@ func TestShutdownLetsInFlightRequestFinish(t *testing.T) {
 	}
 	go s.Shutdown(context.Background())
 	waitRefused(t, addr, 5*time.Second, "listener closed")
-	body, err := readAllString(resp.Body)
-	if err != nil || body != "done" {
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || string(body) != "done" {
 		t.Fatalf("in-flight response body %q, %v; want \"done\"", body, err)
 	}
 	if d := time.Since(start); d < 2*time.Second {
@@ -269,7 +269,7 @@ func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
 		}
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		waitRefused(t, p.addr, 5*time.Second, "listener closed")
-		if body, err := readAllString(resp.Body); err != nil || body != "done" {
+		if body, err := io.ReadAll(resp.Body); err != nil || string(body) != "done" {
 			t.Fatalf("in-flight body %q, %v; want \"done\"", body, err)
 		}
 		if line, _ := p.readLine(); line != "stopped\n" {

@@ -373,7 +373,7 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 func waitRefused(t *testing.T, addr string, timeout time.Duration, what string) {
 	t.Helper()
 	waitFor(t, timeout, what, func() bool {
-		c, err := dialTCP(addr)
+		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
 		}
@@ -537,19 +537,3 @@ func (p *primaryProc) wait() error {
 	<-p.exited
 	return p.waitErr
 }
-
-func fmtSscanf(s, format string, args ...any) (int, error) { return fmt.Sscanf(s, format, args...) }
-
-func dialTCP(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) }
-
-func readAllString(r io.Reader) (string, error) {
-	b, err := io.ReadAll(r)
-	return string(b), err
-}
-
-func readFileString(name string) (string, error) {
-	b, err := os.ReadFile(name)
-	return string(b), err
-}
-
-func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }

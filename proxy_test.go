@@ -373,11 +373,11 @@ func TestLargeBodiesKeepPrimaryMemoryFlat(t *testing.T) {
 }
 
 func readRSS(pid int) (int64, error) {
-	b, err := readFileString("/proc/" + strconv.Itoa(pid) + "/status")
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0, err
 	}
-	_, v, _ := strings.Cut(b, "VmRSS:")
+	_, v, _ := strings.Cut(string(b), "VmRSS:")
 	v, _, _ = strings.Cut(v, "kB")
 	kb, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 	return kb << 10, err
@@ -533,7 +533,7 @@ func TestMaxConnections(t *testing.T) {
 	}
 	held[0].Close()
 	waitFor(t, 5*time.Second, "a slot under the cap", func() bool {
-		c, err := dialTCP(addr)
+		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
 			return false
 		}
