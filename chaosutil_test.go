@@ -1,3 +1,5 @@
+//go:build unix
+
 package defuss
 
 // Issue 7: reliability and hostile input. Each test runs real primaries and

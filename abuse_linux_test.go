@@ -307,23 +307,6 @@ func TestChaosFloodClientProcess(t *testing.T) {
 	fmt.Println("released")
 }
 
-// raiseFDLimit raises this process's descriptor limit to want if it can,
-// and returns the hard limit it ends with.
-func raiseFDLimit(t *testing.T, want uint64) uint64 {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	if lim.Max < want {
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}); err == nil {
-			return want
-		}
-	}
-	lim.Cur = lim.Max
-	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
-	return lim.Max
-}
-
 // TestConnectionFlood holds 10,000 idle connections on the primary at
 // once, checks that a fresh client is still served promptly, releases them
 // and checks that every count returns to zero. With WithMaxConnections the

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -97,4 +98,21 @@ func listFDs() string {
 		fmt.Fprintf(&b, "%s -> %s\n", e.Name(), target)
 	}
 	return b.String()
+}
+
+// raiseFDLimit raises this process's descriptor limit to want if it can,
+// and returns the hard limit it ends with.
+func raiseFDLimit(t *testing.T, want uint64) uint64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if lim.Max < want {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}); err == nil {
+			return want
+		}
+	}
+	lim.Cur = lim.Max
+	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	return lim.Max
 }
