@@ -1,5 +1,11 @@
 package defuss
 
+// Abuse of the public port: hostile heads sent beside a well-behaved
+// client, and floods of held connections, with and without
+// WithMaxConnections. Both measure what the primary holds through /proc
+// (usage_linux_test.go), hence Linux only. The chaos helpers are in
+// chaosutil_test.go.
+
 import (
 	"bufio"
 	"bytes"
@@ -17,69 +23,6 @@ import (
 	"testing"
 	"time"
 )
-
-// ---------------------------------------------------------------------------
-// 1. Hostile heads beside a good client.
-
-// hostileHead is one abusive client of the public port.
-type hostileHead struct {
-	name string
-	// send does the abuse on c and returns the first line of whatever came
-	// back, or an error if the connection did not end as it must.
-	send func(t *testing.T, c *net.TCPConn) (string, error)
-	// want200: the bytes are a valid HTTP/1.1 request, so however the
-	// primary sniffed them the worker must answer 200.
-	want200 bool
-}
-
-// sendAndDrain writes b, half-closes, and reads until the other side
-// closes: every byte reached a worker (or the primary closed) and the
-// connection ended. The read deadline only bounds a hang.
-func sendAndDrain(c *net.TCPConn, b []byte) (string, error) {
-	c.SetDeadline(time.Now().Add(15 * time.Second))
-	if _, err := c.Write(b); err != nil {
-		return "", fmt.Errorf("write: %w", err)
-	}
-	c.CloseWrite()
-	got, err := io.ReadAll(c)
-	if errors.Is(err, syscall.ECONNRESET) {
-		err = nil // a worker that refuses garbage may reset: the connection ended
-	}
-	line, _, _ := strings.Cut(string(got), "\r\n")
-	return line, err
-}
-
-func hostileHeads(t *testing.T) []hostileHead {
-	random := make([]byte, 64<<10)
-	rand.Read(random)
-	hello := clientHello(t)
-	var many bytes.Buffer
-	many.WriteString("GET /pid HTTP/1.1\r\nHost: test\r\n")
-	for i := 0; many.Len() < 100<<10; i++ {
-		fmt.Fprintf(&many, "X-Line-%d: %s\r\n", i, strings.Repeat("v", 40))
-	}
-	many.WriteString("\r\n")
-	payload := func(b []byte) func(*testing.T, *net.TCPConn) (string, error) {
-		return func(_ *testing.T, c *net.TCPConn) (string, error) { return sendAndDrain(c, b) }
-	}
-	return []hostileHead{
-		{name: "bare LF head", send: payload([]byte("GET /pid HTTP/1.1\nHost: test\n\n"))},
-		{name: "head over the 16 KiB cap", want200: true, send: payload([]byte(
-			"GET /pid HTTP/1.1\r\nHost: test\r\nX-Pad: " + strings.Repeat("p", DefaultMaxHeaderBytes+4096) + "\r\n\r\n"))},
-		{name: "100 KB of header lines", want200: true, send: payload(many.Bytes())},
-		{name: "NUL bytes", send: payload([]byte("GET /\x00pid HTTP/1.1\r\nHost: te\x00st\r\n\r\n"))},
-		{name: "TLS ClientHello", send: payload(hello)},
-		{name: "HTTP/2 preface", send: payload([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))},
-		{name: "random binary", send: payload(random)},
-		{name: "reset mid-head", send: func(_ *testing.T, c *net.TCPConn) (string, error) {
-			if _, err := c.Write([]byte("GET /pid HTTP/1.1\r\nHost: test\r\nX-Cut: ")); err != nil {
-				return "", err
-			}
-			c.SetLinger(0) // Close sends RST
-			return "", nil
-		}},
-	}
-}
 
 // TestHostileHeadsBesideGoodClient sends every kind of hostile head to the
 // public port, over and over, while a well-behaved client keeps sending
@@ -244,67 +187,64 @@ func TestHostileHeadsBesideGoodClient(t *testing.T) {
 	}
 }
 
-// ---------------------------------------------------------------------------
-// 2. Connection floods.
+// hostileHead is one abusive client of the public port.
+type hostileHead struct {
+	name string
+	// send does the abuse on c and returns the first line of whatever came
+	// back, or an error if the connection did not end as it must.
+	send func(t *testing.T, c *net.TCPConn) (string, error)
+	// want200: the bytes are a valid HTTP/1.1 request, so however the
+	// primary sniffed them the worker must answer 200.
+	want200 bool
+}
 
-// envFloodAddr makes the test binary a flood client: see
-// TestChaosFloodClientProcess.
-const envFloodAddr = "DEFUSS_CHAOS_FLOOD_ADDR"
+func hostileHeads(t *testing.T) []hostileHead {
+	random := make([]byte, 64<<10)
+	rand.Read(random)
+	hello := clientHello(t)
+	var many bytes.Buffer
+	many.WriteString("GET /pid HTTP/1.1\r\nHost: test\r\n")
+	for i := 0; many.Len() < 100<<10; i++ {
+		fmt.Fprintf(&many, "X-Line-%d: %s\r\n", i, strings.Repeat("v", 40))
+	}
+	many.WriteString("\r\n")
+	payload := func(b []byte) func(*testing.T, *net.TCPConn) (string, error) {
+		return func(_ *testing.T, c *net.TCPConn) (string, error) { return sendAndDrain(c, b) }
+	}
+	return []hostileHead{
+		{name: "bare LF head", send: payload([]byte("GET /pid HTTP/1.1\nHost: test\n\n"))},
+		{name: "head over the 16 KiB cap", want200: true, send: payload([]byte(
+			"GET /pid HTTP/1.1\r\nHost: test\r\nX-Pad: " + strings.Repeat("p", DefaultMaxHeaderBytes+4096) + "\r\n\r\n"))},
+		{name: "100 KB of header lines", want200: true, send: payload(many.Bytes())},
+		{name: "NUL bytes", send: payload([]byte("GET /\x00pid HTTP/1.1\r\nHost: te\x00st\r\n\r\n"))},
+		{name: "TLS ClientHello", send: payload(hello)},
+		{name: "HTTP/2 preface", send: payload([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))},
+		{name: "random binary", send: payload(random)},
+		{name: "reset mid-head", send: func(_ *testing.T, c *net.TCPConn) (string, error) {
+			if _, err := c.Write([]byte("GET /pid HTTP/1.1\r\nHost: test\r\nX-Cut: ")); err != nil {
+				return "", err
+			}
+			c.SetLinger(0) // Close sends RST
+			return "", nil
+		}},
+	}
+}
 
-// TestChaosFloodClientProcess is not a test: TestConnectionFlood runs the
-// test binary with this test selected and envFloodAddr set, so that the
-// flood's client descriptors live in another process than the primary.
-// For each line "open K" on its stdin it opens K more connections and
-// prints "opened N" (N held in all); when its stdin closes it closes them
-// all, prints "released" and exits.
-func TestChaosFloodClientProcess(t *testing.T) {
-	addr := os.Getenv(envFloodAddr)
-	if addr == "" {
-		t.Skip("helper process for TestConnectionFlood")
+// sendAndDrain writes b, half-closes, and reads until the other side
+// closes: every byte reached a worker (or the primary closed) and the
+// connection ended. The read deadline only bounds a hang.
+func sendAndDrain(c *net.TCPConn, b []byte) (string, error) {
+	c.SetDeadline(time.Now().Add(15 * time.Second))
+	if _, err := c.Write(b); err != nil {
+		return "", fmt.Errorf("write: %w", err)
 	}
-	var conns []net.Conn
-	in := bufio.NewScanner(os.Stdin)
-	for in.Scan() {
-		var k int
-		if _, err := fmt.Sscanf(in.Text(), "open %d", &k); err != nil {
-			fmt.Println("error", err)
-			os.Exit(1)
-		}
-		batch := make([]net.Conn, k)
-		errc := make(chan error, 1)
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		for range 8 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := int(next.Add(1)) - 1; i < k; i = int(next.Add(1)) - 1 {
-					c, err := net.DialTimeout("tcp", addr, 30*time.Second)
-					if err != nil {
-						select {
-						case errc <- fmt.Errorf("connection %d: %w", len(conns)+i, err):
-						default:
-						}
-						return
-					}
-					batch[i] = c
-				}
-			}()
-		}
-		wg.Wait()
-		select {
-		case err := <-errc:
-			fmt.Println("error", err)
-			os.Exit(1)
-		default:
-		}
-		conns = append(conns, batch...)
-		fmt.Println("opened", len(conns))
+	c.CloseWrite()
+	got, err := io.ReadAll(c)
+	if errors.Is(err, syscall.ECONNRESET) {
+		err = nil // a worker that refuses garbage may reset: the connection ended
 	}
-	for _, c := range conns {
-		c.Close()
-	}
-	fmt.Println("released")
+	line, _, _ := strings.Cut(string(got), "\r\n")
+	return line, err
 }
 
 // TestConnectionFlood holds 10,000 idle connections on the primary at
@@ -542,4 +482,64 @@ func TestConnectionFlood(t *testing.T) {
 			t.Errorf("connections.accepted = %v, want %v", accepted, want)
 		}
 	})
+}
+
+// envFloodAddr makes the test binary a flood client: see
+// TestChaosFloodClientProcess.
+const envFloodAddr = "DEFUSS_CHAOS_FLOOD_ADDR"
+
+// TestChaosFloodClientProcess is not a test: TestConnectionFlood runs the
+// test binary with this test selected and envFloodAddr set, so that the
+// flood's client descriptors live in another process than the primary.
+// For each line "open K" on its stdin it opens K more connections and
+// prints "opened N" (N held in all); when its stdin closes it closes them
+// all, prints "released" and exits.
+func TestChaosFloodClientProcess(t *testing.T) {
+	addr := os.Getenv(envFloodAddr)
+	if addr == "" {
+		t.Skip("helper process for TestConnectionFlood")
+	}
+	var conns []net.Conn
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		var k int
+		if _, err := fmt.Sscanf(in.Text(), "open %d", &k); err != nil {
+			fmt.Println("error", err)
+			os.Exit(1)
+		}
+		batch := make([]net.Conn, k)
+		errc := make(chan error, 1)
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := int(next.Add(1)) - 1; i < k; i = int(next.Add(1)) - 1 {
+					c, err := net.DialTimeout("tcp", addr, 30*time.Second)
+					if err != nil {
+						select {
+						case errc <- fmt.Errorf("connection %d: %w", len(conns)+i, err):
+						default:
+						}
+						return
+					}
+					batch[i] = c
+				}
+			}()
+		}
+		wg.Wait()
+		select {
+		case err := <-errc:
+			fmt.Println("error", err)
+			os.Exit(1)
+		default:
+		}
+		conns = append(conns, batch...)
+		fmt.Println("opened", len(conns))
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	fmt.Println("released")
 }

@@ -2,9 +2,15 @@
 
 package defuss
 
-// Issue 7: reliability and hostile input. Each test runs real primaries and
-// real worker processes on loopback, injects one kind of trouble, and
-// asserts exact counts: requests sent and failed, connections accepted and
+// The chaos tests' shared helpers: a balancer that records routes, a
+// client that owns no goroutines, and load with exact accounting.
+//
+// The chaos tests (issue 7: reliability and hostile input) are
+// abuse_linux_test.go, faults_test.go, slowreader_test.go and
+// soak_linux_test.go; what the primary holds is measured in
+// usage_linux_test.go. Each test runs real primaries and real worker
+// processes on loopback, injects one kind of trouble, and asserts exact
+// counts: requests sent and failed, connections accepted and
 // refused, and the goroutines, descriptors and heap the primary holds
 // before and after.
 //

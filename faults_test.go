@@ -2,6 +2,10 @@
 
 package defuss
 
+// Faults: a worker hurt in each of several ways while load runs
+// (TestWorkerFaultsUnderLoad), and a primary whose log output is gone
+// (TestPrimaryFaults). The chaos helpers are in chaosutil_test.go.
+
 import (
 	"errors"
 	"fmt"
@@ -15,48 +19,6 @@ import (
 	"testing"
 	"time"
 )
-
-// ---------------------------------------------------------------------------
-// 3. Worker faults under load.
-
-// faultEnv is what a fault injection gets: the primary and the worker to
-// hurt (slot 0).
-type faultEnv struct {
-	s      *Server
-	addr   string
-	victim WorkerInfo
-}
-
-// faultCase is one way a worker can fail.
-type faultCase struct {
-	name     string
-	opts     []Option
-	endpoint string // testApp path the fault needs; skipped while testApp lacks it
-	// inject hurts slot 0's worker. It returns the error of the request
-	// that did it, if one did.
-	inject func(t *testing.T, e *faultEnv) error
-	// fatal: the worker process ends (or is killed) and slot 0 gets a new
-	// one, counted as a restart with reason.
-	fatal  bool
-	reason string
-	// injectFails: the injecting request itself was in flight on the
-	// faulted worker and must fail.
-	injectFails bool
-	// check runs after the victims' requests have failed, with when the
-	// fault was injected, when the primary stopped routing to the worker,
-	// and the worker's last heartbeat before that.
-	check func(t *testing.T, injected, seen, lastBeat time.Time, victimFails []time.Time)
-}
-
-// steeredRequest opens a connection to slot 0 and makes one request on it.
-func steeredRequest(e *faultEnv, path string) (string, error) {
-	c, err := dialChaos(e.addr)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	return c.do(chaosReq{method: "GET", path: path}, 0)
-}
 
 // TestWorkerFaultsUnderLoad hurts one worker (slot 0) in each of several
 // ways while load runs, and counts the failures exactly.
@@ -165,16 +127,43 @@ func TestWorkerFaultsUnderLoad(t *testing.T) {
 	}
 }
 
-// spread is the range of ts after from, for logs.
-func spread(from time.Time, ts []time.Time) string {
-	if len(ts) == 0 {
-		return "-"
+// faultEnv is what a fault injection gets: the primary and the worker to
+// hurt (slot 0).
+type faultEnv struct {
+	s      *Server
+	addr   string
+	victim WorkerInfo
+}
+
+// faultCase is one way a worker can fail.
+type faultCase struct {
+	name     string
+	opts     []Option
+	endpoint string // testApp path the fault needs; skipped while testApp lacks it
+	// inject hurts slot 0's worker. It returns the error of the request
+	// that did it, if one did.
+	inject func(t *testing.T, e *faultEnv) error
+	// fatal: the worker process ends (or is killed) and slot 0 gets a new
+	// one, counted as a restart with reason.
+	fatal  bool
+	reason string
+	// injectFails: the injecting request itself was in flight on the
+	// faulted worker and must fail.
+	injectFails bool
+	// check runs after the victims' requests have failed, with when the
+	// fault was injected, when the primary stopped routing to the worker,
+	// and the worker's last heartbeat before that.
+	check func(t *testing.T, injected, seen, lastBeat time.Time, victimFails []time.Time)
+}
+
+// steeredRequest opens a connection to slot 0 and makes one request on it.
+func steeredRequest(e *faultEnv, path string) (string, error) {
+	c, err := dialChaos(e.addr)
+	if err != nil {
+		return "", err
 	}
-	lo, hi := ts[0].Sub(from), ts[0].Sub(from)
-	for _, t := range ts {
-		lo, hi = min(lo, t.Sub(from)), max(hi, t.Sub(from))
-	}
-	return fmt.Sprintf("%v to %v", lo.Round(time.Millisecond), hi.Round(time.Millisecond))
+	defer c.Close()
+	return c.do(chaosReq{method: "GET", path: path}, 0)
 }
 
 func runWorkerFault(t *testing.T, tc faultCase) {
@@ -319,8 +308,17 @@ func runWorkerFault(t *testing.T, tc faultCase) {
 	}
 }
 
-// ---------------------------------------------------------------------------
-// 4. Primary faults.
+// spread is the range of ts after from, for logs.
+func spread(from time.Time, ts []time.Time) string {
+	if len(ts) == 0 {
+		return "-"
+	}
+	lo, hi := ts[0].Sub(from), ts[0].Sub(from)
+	for _, t := range ts {
+		lo, hi = min(lo, t.Sub(from)), max(hi, t.Sub(from))
+	}
+	return fmt.Sprintf("%v to %v", lo.Round(time.Millisecond), hi.Round(time.Millisecond))
+}
 
 // TestPrimaryFaults: the primary keeps serving when its log output is gone.
 // A closed stdout and stderr (the reader of the pipe exited, as when a log

@@ -1,5 +1,7 @@
 package defuss
 
+// Processes as /proc shows them; proc_other_test.go asks ps(1) instead.
+
 import (
 	"os"
 	"strconv"

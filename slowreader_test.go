@@ -2,6 +2,9 @@
 
 package defuss
 
+// A slow reader: one client that reads a large response slowly must not
+// hold up the others.
+
 import (
 	"fmt"
 	"io"
@@ -11,8 +14,6 @@ import (
 	"testing"
 	"time"
 )
-
-// 5. A slow reader.
 
 // TestSlowReaderDoesNotBlockOthers: a client downloads a large response
 // and reads it very slowly, so the worker's writes and the primary's copy

@@ -1,5 +1,9 @@
 package defuss
 
+// Soak: mixed load while workers are killed in turn, with every failure
+// accounted for and the primary's usage (read through /proc) back at its
+// baseline afterwards.
+
 import (
 	"os"
 	"strings"
@@ -7,8 +11,6 @@ import (
 	"testing"
 	"time"
 )
-
-// 6. Soak.
 
 // TestSoak runs mixed load (new connections and keep-alive, small and 64
 // KiB bodies, uploads) for 30s (DEFUSS_SOAK=10m for a long run; 5s with

@@ -1,5 +1,9 @@
 package defuss
 
+// What the in-process primary holds: goroutines, descriptors (read from
+// /proc/self/fd, hence Linux only) and live heap, and the descriptor limit
+// the flood test raises.
+
 import (
 	"bytes"
 	"fmt"
@@ -11,9 +15,6 @@ import (
 	"testing"
 	"time"
 )
-
-// ---------------------------------------------------------------------------
-// What the in-process primary holds.
 
 // usage is what this test process holds. The primary of an in-process test
 // runs here, so a goroutine, descriptor or memory leak in it shows up in
