@@ -321,38 +321,3 @@ func TestConfigReportsEveryBadOption(t *testing.T) {
 		}
 	}
 }
-
-// TestStartNilHandler checks that Start validates before it does
-// anything: a nil handler is an invalid option, reported together with
-// the bad options, and nothing is spawned or listened on.
-func TestStartNilHandler(t *testing.T) {
-	before := children()
-	tests := []struct {
-		name string
-		opts []Option
-		want []string
-	}{
-		{"nil handler", []Option{WithAddr("127.0.0.1:0")}, []string{"handler"}},
-		{"nil handler and a bad option", []Option{WithAddr("127.0.0.1:0"), WithWorkers(-1)}, []string{"handler", "WithWorkers"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s, err := Start(nil, tt.opts...)
-			if s != nil {
-				t.Errorf("Start(nil) returned a server")
-				s.Shutdown(t.Context())
-			}
-			if !errors.Is(err, ErrInvalidOption) {
-				t.Fatalf("Start(nil) error = %v, want one wrapping ErrInvalidOption", err)
-			}
-			for _, w := range tt.want {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error %q does not mention %s", err, w)
-				}
-			}
-		})
-	}
-	if after := children(); len(after) > len(before) {
-		t.Errorf("Start(nil) left child processes: %v (before: %v)", after, before)
-	}
-}

@@ -1,3 +1,5 @@
+//go:build unix
+
 package defuss
 
 import (
@@ -41,8 +43,8 @@ func TestBehindHAProxy(t *testing.T) {
 		t.Skip("haproxy not installed (apt-get install haproxy)")
 	}
 	opts := envTestPrimaryOpts + "=trusted=127.0.0.1/32;health=/healthz;drain=1s"
-	cmdA, outA, addrA, _ := startPrimaryProcess(t, 2, opts)
-	_, _, addrB, _ := startPrimaryProcess(t, 2, opts)
+	a := startPrimaryProcess(t, 2, nil, opts)
+	b := startPrimaryProcess(t, 2, nil, opts)
 
 	front := freePort(t)
 	cfg := fmt.Sprintf(`global
@@ -63,7 +65,7 @@ backend be
     default-server inter 100ms fall 1 rise 1 check-send-proxy
     server a %s send-proxy-v2 check
     server b %s send-proxy-v2 check
-`, front, addrA, addrB)
+`, front, a.addr, b.addr)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
@@ -139,11 +141,11 @@ backend be
 		}()
 	}
 	waitFor(t, 5*time.Second, "load running", func() bool { return sent.Load() > 100 })
-	cmdA.Process.Signal(syscall.SIGTERM)
-	if line, _ := outA.ReadString('\n'); line != "stopped\n" {
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	if line, _ := a.readLine(); line != "stopped\n" {
 		t.Errorf("instance A said %q, want \"stopped\"", line)
 	}
-	if err := cmdA.Wait(); err != nil {
+	if err := a.wait(); err != nil {
 		t.Errorf("instance A exited with %v", err)
 	}
 	n := sent.Load()

@@ -1,3 +1,5 @@
+//go:build unix
+
 package defuss
 
 import (
@@ -45,7 +47,7 @@ func TestWorkersAreReexecutedBinary(t *testing.T) {
 		}
 		var pid, slot, gmp int
 		var remote string
-		if _, err := fmtSscanf(body, "pid=%d slot=%d procs=%d remote=%s", &pid, &slot, &gmp, &remote); err != nil {
+		if _, err := fmt.Sscanf(body, "pid=%d slot=%d procs=%d remote=%s", &pid, &slot, &gmp, &remote); err != nil {
 			t.Fatalf("body %q: %v", body, err)
 		}
 		if !want[pid] || ws[slot].PID != pid {
@@ -82,8 +84,8 @@ func TestShutdownLetsInFlightRequestFinish(t *testing.T) {
 	}
 	go s.Shutdown(context.Background())
 	waitRefused(t, addr, 5*time.Second, "listener closed")
-	body, err := readAllString(resp.Body)
-	if err != nil || body != "done" {
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || string(body) != "done" {
 		t.Fatalf("in-flight response body %q, %v; want \"done\"", body, err)
 	}
 	if d := time.Since(start); d < 2*time.Second {
@@ -235,15 +237,15 @@ func TestStartTimeout(t *testing.T) {
 // Behaviour 9: when the primary is killed with SIGKILL, every worker exits
 // within 1s.
 func TestPrimarySIGKILLLeavesNoWorkers(t *testing.T) {
-	cmd, _, addr, pids := startPrimaryProcess(t, 2)
-	if code, _ := get(t, addr, "/pid"); code != 200 {
+	p := startPrimaryProcess(t, 2, nil)
+	if code, _ := get(t, p.addr, "/pid"); code != 200 {
 		t.Fatalf("status %d", code)
 	}
-	cmd.Process.Kill()
+	p.cmd.Process.Kill()
 	killed := time.Now()
-	cmd.Wait()
+	p.wait()
 	waitFor(t, 2*time.Second, "workers to exit", func() bool {
-		for _, pid := range pids {
+		for _, pid := range p.pids {
 			if alive(pid) {
 				return false
 			}
@@ -260,47 +262,47 @@ func TestPrimarySIGKILLLeavesNoWorkers(t *testing.T) {
 // left. A second signal stops at once.
 func TestSIGTERMDrainsThenSecondSignalStopsAtOnce(t *testing.T) {
 	t.Run("graceful", func(t *testing.T) {
-		cmd, out, addr, pids := startPrimaryProcess(t, 2)
-		c := dialRaw(t, addr)
+		p := startPrimaryProcess(t, 2, nil)
+		c := dialRaw(t, p.addr)
 		fmt.Fprint(c, "GET /sleep?d=2s HTTP/1.1\r\nHost: test\r\n\r\n")
 		resp, err := http.ReadResponse(c.r, nil)
 		if err != nil || resp.StatusCode != 200 {
 			t.Fatalf("response %v, %v", resp, err)
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		waitRefused(t, addr, 5*time.Second, "listener closed")
-		if body, err := readAllString(resp.Body); err != nil || body != "done" {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		waitRefused(t, p.addr, 5*time.Second, "listener closed")
+		if body, err := io.ReadAll(resp.Body); err != nil || string(body) != "done" {
 			t.Fatalf("in-flight body %q, %v; want \"done\"", body, err)
 		}
-		if line, _ := out.ReadString('\n'); line != "stopped\n" {
+		if line, _ := p.readLine(); line != "stopped\n" {
 			t.Errorf("primary said %q, want \"stopped\"", line)
 		}
-		if err := cmd.Wait(); err != nil {
+		if err := p.wait(); err != nil {
 			t.Fatalf("primary exited with %v, want 0", err)
 		}
-		for _, pid := range pids {
+		for _, pid := range p.pids {
 			if alive(pid) {
 				t.Errorf("worker %d still running after the primary exited", pid)
 			}
 		}
 	})
 	t.Run("second signal", func(t *testing.T) {
-		cmd, _, addr, pids := startPrimaryProcess(t, 2)
-		c := dialRaw(t, addr)
+		p := startPrimaryProcess(t, 2, nil)
+		c := dialRaw(t, p.addr)
 		fmt.Fprint(c, "GET /sleep?d=60s HTTP/1.1\r\nHost: test\r\n\r\n")
 		if resp, err := http.ReadResponse(c.r, nil); err != nil || resp.StatusCode != 200 {
 			t.Fatalf("response %v, %v", resp, err)
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		waitRefused(t, addr, 5*time.Second, "listener closed")
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		waitRefused(t, p.addr, 5*time.Second, "listener closed")
 		start := time.Now()
-		cmd.Process.Signal(syscall.SIGINT)
-		cmd.Wait()
+		p.cmd.Process.Signal(syscall.SIGINT)
+		p.wait()
 		if d := time.Since(start); d > 2*time.Second {
 			t.Errorf("primary took %v to stop after the second signal (shutdown timeout 5s)", d)
 		}
 		waitFor(t, time.Second, "workers gone", func() bool {
-			for _, pid := range pids {
+			for _, pid := range p.pids {
 				if alive(pid) {
 					return false
 				}
@@ -465,5 +467,40 @@ func TestNoRespawnStopsWhenNoWorkerIsLeft(t *testing.T) {
 	}
 	if w := s.Workers()[0]; w.PID != 0 || w.State != WorkerDown || w.Restarts != 0 {
 		t.Errorf("slot after the worker died: %+v", w)
+	}
+}
+
+// TestStartNilHandler checks that Start validates before it does
+// anything: a nil handler is an invalid option, reported together with
+// the bad options, and nothing is spawned or listened on.
+func TestStartNilHandler(t *testing.T) {
+	before := children()
+	tests := []struct {
+		name string
+		opts []Option
+		want []string
+	}{
+		{"nil handler", []Option{WithAddr("127.0.0.1:0")}, []string{"handler"}},
+		{"nil handler and a bad option", []Option{WithAddr("127.0.0.1:0"), WithWorkers(-1)}, []string{"handler", "WithWorkers"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := Start(nil, tt.opts...)
+			if s != nil {
+				t.Errorf("Start(nil) returned a server")
+				s.Shutdown(t.Context())
+			}
+			if !errors.Is(err, ErrInvalidOption) {
+				t.Fatalf("Start(nil) error = %v, want one wrapping ErrInvalidOption", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %s", err, w)
+				}
+			}
+		})
+	}
+	if after := children(); len(after) > len(before) {
+		t.Errorf("Start(nil) left child processes: %v (before: %v)", after, before)
 	}
 }

@@ -1,3 +1,5 @@
+//go:build unix
+
 package defuss
 
 import (
@@ -314,42 +316,6 @@ func assertNoChildren(t *testing.T) {
 	}
 }
 
-// children lists the pids whose parent is this process, from /proc.
-func children() []int {
-	ents, _ := os.ReadDir("/proc")
-	var kids []int
-	me := os.Getpid()
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, _, ok := procStat(pid); ok && ppid == me {
-			kids = append(kids, pid)
-		}
-	}
-	return kids
-}
-
-// procStat returns the parent pid and state letter of pid.
-func procStat(pid int) (ppid int, state byte, ok bool) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, false
-	}
-	// pid (comm) state ppid ...; comm may hold spaces and parens.
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 || i+4 > len(b) {
-		return 0, 0, false
-	}
-	f := strings.Fields(string(b[i+2:]))
-	if len(f) < 2 {
-		return 0, 0, false
-	}
-	ppid, err = strconv.Atoi(f[1])
-	return ppid, f[0][0], err == nil
-}
-
 // alive reports whether pid is a running (not zombie) process.
 func alive(pid int) bool {
 	_, state, ok := procStat(pid)
@@ -373,7 +339,7 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 func waitRefused(t *testing.T, addr string, timeout time.Duration, what string) {
 	t.Helper()
 	waitFor(t, timeout, what, func() bool {
-		c, err := dialTCP(addr)
+		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
 		}
@@ -452,25 +418,44 @@ func (c *rawConn) roundTrip(t *testing.T, path string) string {
 	return string(b)
 }
 
-// startPrimaryProcess runs a primary with n workers in a separate process
-// (this test binary) and returns it with its address and worker pids.
-func startPrimaryProcess(t *testing.T, n int, env ...string) (cmd *exec.Cmd, out *bufio.Reader, addr string, pids []int) {
+// primaryProc is a primary running in its own process.
+type primaryProc struct {
+	cmd     *exec.Cmd
+	stdout  *os.File // read end of its stdout, after the ready line
+	addr    string
+	pids    []int         // its workers at start
+	exited  chan struct{} // closed once it has exited and been reaped
+	waitErr error         // how it exited; read after exited is closed
+}
+
+// startPrimaryProcess runs a primary with n workers in its own process
+// (this test binary), its stderr going to stderr (nil: this process's),
+// and returns once it has printed its ready line on stdout. When the test
+// ends it kills the primary and fails if a worker outlives it by 2s.
+func startPrimaryProcess(t *testing.T, n int, stderr *os.File, env ...string) *primaryProc {
 	t.Helper()
-	cmd = exec.Command(os.Args[0], "-test.run=^$")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n), "GORACE=atexit_sleep_ms=0"), env...)
-	cmd.Stderr = os.Stderr
-	stdout, err := cmd.StdoutPipe()
+	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
+	if stderr == nil {
+		stderr = os.Stderr
+	}
+	cmd.Stdout, cmd.Stderr = w, stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	w.Close()
+	p := &primaryProc{cmd: cmd, stdout: r, exited: make(chan struct{})}
+	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		cmd.Wait()
+		<-p.exited
+		r.Close()
 		deadline := time.Now().Add(2 * time.Second)
-		for _, pid := range pids {
+		for _, pid := range p.pids {
 			for alive(pid) && time.Now().Before(deadline) {
 				time.Sleep(5 * time.Millisecond)
 			}
@@ -480,34 +465,41 @@ func startPrimaryProcess(t *testing.T, n int, env ...string) (cmd *exec.Cmd, out
 			}
 		}
 	})
-	out = bufio.NewReader(stdout)
-	line, err := out.ReadString('\n')
+	r.SetReadDeadline(time.Now().Add(time.Minute))
+	line, err := p.readLine()
 	if err != nil {
-		t.Fatalf("primary process: %v", err)
+		t.Fatalf("primary process: %v after %q", err, line)
 	}
+	r.SetReadDeadline(time.Time{})
 	f := strings.Fields(line)
 	if len(f) != 3 || f[0] != "ready" {
 		t.Fatalf("primary process said %q", line)
 	}
+	p.addr = f[1]
 	for _, s := range strings.Split(f[2], ",") {
 		pid, _ := strconv.Atoi(s)
-		pids = append(pids, pid)
+		p.pids = append(p.pids, pid)
 	}
-	return cmd, out, f[1], pids
+	return p
 }
 
-func fmtSscanf(s, format string, args ...any) (int, error) { return fmt.Sscanf(s, format, args...) }
-
-func dialTCP(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) }
-
-func readAllString(r io.Reader) (string, error) {
-	b, err := io.ReadAll(r)
-	return string(b), err
+// readLine reads the primary's next line of stdout, with its "\n". It
+// reads byte by byte so that nothing after the line is consumed.
+func (p *primaryProc) readLine() (string, error) {
+	var line []byte
+	for b := make([]byte, 1); ; {
+		if _, err := p.stdout.Read(b); err != nil {
+			return string(line), err
+		}
+		line = append(line, b[0])
+		if b[0] == '\n' {
+			return string(line), nil
+		}
+	}
 }
 
-func readFileString(name string) (string, error) {
-	b, err := os.ReadFile(name)
-	return string(b), err
+// wait waits until the primary has exited and returns how it exited.
+func (p *primaryProc) wait() error {
+	<-p.exited
+	return p.waitErr
 }
-
-func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }

@@ -1,3 +1,5 @@
+//go:build unix
+
 package defuss
 
 import (
@@ -174,21 +176,21 @@ func TestRestartWithBrokenBinaryKeepsOldWorkers(t *testing.T) {
 
 // Issue 5, point 1: SIGHUP to a primary process runs a rolling restart.
 func TestSIGHUPRestarts(t *testing.T) {
-	cmd, _, addr, pids := startPrimaryProcess(t, 2)
+	p := startPrimaryProcess(t, 2, nil)
 	old := map[string]bool{}
-	for _, p := range pids {
-		old[strconv.Itoa(p)] = true
+	for _, pid := range p.pids {
+		old[strconv.Itoa(pid)] = true
 	}
-	cmd.Process.Signal(syscall.SIGHUP)
+	p.cmd.Process.Signal(syscall.SIGHUP)
 	fresh := map[string]bool{}
 	waitFor(t, 20*time.Second, "answers from two new workers", func() bool {
-		if _, pid := get(t, addr, "/pid"); !old[pid] {
+		if _, pid := get(t, p.addr, "/pid"); !old[pid] {
 			fresh[pid] = true
 		}
 		return len(fresh) == 2
 	})
 	for range 6 {
-		if _, pid := get(t, addr, "/pid"); old[pid] {
+		if _, pid := get(t, p.addr, "/pid"); old[pid] {
 			t.Fatalf("an old worker (%s) still answers after the restart", pid)
 		}
 	}
@@ -413,29 +415,29 @@ func TestScaleUnderLoad(t *testing.T) {
 
 // Issue 5, point 4: SIGTTIN adds a worker, SIGTTOU removes one.
 func TestSIGTTINAndSIGTTOUScale(t *testing.T) {
-	cmd, _, addr, pids := startPrimaryProcess(t, 2)
-	cmd.Process.Signal(syscall.SIGTTIN)
+	p := startPrimaryProcess(t, 2, nil)
+	p.cmd.Process.Signal(syscall.SIGTTIN)
 	seen := map[string]bool{}
 	waitFor(t, 10*time.Second, "answers from 3 workers", func() bool {
-		_, pid := get(t, addr, "/pid")
+		_, pid := get(t, p.addr, "/pid")
 		seen[pid] = true
 		return len(seen) == 3
 	})
 	added := 0
 	for pid := range seen {
-		if p, _ := strconv.Atoi(pid); p != pids[0] && p != pids[1] {
-			added = p
+		if n, _ := strconv.Atoi(pid); n != p.pids[0] && n != p.pids[1] {
+			added = n
 		}
 	}
 	// One signal at a time: the kernel merges a signal sent again before
 	// the first was delivered.
-	cmd.Process.Signal(syscall.SIGTTOU)
+	p.cmd.Process.Signal(syscall.SIGTTOU)
 	waitFor(t, 10*time.Second, "the added worker gone", func() bool { return !alive(added) })
-	cmd.Process.Signal(syscall.SIGTTOU)
-	waitFor(t, 10*time.Second, "worker 1 gone", func() bool { return !alive(pids[1]) })
+	p.cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 10*time.Second, "worker 1 gone", func() bool { return !alive(p.pids[1]) })
 	for range 6 {
-		if _, pid := get(t, addr, "/pid"); pid != strconv.Itoa(pids[0]) {
-			t.Fatalf("answer from %s, want only worker 0 (%d)", pid, pids[0])
+		if _, pid := get(t, p.addr, "/pid"); pid != strconv.Itoa(p.pids[0]) {
+			t.Fatalf("answer from %s, want only worker 0 (%d)", pid, p.pids[0])
 		}
 	}
 }
