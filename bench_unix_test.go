@@ -48,7 +48,7 @@ func BenchmarkServeConn(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		p.track(server)
+		p.admit(server)
 		done := make(chan struct{})
 		go func() {
 			p.serveConn(server)

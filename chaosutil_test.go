@@ -74,8 +74,8 @@ func waitIdle(t *testing.T, s *Server, timeout time.Duration) {
 func assertServing(t *testing.T, s *Server) {
 	t.Helper()
 	select {
-	case <-s.p.done:
-		t.Fatalf("the primary stopped: %v", s.p.err)
+	case <-s.p.life.done:
+		t.Fatalf("the primary stopped: %v", s.p.life.err)
 	default:
 	}
 }

@@ -92,8 +92,8 @@ func (s *Server) Wait() error {
 		<-s.w.finished
 		return s.w.err
 	}
-	<-s.p.done
-	return s.p.err
+	<-s.p.life.done
+	return s.p.life.err
 }
 
 // Shutdown stops the server gracefully: the primary stops accepting, lets
@@ -112,7 +112,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		done = s.w.finished
 	} else {
 		s.p.requestStop()
-		done = s.p.done
+		done = s.p.life.done
 	}
 	select {
 	case <-done:
@@ -189,5 +189,5 @@ func (s *Server) Workers() []WorkerInfo {
 	if s.p == nil {
 		return nil
 	}
-	return s.p.snapshot().all
+	return s.p.pool.snapshot().all
 }

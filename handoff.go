@@ -6,77 +6,22 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
-// handoffConn routes one client connection in hand-off mode: it peeks at
-// the head (nothing is read from the socket), picks a worker and passes
-// the descriptor to it. The worker reads every byte itself.
-func (p *primary) handoffConn(c *net.TCPConn, bp *[]byte, doneRouting func()) {
-	buf := (*bp)[proxyRoom:]
-	start := time.Now()
-	n, outcome, err := peekHead(c, buf, p.cfg.inspectionTimeout)
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
-	if err != nil && n == 0 {
-		p.bufs.Put(bp)
-		return
-	}
-	req := p.reqs.Get().(*Request)
-	parseRequest(req, buf[:n])
-	req.RemoteAddr = clientAddr(c)
-	health := p.isHealthCheck(req)
-	head := req.Method == "HEAD"
-	var s *slot
-	if !health {
-		s = p.handOff(c, req)
-	}
-	doneRouting()
-	isHTTP := req.Protocol == ProtocolHTTP1
-	req.reset()
-	p.reqs.Put(req)
-	p.bufs.Put(bp)
-	switch {
-	case health:
-		p.answerHealth(c, head)
-	case s == nil:
-		p.refuseUnavailable(c, isHTTP)
-	}
-}
+// errNoHandoff: the worker has no hand-off socket (it is not ready).
+var errNoHandoff = errors.New("defuss: worker has no hand-off socket")
 
-// handOff picks a worker for req and passes c's descriptor to it. A worker
-// whose socket fails is skipped for the next one: nothing was read from c.
-// It returns the slot, whose connection count includes c, or nil.
-func (p *primary) handOff(c *net.TCPConn, req *Request) *slot {
-	e := p.enterDial()
-	defer p.exitDial(e)
-	cands := p.candidates()
-	if len(cands) == 0 {
-		return nil
+// handTo passes c's descriptor to process pr. The connection counts as
+// open in pr before it is sent, so that a close the worker reports at once
+// finds it there.
+func handTo(pr *process, c *net.TCPConn) error {
+	if pr == nil || pr.handoff == nil {
+		return errNoHandoff
 	}
-	i := p.pickWorker(req, cands)
-	for k := range cands {
-		w := &cands[(i+k)%len(cands)]
-		s, pr := w.slot, w.proc
-		if pr == nil || pr.handoff == nil {
-			continue
-		}
-		if k > 0 {
-			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
-		}
-		s.conns.Add(1)
-		pr.open.Add(1)
-		err := sendConn(pr.handoff, c)
-		if err == nil {
-			pr.dialed.Add(1)
-			p.tel.active.Add(bg, 1, s.attrs.worker)
-			return s
-		}
-		s.conns.Add(-1)
+	pr.open.Add(1)
+	if err := sendConn(pr.handoff, c); err != nil {
 		pr.open.Add(-1)
-		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
-		if ok, n := p.dialLog.allow(); ok {
-			p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
-		}
+		return err
 	}
 	return nil
 }

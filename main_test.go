@@ -354,7 +354,7 @@ func waitWorkers(t *testing.T, s *Server, timeout time.Duration, what string, co
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
-		ch := s.p.changes()
+		ch := s.p.pool.changes()
 		if ws := s.Workers(); cond(ws) {
 			return ws
 		}

@@ -1,7 +1,9 @@
 package defuss
 
 import (
+	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 )
 
@@ -11,7 +13,7 @@ type slot struct {
 	index   int
 	conns   atomic.Int64
 	attrs   slotAttrs
-	info    WorkerInfo       // guarded by primary.mu
+	info    WorkerInfo       // guarded by pool.mu
 	replace chan *replaceReq // to the supervisor
 	retire  chan struct{}    // closed: drain the slot's processes and end (scaling down)
 	done    chan struct{}    // closed when the supervisor has ended
@@ -63,25 +65,112 @@ type poolView struct {
 	cands []WorkerInfo // the healthy subset, handed to the Balancer
 }
 
-// setState moves slot s to state and publishes the table.
-func (p *primary) setState(s *slot, state WorkerState, pid int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s.info.State = state
-	s.info.PID = pid
-	p.publish()
+// pool is the slot table: every slot of the primary and the view of
+// them that it publishes. Supervisors change their slot's record through
+// its methods; the connection path reads the published view without a
+// lock.
+type pool struct {
+	mu      sync.Mutex
+	slots   []*slot
+	gone    int           // slots that will never run again (respawn off)
+	closed  bool          // shutting down: no more slots
+	changed chan struct{} // closed and replaced on every publish
+	view    atomic.Pointer[poolView]
 }
 
-func (p *primary) state(s *slot) WorkerState {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+func newPool(n int) *pool {
+	pl := &pool{slots: make([]*slot, n), changed: make(chan struct{})}
+	for i := range pl.slots {
+		pl.slots[i] = newSlot(i)
+	}
+	pl.mu.Lock()
+	pl.publish()
+	pl.mu.Unlock()
+	return pl
+}
+
+// list returns the slots in the table now.
+func (pl *pool) list() []*slot {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return slices.Clone(pl.slots)
+}
+
+// grow adds slots up to n in all, starting each with start while the
+// table is locked, unless the pool is closed. It returns the new slots.
+func (pl *pool) grow(n int, start func(*slot)) ([]*slot, error) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if pl.closed {
+		return nil, ErrShuttingDown
+	}
+	var added []*slot
+	for i := len(pl.slots); i < n; i++ {
+		s := newSlot(i)
+		pl.slots = append(pl.slots, s)
+		added = append(added, s)
+		start(s)
+	}
+	pl.publish()
+	return added, nil
+}
+
+// remove takes slots out of the table.
+func (pl *pool) remove(slots []*slot) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	pl.slots = slices.DeleteFunc(pl.slots, func(s *slot) bool { return slices.Contains(slots, s) })
+	pl.publish()
+}
+
+// close marks the pool as shutting down: grow refuses from now on.
+func (pl *pool) close() {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	pl.closed = true
+	pl.publish()
+}
+
+// slotGone records that a slot will never run again, and reports whether
+// none is left.
+func (pl *pool) slotGone() (none bool) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	pl.gone++
+	return pl.gone == len(pl.slots)
+}
+
+// noneLeft reports whether every slot is gone.
+func (pl *pool) noneLeft() bool {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return pl.gone == len(pl.slots)
+}
+
+// update changes slot s's record with f and publishes the table.
+func (pl *pool) update(s *slot, f func(*WorkerInfo)) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	f(&s.info)
+	pl.publish()
+}
+
+// setState moves slot s to state, with process pid, and publishes.
+func (pl *pool) setState(s *slot, state WorkerState, pid int) {
+	pl.update(s, func(w *WorkerInfo) { w.State, w.PID = state, pid })
+}
+
+// state returns slot s's state.
+func (pl *pool) state(s *slot) WorkerState {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
 	return s.info.State
 }
 
-// publish stores a new view of the slot table. p.mu must be held.
-func (p *primary) publish() {
-	v := &poolView{all: make([]WorkerInfo, len(p.slots))}
-	for i, s := range p.slots {
+// publish stores a new view of the table. pl.mu must be held.
+func (pl *pool) publish() {
+	v := &poolView{all: make([]WorkerInfo, len(pl.slots))}
+	for i, s := range pl.slots {
 		info := s.info
 		info.Ready = info.Ready && info.State != WorkerDown
 		info.Healthy = info.State == WorkerReady
@@ -90,18 +179,20 @@ func (p *primary) publish() {
 			v.cands = append(v.cands, info)
 		}
 	}
-	p.view.Store(v)
-	close(p.changed)
-	p.changed = make(chan struct{})
+	pl.view.Store(v)
+	close(pl.changed)
+	pl.changed = make(chan struct{})
 }
 
-func (p *primary) snapshot() *poolView { return p.view.Load() }
+// snapshot returns the table as last published.
+func (pl *pool) snapshot() *poolView { return pl.view.Load() }
 
-func (p *primary) candidates() []WorkerInfo { return p.view.Load().cands }
+// candidates returns the workers that take new connections now.
+func (pl *pool) candidates() []WorkerInfo { return pl.view.Load().cands }
 
 // changes returns a channel closed at the next publish.
-func (p *primary) changes() <-chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.changed
+func (pl *pool) changes() <-chan struct{} {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return pl.changed
 }

@@ -15,58 +15,97 @@ import (
 )
 
 // primary is the primary role: the public listener, the slot table, one
-// supervisor per slot, and the connection goroutines.
+// supervisor per slot, and the connection goroutines. Its life is
+// startPrimary (listen, spawn, await the workers, serve) and then run
+// (wait for the reason to stop, shut down in named steps).
 type primary struct {
-	cfg      *config
-	log      *slog.Logger
-	tel      *telemetry
-	pid      int
-	exe      string
-	ln       net.Listener
+	cfg    *config
+	log    *slog.Logger
+	logs   primaryLogs
+	tel    *telemetry
+	pid    int
+	exe    string // the binary workers run
+	ln     net.Listener
+	secret [secretLen]byte // in the PROXY header of every connection to a worker
+
+	pool  *pool      // the slot table
+	conns *connTable // live client connections
+	gate  dialGate   // connections being routed, dials in flight
+	life  lifecycle  // how the primary ends
+
+	// spawn starts a worker process for a slot: the seam between the
+	// supervisors and the operating system (spawnExec outside tests).
+	spawn func(slot int, events chan<- procEvent) (*process, error)
+
 	dialer   net.Dialer
 	fallback Balancer
-	slots    []*slot
-
-	mu      sync.Mutex               // guards slot.info and publishing
-	view    atomic.Pointer[poolView] // published on every state change
-	changed chan struct{}            // closed and replaced on every publish
-	gone    int                      // slots that will never run again
-
-	bufs sync.Pool // *[]byte of cfg.maxHeaderBytes
-	reqs sync.Pool // *Request
-
-	connMu sync.Mutex
-	live   map[net.Conn]liveConn // nil once the primary stops accepting
-	conns  sync.WaitGroup        // connection goroutines
+	bufs     sync.Pool // *[]byte of proxyRoom+cfg.maxHeaderBytes
+	reqs     sync.Pool // *Request
 
 	supervisors sync.WaitGroup
 	acceptDone  chan struct{}
-
-	stopReq     chan struct{} // closed: Shutdown was called
-	stopOnce    sync.Once
-	drain       chan struct{} // closed: the listener is closed and workers drain
-	force       chan struct{} // closed: stop at once
-	drainOnce   sync.Once
-	forceOnce   sync.Once
-	fatal       chan error // a loop's fatal error; ends the primary
-	done        chan struct{}
-	err         error
+	replaceTok  chan struct{} // held while one worker of the pool is being replaced
+	restartMu   sync.Mutex    // one Restart at a time
+	scaleMu     sync.Mutex    // one Scale at a time
 	stopSignals func()
-
-	epoch   atomic.Uint64   // see enterDial and quiesce
-	dialing [2]atomic.Int64 // connects in progress, by epoch parity
-	routing atomic.Int64    // accepted connections not yet routed
-
-	replaceTok chan struct{} // held while one worker of the pool is being replaced
-	restartMu  sync.Mutex    // one Restart at a time
-	scaleMu    sync.Mutex    // one Scale at a time
-
-	secret   [secretLen]byte // in the PROXY header of every connection to a worker
-	draining atomic.Bool     // a shutdown has started: the health path answers 503
-
-	acceptLog, noWorkerLog, balancerLog, dialLog, proxyLog, limitLog burstLog
 }
 
+// lifecycle is how the primary ends. Each channel is closed once, and the
+// close is the broadcast.
+type lifecycle struct {
+	stopReq   chan struct{} // Shutdown was called
+	drain     chan struct{} // the listener is closed and the workers drain
+	force     chan struct{} // kill the workers and close every connection now
+	done      chan struct{} // everything has stopped; err is set
+	fatal     chan error    // a loop's fatal error; ends the primary
+	err       error
+	draining  atomic.Bool // a shutdown has begun: the health path answers 503
+	stopOnce  sync.Once
+	drainOnce sync.Once
+	forceOnce sync.Once
+}
+
+// primaryLogs rate-limits each kind of log line that can repeat once per
+// connection.
+type primaryLogs struct {
+	accept, noWorker, balancer, dial, proxy, limit burstLog
+}
+
+// newPrimary makes a primary that serves on ln with c, before anything
+// runs.
+func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
+	p := &primary{
+		cfg:        c,
+		log:        c.logger.With("component", "defuss", "role", "primary", "pid", os.Getpid()),
+		pid:        os.Getpid(),
+		exe:        exe,
+		ln:         ln,
+		pool:       newPool(c.workers),
+		conns:      newConnTable(c.maxConns),
+		dialer:     net.Dialer{Timeout: c.dialTimeout},
+		fallback:   RoundRobin(),
+		acceptDone: make(chan struct{}),
+		replaceTok: make(chan struct{}, 1),
+		life: lifecycle{
+			stopReq: make(chan struct{}),
+			drain:   make(chan struct{}),
+			force:   make(chan struct{}),
+			done:    make(chan struct{}),
+			fatal:   make(chan error, 1),
+		},
+	}
+	if _, err := rand.Read(p.secret[:]); err != nil {
+		return nil, fmt.Errorf("defuss: make secret: %w", err)
+	}
+	p.spawn = p.spawnExec
+	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
+	p.reqs.New = func() any { return new(Request) }
+	p.tel = newTelemetry(c.meterProvider, p.pool.snapshot)
+	return p, nil
+}
+
+// startPrimary is Start in the primary: listen, spawn the workers, wait
+// until every one is ready, then serve.
 func startPrimary(c *config) (*Server, error) {
 	exe, err := os.Executable()
 	if err != nil {
@@ -81,66 +120,22 @@ func startPrimary(c *config) (*Server, error) {
 			return nil, fmt.Errorf("defuss: listen: %w", err)
 		}
 	}
-	p := &primary{
-		cfg:        c,
-		log:        c.logger.With("component", "defuss", "role", "primary", "pid", os.Getpid()),
-		pid:        os.Getpid(),
-		exe:        exe,
-		ln:         ln,
-		dialer:     net.Dialer{Timeout: c.dialTimeout},
-		fallback:   RoundRobin(),
-		changed:    make(chan struct{}),
-		live:       make(map[net.Conn]liveConn),
-		acceptDone: make(chan struct{}),
-		stopReq:    make(chan struct{}),
-		replaceTok: make(chan struct{}, 1),
-		drain:      make(chan struct{}),
-		force:      make(chan struct{}),
-		fatal:      make(chan error, 1),
-		done:       make(chan struct{}),
-	}
-	if _, err := rand.Read(p.secret[:]); err != nil {
+	p, err := newPrimary(c, ln, exe)
+	if err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("defuss: make secret: %w", err)
+		return nil, err
 	}
-	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
-	p.reqs.New = func() any { return new(Request) }
-	p.slots = make([]*slot, c.workers)
-	for i := range p.slots {
-		p.slots[i] = newSlot(i)
-	}
-	p.mu.Lock()
-	p.publish()
-	p.mu.Unlock()
-	p.tel = newTelemetry(c.meterProvider, p.snapshot)
-
-	var sigs <-chan os.Signal
-	if c.signals {
-		ch := make(chan os.Signal, 2)
-		notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, sigRestart, sigScaleUp, sigScaleDown)
-		pipe := catchSIGPIPE()
-		p.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
-		sigs = ch
-	}
+	sigs := p.notifySignals()
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
-	startup := make(chan error, len(p.slots))
-	for _, s := range p.slots {
-		p.supervisors.Add(1)
-		go func() {
-			defer p.supervisors.Done()
-			p.supervise(s, startup)
-		}()
+	startup := make(chan error, c.workers)
+	for _, s := range p.pool.list() {
+		p.goSupervise(s, startup)
 	}
 	if err := p.awaitStartup(startup, sigs); err != nil {
 		p.forceShutdown()
-		p.beginShutdown()
 		p.supervisors.Wait()
-		ln.Close()
-		if p.stopSignals != nil {
-			p.stopSignals()
-		}
 		close(p.acceptDone)
-		p.tel.close()
+		p.release()
 		return nil, err
 	}
 	go func() {
@@ -154,10 +149,33 @@ func startPrimary(c *config) (*Server, error) {
 	return &Server{p: p}, nil
 }
 
+// notifySignals starts listening for the signals the primary acts on,
+// when signal handling is on; stopSignals undoes it.
+func (p *primary) notifySignals() <-chan os.Signal {
+	if !p.cfg.signals {
+		return nil
+	}
+	ch := make(chan os.Signal, 2)
+	notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, sigRestart, sigScaleUp, sigScaleDown)
+	pipe := catchSIGPIPE()
+	p.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
+	return ch
+}
+
+// goSupervise starts slot s's supervisor. startup receives the outcome of
+// the slot's first process.
+func (p *primary) goSupervise(s *slot, startup chan<- error) {
+	p.supervisors.Add(1)
+	go func() {
+		defer p.supervisors.Done()
+		p.supervise(s, startup)
+	}()
+}
+
 // awaitStartup waits for the first outcome of every slot. Each slot's
 // supervisor enforces the start timeout on its process.
 func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) error {
-	for waiting := len(p.slots); waiting > 0; {
+	for waiting := cap(startup); waiting > 0; {
 		select {
 		case err := <-startup:
 			if err != nil {
@@ -173,82 +191,81 @@ func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) erro
 	return nil
 }
 
-// run waits for the reason to stop, then shuts down in order: the drain
-// delay (the health path answers 503, everything else is still served),
-// then no new connections, workers drain, what is left is killed. SIGHUP
-// starts a rolling restart meanwhile.
+// run waits for the reason to stop, then shuts down in order, as
+// http.Server.Shutdown does: the drain delay (the health path answers 503,
+// everything else is still served), then no new connections and the
+// workers drain, then what is left of the connections ends. Signals that
+// arrive meanwhile start operations (ops) or, a second time, force the
+// stop.
 func (p *primary) run(sigs <-chan os.Signal) {
-	var ops sync.WaitGroup // restarts started by SIGHUP
-	// stopSig reports whether a signal asks to stop; SIGHUP starts a
-	// rolling restart instead.
-	stopSig := func(sig os.Signal) bool {
-		var op func() error
-		switch sig {
-		case sigRestart:
-			op = func() error { return p.restart(context.Background()) }
-		case sigScaleUp, sigScaleDown:
-			delta := 1
-			if sig == sigScaleDown {
-				delta = -1
-			}
-			op = func() error { return p.scaleBy(delta) }
-		default:
-			return true
-		}
-		if p.stopping() {
-			return false
-		}
-		p.log.Info("signal received", "signal", sig.String())
-		ops.Add(1)
-		go func() {
-			defer ops.Done()
-			if err := op(); err != nil && !errors.Is(err, ErrShuttingDown) {
-				p.log.Error("operation failed", "signal", sig.String(), "err", err)
-			}
-		}()
-		return false
+	var ops sync.WaitGroup
+	p.awaitStop(sigs, &ops)
+	p.life.draining.Store(true)
+	p.drainDelay(sigs, &ops)
+	p.beginShutdown()
+	p.awaitWorkers(sigs, &ops)
+	p.endConnections()
+	ops.Wait()
+	if p.life.err == nil && p.pool.noneLeft() {
+		p.life.err = ErrNoWorkers
 	}
-wait:
+	p.release()
+	p.log.Info("stopped")
+	close(p.life.done)
+}
+
+// awaitStop serves until a stop signal, a Shutdown call or a fatal error.
+func (p *primary) awaitStop(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 	for {
 		select {
 		case sig := <-sigs:
-			if stopSig(sig) {
+			if p.onSignal(sig, ops) {
 				p.log.Info("signal received; shutting down gracefully (send another to stop at once)", "signal", sig.String())
-				break wait
+				return
 			}
-		case <-p.stopReq:
+		case <-p.life.stopReq:
 			p.log.Info("shutting down gracefully")
-			break wait
-		case <-p.drain:
-			break wait
-		case err := <-p.fatal:
-			p.err = err
+			return
+		case <-p.life.drain:
+			return
+		case err := <-p.life.fatal:
+			p.life.err = err
 			p.log.Error("stopping", "err", err)
-			break wait
+			return
 		}
 	}
-	p.draining.Store(true)
-	if d := p.cfg.drainDelay; d > 0 && p.err == nil && !p.stopping() {
-		p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
-		t := time.NewTimer(d)
-	delay:
-		for {
-			select {
-			case <-t.C:
-				break delay
-			case sig := <-sigs:
-				if stopSig(sig) {
-					p.log.Warn("second signal; stopping now")
-					p.forceShutdown()
-					break delay
-				}
-			case <-p.drain:
-				break delay
+}
+
+// drainDelay keeps serving for WithDrainDelay while the health path
+// answers 503, unless a second stop signal comes.
+func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup) {
+	d := p.cfg.drainDelay
+	if d <= 0 || p.life.err != nil || p.stopping() {
+		return
+	}
+	p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return
+		case sig := <-sigs:
+			if p.onSignal(sig, ops) {
+				p.log.Warn("second signal; stopping now")
+				p.forceShutdown()
+				return
 			}
+		case <-p.life.drain:
+			return
 		}
-		t.Stop()
 	}
-	p.beginShutdown()
+}
+
+// awaitWorkers waits until every supervisor has ended: the workers have
+// drained, or were killed at the shutdown timeout. It forces the stop on a
+// second signal, and a second after the shutdown timeout.
+func (p *primary) awaitWorkers(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 	deadline := time.NewTimer(p.cfg.shutdownTimeout + time.Second) // workers are killed at shutdownTimeout
 	defer deadline.Stop()
 	workersDone := make(chan struct{})
@@ -256,12 +273,12 @@ wait:
 		p.supervisors.Wait()
 		close(workersDone)
 	}()
-	for workersDone != nil {
+	for {
 		select {
 		case <-workersDone:
-			workersDone = nil
+			return
 		case sig := <-sigs:
-			if stopSig(sig) {
+			if p.onSignal(sig, ops) {
 				p.log.Warn("second signal; stopping now")
 				p.forceShutdown()
 			}
@@ -270,14 +287,18 @@ wait:
 			p.forceShutdown()
 		}
 	}
-	// Every worker has exited, so nothing the clients send can reach one:
-	// end what is left, let the last bytes from the workers through, and
-	// close whatever still hangs after a second.
+}
+
+// endConnections ends the connections that are left once every worker has
+// exited, so nothing the clients send can reach one: it ends the client
+// side, lets the last bytes from the workers through, and closes whatever
+// still hangs after a second.
+func (p *primary) endConnections() {
 	p.log.Info("workers stopped; ending remaining connections")
-	p.endAllConns()
+	p.conns.endAll()
 	connsDone := make(chan struct{})
 	go func() {
-		p.conns.Wait()
+		p.conns.wait()
 		close(connsDone)
 	}()
 	select {
@@ -285,57 +306,84 @@ wait:
 	case <-time.After(time.Second):
 		p.log.Warn("connections still open a second after the workers stopped; closing them")
 	}
-	p.closeLive()
+	p.conns.closeAll()
 	<-p.acceptDone
 	<-connsDone
-	ops.Wait()
+}
+
+// onSignal handles a signal and reports whether it asks to stop. SIGHUP
+// starts a rolling restart, SIGTTIN and SIGTTOU scale by one, in ops.
+func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
+	var op func() error
+	switch sig {
+	case sigRestart:
+		op = func() error { return p.restart(context.Background()) }
+	case sigScaleUp:
+		op = func() error { return p.scaleBy(1) }
+	case sigScaleDown:
+		op = func() error { return p.scaleBy(-1) }
+	default:
+		return true
+	}
+	if p.stopping() {
+		return false
+	}
+	p.log.Info("signal received", "signal", sig.String())
+	ops.Add(1)
+	go func() {
+		defer ops.Done()
+		if err := op(); err != nil && !errors.Is(err, ErrShuttingDown) {
+			p.log.Error("operation failed", "signal", sig.String(), "err", err)
+		}
+	}()
+	return false
+}
+
+// release undoes what startPrimary set up besides the workers and the
+// connections: the signal handlers and the telemetry callback.
+func (p *primary) release() {
 	if p.stopSignals != nil {
 		p.stopSignals()
 	}
-	if p.err == nil && p.noneLeft() {
-		p.err = ErrNoWorkers
-	}
 	p.tel.close()
-	p.log.Info("stopped")
-	close(p.done)
 }
 
 // requestStop asks run to shut down gracefully.
 func (p *primary) requestStop() {
-	p.stopOnce.Do(func() { close(p.stopReq) })
+	p.life.stopOnce.Do(func() { close(p.life.stopReq) })
 }
 
-// beginShutdown starts a graceful shutdown: no new connections, workers drain.
+// beginShutdown starts a graceful shutdown: no new connections or slots,
+// the workers drain.
 func (p *primary) beginShutdown() {
-	p.drainOnce.Do(func() {
+	p.life.drainOnce.Do(func() {
 		p.ln.Close()
-		p.mu.Lock()
-		close(p.drain) // under mu: Scale adds supervisors only before this
-		p.publish()
-		p.mu.Unlock()
+		p.pool.close() // Scale adds no supervisor after this
+		close(p.life.drain)
 	})
 }
 
 // forceShutdown kills the workers and closes every connection now.
 func (p *primary) forceShutdown() {
 	p.beginShutdown()
-	p.forceOnce.Do(func() {
-		close(p.force)
-		p.closeLive()
+	p.life.forceOnce.Do(func() {
+		close(p.life.force)
+		p.conns.closeAll()
 	})
 }
 
 // fail ends the primary with err, unless it is already ending.
 func (p *primary) fail(err error) {
 	select {
-	case p.fatal <- err:
+	case p.life.fatal <- err:
 	default:
 	}
 }
 
+// stopping reports whether a shutdown has begun.
 func (p *primary) stopping() bool {
 	select {
-	case <-p.drain:
+	case <-p.life.drain:
 		return true
 	default:
 		return false
@@ -345,17 +393,7 @@ func (p *primary) stopping() bool {
 // slotGone records that a slot will never run again (respawn is off);
 // when none is left the primary stops.
 func (p *primary) slotGone() {
-	p.mu.Lock()
-	p.gone++
-	all := p.gone == len(p.slots)
-	p.mu.Unlock()
-	if all {
+	if p.pool.slotGone() {
 		p.fail(ErrNoWorkers)
 	}
-}
-
-func (p *primary) noneLeft() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.gone == len(p.slots)
 }

@@ -2,11 +2,13 @@ package defuss
 
 import (
 	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -15,20 +17,21 @@ import (
 )
 
 // process is one worker process of a slot and what the supervisor knows of
-// it. Only the slot's supervisor goroutine touches it.
+// it. The supervisor goroutine of the slot owns the plain fields; the
+// atomic ones are shared with the connection path.
 type process struct {
-	cmd     *exec.Cmd
 	pid     int
-	status  *os.File
-	control *os.File
-	events  chan frameEvent // from readFrames; closed at EOF
-	exited  chan error      // cmd.Wait's result
 	started time.Time
-	dialed  atomic.Uint64 // connections the primary made (or handed) to this process
+	os      osProcess     // the operating system's side; a fake in tests
 	handoff *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
+	dialed  atomic.Uint64 // connections the primary made (or handed) to this process
 	open    atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
 
+	events chan<- procEvent // the supervisor's: frames, exit, timers
+	gone   chan struct{}    // closed by release: nothing more is delivered
+
 	ready     bool
+	draining  bool
 	addr      string
 	lastBeat  time.Time
 	failMsg   string
@@ -36,28 +39,72 @@ type process struct {
 	reason    string // why the primary ended it; "" = it died by itself
 	reasonErr error
 	timer     *time.Timer // start timeout before ready, shutdown timeout while draining
-	draining  bool
+	timerGen  uint64      // which arming of timer an evTimer event is for
 }
 
-func (pr *process) eventsC() <-chan frameEvent {
-	if pr == nil {
-		return nil
-	}
-	return pr.events
+// osProcess is what the supervisor asks of a running worker process: the
+// seam between its state machine and the operating system. A process
+// reports what happens to it as procEvents: its frames in order, then its
+// exit, always last.
+type osProcess interface {
+	// drain sends c (a drain command) on the control pipe, or SIGTERM when
+	// the pipe is gone.
+	drain(c *command)
+	// kill ends the process with SIGKILL.
+	kill()
+	// release closes the primary's ends of the process's pipes and sockets
+	// and waits for the goroutines that read them. It is called once, after
+	// the exit event.
+	release()
 }
 
-func (pr *process) exitC() <-chan error {
-	if pr == nil {
-		return nil
-	}
-	return pr.exited
+// procEvent is something that happened to one process of a slot.
+type procEvent struct {
+	pr    *process
+	kind  procEventKind
+	frame frameEvent // evFrame
+	err   error      // evExit: how it ended, as exec.Cmd.Wait says
+	gen   uint64     // evTimer: the arming of pr.timer that fired
 }
 
-func (pr *process) timerC() <-chan time.Time {
-	if pr == nil || pr.timer == nil {
-		return nil
+type procEventKind int
+
+const (
+	evFrame procEventKind = iota // a frame, or why one could not be read
+	evExit                       // the process has exited; its last event
+	evTimer                      // its start or shutdown timeout passed
+)
+
+func newProcess(pid int, osp osProcess, events chan<- procEvent) *process {
+	return &process{pid: pid, os: osp, started: time.Now(), events: events, gone: make(chan struct{})}
+}
+
+// emit delivers ev to the supervisor, or drops it once the process is
+// released. It reports whether ev was delivered.
+func (pr *process) emit(ev procEvent) bool {
+	ev.pr = pr
+	select {
+	case pr.events <- ev:
+		return true
+	case <-pr.gone:
+		return false
 	}
-	return pr.timer.C
+}
+
+// arm (re)starts the process's timer: an evTimer event after d.
+func (pr *process) arm(d time.Duration) {
+	pr.disarm()
+	gen := pr.timerGen
+	pr.timer = time.AfterFunc(d, func() { pr.emit(procEvent{kind: evTimer, gen: gen}) })
+}
+
+// disarm stops the timer; an event it may have sent already is stale.
+func (pr *process) disarm() {
+	if pr.timer != nil {
+		pr.timer.Stop()
+		pr.timer = nil
+	}
+	pr.timerGen++
 }
 
 // kill ends the process, remembering the first reason given.
@@ -65,12 +112,12 @@ func (pr *process) kill(reason string, err error) {
 	if pr.reason == "" {
 		pr.reason, pr.reasonErr = reason, err
 	}
-	pr.cmd.Process.Kill()
+	pr.os.kill()
 }
 
-// drainProc asks the process to stop gracefully within timeout, and arms
-// the timer that kills it after that.
-func (pr *process) drainProc(timeout time.Duration, reason string) {
+// drain asks the process to stop gracefully within timeout, and arms the
+// timer that kills it after that.
+func (pr *process) drain(timeout time.Duration, reason string) {
 	if pr.draining {
 		return
 	}
@@ -81,52 +128,98 @@ func (pr *process) drainProc(timeout time.Duration, reason string) {
 	// The worker serves until it has accepted every connection the primary
 	// made to it, then stops accepting: the callers made sure that no
 	// connection to it is still being dialed.
-	drain := &command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()}
-	if _, err := pr.control.Write(appendCommand(nil, drain)); err != nil {
-		pr.cmd.Process.Signal(syscall.SIGTERM)
-	}
-	if pr.timer != nil {
-		pr.timer.Stop()
-	}
-	pr.timer = time.NewTimer(timeout)
+	pr.os.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()})
+	pr.arm(timeout)
 }
 
-// finish releases the pipes of an exited process. Frames still in the
-// pipe are read first (a failure frame says why the process died), for a
-// bounded time in case a descendant still holds the write end.
-func (pr *process) finish() {
-	if pr.events != nil {
-		t := time.NewTimer(200 * time.Millisecond)
-	drain:
-		for {
-			select {
-			case ev, ok := <-pr.events:
-				if !ok {
-					break drain
-				}
-				if ev.err == nil && ev.msg.kind == frameFailed {
-					pr.failMsg = ev.msg.err
-				}
-			case <-t.C:
-				break drain
+// release ends the process's part in the supervisor: after its exit,
+// nothing more is delivered and its pipes close.
+func (pr *process) release() {
+	pr.disarm()
+	close(pr.gone)
+	pr.os.release()
+}
+
+// readFrames reads frames from a worker's status pipe and emits them,
+// until EOF, an unrecoverable error, or the process is released.
+func readFrames(r io.Reader, pr *process) {
+	buf := make([]byte, maxFramePayload)
+	for {
+		typ, payload, err := readFrame(r, buf)
+		if err != nil {
+			if errors.Is(err, errFrame) {
+				pr.emit(procEvent{kind: evFrame, frame: frameEvent{err: err, fatal: true}})
 			}
+			return
+		}
+		m, err := decodeMessage(typ, payload)
+		if !pr.emit(procEvent{kind: evFrame, frame: frameEvent{msg: m, err: err}}) {
+			return
+		}
+	}
+}
+
+// execProcess is a worker process started from this binary: the real
+// osProcess.
+type execProcess struct {
+	cmd     *exec.Cmd
+	status  *os.File // frames from the worker (fd 3 there)
+	control *os.File // commands to the worker (fd 4 there)
+	handoff *net.UnixConn
+	wg      sync.WaitGroup // the frame reader and the waiter
+}
+
+var _ osProcess = (*execProcess)(nil)
+
+func (e *execProcess) drain(c *command) {
+	if _, err := e.control.Write(appendCommand(nil, c)); err != nil {
+		e.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+func (e *execProcess) kill() { e.cmd.Process.Kill() }
+
+func (e *execProcess) release() {
+	e.status.Close() // unblocks the frame reader if it still waits
+	e.control.Close()
+	if e.handoff != nil {
+		e.handoff.Close()
+	}
+	e.wg.Wait()
+}
+
+// exitFrameWait bounds how long the exit event waits, after the process
+// has exited, for the frames still in its pipe (a failure frame says why
+// it died), in case a descendant still holds the pipe's write end.
+const exitFrameWait = 200 * time.Millisecond
+
+// watch starts the goroutines that turn what the process does into
+// events: its frames, then its exit.
+func (e *execProcess) watch(pr *process) {
+	framesDone := make(chan struct{})
+	e.wg.Add(2)
+	go func() {
+		defer e.wg.Done()
+		defer close(framesDone)
+		readFrames(e.status, pr)
+	}()
+	go func() {
+		defer e.wg.Done()
+		err := e.cmd.Wait()
+		t := time.NewTimer(exitFrameWait)
+		select {
+		case <-framesDone:
+		case <-t.C:
 		}
 		t.Stop()
-	}
-	pr.status.Close() // unblocks readFrames if it still waits
-	pr.control.Close()
-	if pr.handoff != nil {
-		pr.handoff.Close()
-	}
-	if pr.events != nil {
-		for range pr.events {
-		}
-	}
+		pr.emit(procEvent{kind: evExit, err: err})
+	}()
 }
 
-// spawn starts a worker process for slot i with its two pipes, sends it
-// its configuration, and starts the goroutines that watch it.
-func (p *primary) spawn(i int) (*process, error) {
+// spawnExec starts a worker process for slot i with its pipes, sends it
+// its configuration, and starts the goroutines that watch it. It is the
+// primary's spawn outside tests.
+func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	statusR, statusW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -166,19 +259,10 @@ func (p *primary) spawn(i int) (*process, error) {
 		}
 		return nil, err
 	}
-	pr := &process{
-		cmd:     cmd,
-		pid:     cmd.Process.Pid,
-		status:  statusR,
-		control: controlW,
-		handoff: handoff,
-		events:  make(chan frameEvent, 8),
-		exited:  make(chan error, 1),
-		started: time.Now(),
-		timer:   time.NewTimer(p.cfg.startTimeout),
-	}
-	go readFrames(statusR, pr.events)
-	go func() { pr.exited <- cmd.Wait() }()
+	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: handoff}
+	pr := newProcess(cmd.Process.Pid, e, events)
+	pr.handoff = handoff
+	e.watch(pr)
 	port := 0
 	if p.cfg.baseWorkerPort > 0 {
 		port = p.cfg.baseWorkerPort + i

@@ -37,24 +37,24 @@ func (p *primary) acceptLoop() error {
 			}
 			// Out of descriptors or similar: back off as net/http does.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			if ok, n := p.acceptLog.allow(); ok {
+			if ok, n := p.logs.accept.allow(); ok {
 				p.log.Error("accept", "err", err, "retry_in", delay, "suppressed", n)
 			}
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
-			case <-p.drain:
+			case <-p.life.drain:
 				t.Stop()
 			}
 			continue
 		}
 		delay = 0
 		p.tel.accepted.Add(bg, 1)
-		if ok, full := p.track(c); !ok {
+		if ok, full := p.admit(c); !ok {
 			c.Close()
 			if full {
 				p.tel.refused.Add(bg, 1)
-				if ok, n := p.limitLog.allow(); ok {
+				if ok, n := p.logs.limit.allow(); ok {
 					p.log.Warn("connection limit reached; closing new connections", "max", p.cfg.maxConns, "suppressed", n)
 				}
 			}
@@ -74,104 +74,28 @@ func isTemporary(err error) bool {
 		errors.Is(err, syscall.ENOMEM)
 }
 
-// liveConn is what the primary knows of a live client connection: once it
-// is routed, the worker connection and the worker process behind it.
-type liveConn struct {
-	worker net.Conn
-	slot   int
-	pid    int
-}
-
-// track registers a live client connection so that shutdown can wait for
-// it and, past its deadline, close it. It reports false once the primary
-// is stopping, or when the connection limit is reached (full).
-func (p *primary) track(c net.Conn) (ok, full bool) {
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	if p.live == nil {
-		return false, false
-	}
-	if p.cfg.maxConns > 0 && len(p.live) >= p.cfg.maxConns {
-		return false, true
-	}
-	p.live[c] = liveConn{slot: -1}
-	p.conns.Add(1)
-	p.routing.Add(1)
-	return true, false
-}
-
-// routed records that c is now spliced to worker, served by process pid in
-// slot.
-func (p *primary) routed(c, worker net.Conn, slot, pid int) {
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	if _, ok := p.live[c]; ok {
-		p.live[c] = liveConn{worker: worker, slot: slot, pid: pid}
-	}
-}
-
-func (p *primary) untrack(c net.Conn) {
-	c.Close()
-	p.connMu.Lock()
-	delete(p.live, c)
-	p.connMu.Unlock()
-	p.conns.Done()
-}
-
-// closeLive closes every live client connection and refuses new ones.
-func (p *primary) closeLive() {
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	for c, l := range p.live {
-		c.Close()
-		if l.worker != nil {
-			l.worker.Close()
-		}
-	}
-	p.live = nil
-}
-
-// endConnsOf ends the client-to-worker direction of the connections
-// spliced to process pid of slot, which has exited: nothing the client
-// sends can reach it any more, and a half-open client side would
-// otherwise keep them (and the slot's count) alive. The other direction
-// still delivers what the worker wrote before it exited, then the
-// connection closes as usual.
-func (p *primary) endConnsOf(slot, pid int) {
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	now := time.Now()
-	for c, l := range p.live {
-		if l.slot == slot && l.pid == pid {
-			c.SetReadDeadline(now)
-		}
-	}
-}
-
-// endAllConns does endConnsOf for every live connection: at shutdown,
-// once every worker has exited.
-func (p *primary) endAllConns() {
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	now := time.Now()
-	for c := range p.live {
-		c.SetReadDeadline(now)
-	}
-}
-
 // bg is the context of metric recordings on the connection path.
 var bg = context.Background()
 
-// serveConn sniffs, routes and splices one client connection.
+// admit tracks a new client connection and counts it as being routed, as
+// serveConn expects. It reports false when the connection must be closed:
+// the primary is stopping, or the connection limit is reached (full).
+func (p *primary) admit(c net.Conn) (ok, full bool) {
+	if ok, full = p.conns.track(c); ok {
+		p.gate.routing.Add(1)
+	}
+	return ok, full
+}
+
+// serveConn routes one client connection and relays it.
 //
 // The pooled buffer holds proxyRoom spare bytes, then what was sniffed: an
 // optional PROXY header from a trusted load balancer, then the request
-// head. The PROXY header for the worker is written right in front of the
-// head, so the worker gets header and head in one write.
+// head.
 func (p *primary) serveConn(c net.Conn) {
 	r := p.route(c)
 	if r == nil {
-		p.untrack(c)
+		p.conns.untrack(c)
 		return
 	}
 	// Relay in a goroutine of its own, whose stack starts small: routing
@@ -193,7 +117,7 @@ type relay struct {
 
 func (r *relay) relay() {
 	p, s := r.p, r.s
-	defer p.untrack(r.client)
+	defer p.conns.untrack(r.client)
 	up, down := splice(r.client, r.worker, p.cfg.halfOpen)
 	s.conns.Add(-1)
 	p.tel.active.Add(bg, -1, s.attrs.worker)
@@ -202,86 +126,160 @@ func (r *relay) relay() {
 	p.tel.bytes.Add(bg, down, s.attrs.toClient)
 }
 
-// route sniffs, parses and routes c, and returns it connected to its
-// worker, or nil when it was answered, refused or handed off here.
+// route inspects c, parses what it has sent and gives it to a worker. In
+// splice mode it returns c connected to its worker; it returns nil when c
+// was answered here, refused, or handed off (hand-off mode: the worker
+// serves c itself now).
 func (p *primary) route(c net.Conn) *relay {
-	routing := true // counted in p.routing until a worker is dialed or the connection refused
+	routing := true // counted in p.gate.routing until a worker took it or it was refused
 	doneRouting := func() {
 		if routing {
 			routing = false
-			p.routing.Add(-1)
+			p.gate.routing.Add(-1)
 		}
 	}
 	defer doneRouting()
+	tc, handoff := c.(*net.TCPConn)
+	handoff = handoff && p.cfg.handoff
 	bp := p.bufs.Get().(*[]byte)
-	if tc, ok := c.(*net.TCPConn); ok && p.cfg.handoff {
-		p.handoffConn(tc, bp, doneRouting)
+	defer p.bufs.Put(bp)
+	buf := (*bp)[proxyRoom:]
+	n, hdr, client, ok := p.inspect(c, buf, handoff)
+	if !ok {
 		return nil
 	}
-	buf := (*bp)[proxyRoom:]
-	start := time.Now()
-	n, hdr, outcome, err := sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
-	if err != nil && n == 0 {
-		p.bufs.Put(bp)
-		return nil // the client left before sending anything
-	}
-	client := clientAddr(c)
-	if hdr != 0 {
-		var reason string
-		if client, reason = p.proxiedClient(client, buf[:max(hdr, 0)], hdr); reason != "" {
-			p.bufs.Put(bp)
-			p.tel.proxyRejected.Add(bg, 1, p.tel.rejectReason[reason])
-			if ok, dropped := p.proxyLog.allow(); ok {
-				p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", clientAddr(c).String(), "suppressed", dropped)
-			}
-			return nil
-		}
-		hdr = max(hdr, 0)
-	}
 	req := p.reqs.Get().(*Request)
+	defer p.reqs.Put(req)
+	defer req.reset()
 	parseRequest(req, buf[hdr:n])
 	req.RemoteAddr = client
 	if p.isHealthCheck(req) {
-		head := req.Method == "HEAD"
-		req.reset()
-		p.reqs.Put(req)
-		p.bufs.Put(bp)
-		p.answerHealth(c, head)
+		doneRouting()
+		p.answerHealth(c, req.Method == "HEAD")
 		return nil
 	}
-	w, s, pid := p.connect(req)
+	var w *WorkerInfo
+	var wc *net.TCPConn
+	if handoff {
+		w = p.offer(req, tc, nil)
+	} else {
+		w = p.offer(req, nil, &wc)
+	}
 	doneRouting()
-	isHTTP := req.Protocol == ProtocolHTTP1
-	req.reset()
-	p.reqs.Put(req)
-	if w == nil {
-		p.bufs.Put(bp)
-		p.refuseUnavailable(c, isHTTP)
+	switch {
+	case w == nil:
+		p.refuseUnavailable(c, req.Protocol == ProtocolHTTP1)
+		return nil
+	case handoff:
 		return nil
 	}
-	p.tel.active.Add(bg, 1, s.attrs.worker)
-	r := &relay{p: p, client: c, worker: w, s: s, sent: int64(n - hdr), routed: time.Now()}
-	p.routed(c, w, s.index, pid)
+	r := &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
+	p.conns.routed(c, wc, w.Index, w.PID)
+	// The worker gets the PROXY header and the head in one write: the
+	// header goes right in front of the head, in the buffer's spare room.
 	var hb [proxyRoom]byte
 	h := appendProxyV2(hb[:0], client, localAddr(c), &p.secret)
 	from := proxyRoom + hdr - len(h)
 	copy((*bp)[from:], h)
-	_, werr := w.Write((*bp)[from : proxyRoom+n])
-	p.bufs.Put(bp)
-	if werr != nil {
+	if _, err := wc.Write((*bp)[from : proxyRoom+n]); err != nil {
 		// The worker is gone already: end the connection as a relay would.
-		w.Close()
-		r.client.Close()
+		wc.Close()
+		c.Close()
 	}
 	return r
+}
+
+// inspect reads the start of c into buf (splice mode), or peeks at it
+// without reading (hand-off mode), until it holds a complete request head,
+// buf is full, the client stops sending or the inspection timeout passes.
+// It returns how many bytes buf holds, the length of the trusted PROXY
+// header at its start (splice mode), and the client's address. ok is false
+// when the connection is to be closed: the client left without sending
+// anything, or sent a PROXY header that is not to be trusted.
+func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, client netip.AddrPort, ok bool) {
+	start := time.Now()
+	var outcome string
+	var err error
+	if handoff {
+		n, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout)
+	} else {
+		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
+	}
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
+	if err != nil && n == 0 {
+		return 0, 0, client, false
+	}
+	client = clientAddr(c)
+	if hdr == 0 {
+		return n, 0, client, true
+	}
+	var reason string
+	if client, reason = p.proxiedClient(client, buf[:max(hdr, 0)], hdr); reason != "" {
+		p.tel.proxyRejected.Add(bg, 1, p.tel.rejectReason[reason])
+		if ok, dropped := p.logs.proxy.allow(); ok {
+			p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", clientAddr(c).String(), "suppressed", dropped)
+		}
+		return n, hdr, client, false
+	}
+	return n, max(hdr, 0), client, true
+}
+
+// offer picks a worker for req and gives it the connection: in hand-off
+// mode it passes c's descriptor to it, in splice mode it dials it and sets
+// *wc. A worker that fails is skipped for the next candidate, since it has
+// not received a byte. offer returns the worker that took the connection,
+// whose slot's connection count now includes it, or nil.
+func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerInfo {
+	e := p.gate.enter()
+	defer p.gate.exit(e)
+	cands := p.pool.candidates()
+	if len(cands) == 0 {
+		return nil
+	}
+	i := p.pickWorker(req, cands)
+	for k := range cands {
+		w := &cands[(i+k)%len(cands)]
+		s := w.slot
+		if k > 0 {
+			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
+		}
+		s.conns.Add(1)
+		var err error
+		if c != nil {
+			err = handTo(w.proc, c)
+		} else {
+			*wc, err = p.dial(w.Addr)
+		}
+		if err == nil {
+			if w.proc != nil {
+				w.proc.dialed.Add(1)
+			}
+			p.tel.active.Add(bg, 1, s.attrs.worker)
+			return w
+		}
+		s.conns.Add(-1)
+		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
+		if ok, n := p.logs.dial.allow(); ok {
+			p.log.Warn("worker did not take a connection; trying the next", "worker", w.Index, "addr", w.Addr, "handoff", c != nil, "err", err, "suppressed", n)
+		}
+	}
+	return nil
+}
+
+// dial connects to a worker; p.dialer.Timeout bounds it.
+func (p *primary) dial(addr string) (*net.TCPConn, error) {
+	c, err := p.dialer.DialContext(bg, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
 }
 
 // refuseUnavailable answers a connection no worker can take: 503 for
 // HTTP/1, a plain close otherwise.
 func (p *primary) refuseUnavailable(c net.Conn, isHTTP bool) {
 	p.tel.unavailable.Add(bg, 1)
-	if ok, dropped := p.noWorkerLog.allow(); ok {
+	if ok, dropped := p.logs.noWorker.allow(); ok {
 		p.log.Warn("no worker available; refusing connection", "http", isHTTP, "suppressed", dropped)
 	}
 	resp := ""
@@ -355,9 +353,9 @@ func (p *primary) isHealthCheck(req *Request) bool {
 func (p *primary) answerHealth(c net.Conn, head bool) {
 	status, body := "200 OK", "ok\n"
 	switch {
-	case p.draining.Load():
+	case p.life.draining.Load():
 		status, body = "503 Service Unavailable", "draining\n"
-	case len(p.candidates()) == 0:
+	case len(p.pool.candidates()) == 0:
 		status, body = "503 Service Unavailable", "no worker ready\n"
 	}
 	resp := "HTTP/1.1 " + status + "\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n" +
@@ -368,41 +366,6 @@ func (p *primary) answerHealth(c net.Conn, head bool) {
 	respondAndClose(c, resp)
 }
 
-// connect picks a worker for req and dials it. A worker that refuses the
-// dial is skipped for the next one, since no byte has been sent to it. It
-// returns nil when no worker takes the connection; otherwise the slot's
-// connection count includes this connection.
-func (p *primary) connect(req *Request) (*net.TCPConn, *slot, int) {
-	e := p.enterDial()
-	defer p.exitDial(e)
-	cands := p.candidates()
-	if len(cands) == 0 {
-		return nil, nil, 0
-	}
-	i := p.pickWorker(req, cands)
-	for k := range cands {
-		w := &cands[(i+k)%len(cands)]
-		s := w.slot
-		if k > 0 {
-			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
-		}
-		s.conns.Add(1)
-		c, err := p.dialer.DialContext(bg, "tcp", w.Addr) // p.dialer.Timeout bounds it
-		if err == nil {
-			if w.proc != nil {
-				w.proc.dialed.Add(1)
-			}
-			return c.(*net.TCPConn), s, w.PID
-		}
-		s.conns.Add(-1)
-		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
-		if ok, n := p.dialLog.allow(); ok {
-			p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err, "suppressed", n)
-		}
-	}
-	return nil, nil, 0
-}
-
 // pickWorker asks the balancer for a worker, times it, and counts and
 // logs a fallback.
 func (p *primary) pickWorker(req *Request, cands []WorkerInfo) int {
@@ -411,37 +374,17 @@ func (p *primary) pickWorker(req *Request, cands []WorkerInfo) int {
 	p.tel.balance.Record(bg, time.Since(start).Seconds())
 	if res != pickOK {
 		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res])
-		if ok, n := p.balancerLog.allow(); ok {
+		if ok, n := p.logs.balancer.allow(); ok {
 			p.log.Error("balancer failed; used round robin", "failure", res.String(), "suppressed", n)
 		}
 	}
 	return i
 }
 
-// enterDial and exitDial bracket the use of a candidate snapshot, from
-// loading it to the end of the dial, so that quiesce can wait for every
-// connect that may still dial a worker taken out of the snapshot. The two
-// counters alternate by epoch, as in read-copy-update.
-func (p *primary) enterDial() uint64 {
-	for {
-		e := p.epoch.Load()
-		p.dialing[e&1].Add(1)
-		if p.epoch.Load() == e {
-			return e
-		}
-		p.dialing[e&1].Add(-1) // quiesce moved on meanwhile: join the new epoch
-	}
-}
-
-func (p *primary) exitDial(e uint64) { p.dialing[e&1].Add(-1) }
-
-// quiesce waits until every connect that loaded a candidate snapshot
-// published before this call has finished dialing. Bounded by the dial
+// quiesce waits until no connect that loaded a candidate snapshot
+// published before this call is still dialing. Bounded by the dial
 // timeout.
-func (p *primary) quiesce() {
-	e := p.epoch.Add(1) - 1
-	waitUntil(p.cfg.dialTimeout+100*time.Millisecond, func() bool { return p.dialing[e&1].Load() == 0 })
-}
+func (p *primary) quiesce() { p.gate.quiesce(p.cfg.dialTimeout + 100*time.Millisecond) }
 
 // awaitRoutingIdle waits, once the listener is closed, until every
 // accepted connection has been routed (or refused), so that no connection
@@ -453,17 +396,7 @@ func (p *primary) awaitRoutingIdle() {
 	case <-p.acceptDone:
 	case <-time.After(limit):
 	}
-	waitUntil(limit, func() bool { return p.routing.Load() == 0 })
-}
-
-// waitUntil polls cond every millisecond until it holds or limit passes.
-// The conditions it waits for last microseconds: a dial in progress, a
-// head being sniffed.
-func waitUntil(limit time.Duration, cond func() bool) {
-	deadline := time.Now().Add(limit)
-	for !cond() && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	waitUntil(limit, func() bool { return p.gate.routing.Load() == 0 })
 }
 
 // respondAndClose writes a complete HTTP/1 response and closes the

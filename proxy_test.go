@@ -179,7 +179,7 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
-				p.track(server)
+				p.admit(server)
 				p.serveConn(server)
 			}()
 			want := append(append([]byte{}, tc.first...), random...)
@@ -210,18 +210,17 @@ func newTestPrimary(t testing.TB, b Balancer, opt Option, addrs ...string) *prim
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &primary{cfg: c, log: c.logger, fallback: RoundRobin(), dialer: net.Dialer{Timeout: time.Second},
-		live: map[net.Conn]liveConn{}}
-	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
-	p.reqs.New = func() any { return new(Request) }
+	p, err := newPrimary(c, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.dialer.Timeout = time.Second
 	v := &poolView{}
 	for i, a := range addrs {
-		s := newSlot(i)
-		p.slots = append(p.slots, s)
+		s := p.pool.slots[i]
 		v.cands = append(v.cands, WorkerInfo{Index: i, Addr: a, conns: &s.conns, slot: s})
 	}
-	p.view.Store(v)
-	p.tel = newTelemetry(c.meterProvider, p.snapshot)
+	p.pool.view.Store(v)
 	return p
 }
 
@@ -378,15 +377,16 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
 	m, opt := newMetrics(t)
 	p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
-	conn, s, _ := p.connect(&Request{})
-	if conn == nil {
+	var conn *net.TCPConn
+	w := p.offer(&Request{}, nil, &conn)
+	if w == nil {
 		t.Fatal("connect gave up although worker 1 accepts")
 	}
 	conn.Close()
-	if s.index != 1 {
-		t.Fatalf("connected to worker %d, want 1", s.index)
+	if w.slot.index != 1 {
+		t.Fatalf("connected to worker %d, want 1", w.slot.index)
 	}
-	if n0, n1 := p.slots[0].conns.Load(), p.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
+	if n0, n1 := p.pool.slots[0].conns.Load(), p.pool.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
 		t.Fatalf("connection counts %d/%d, want 0/1", n0, n1)
 	}
 	ms := m.collect()

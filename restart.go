@@ -3,15 +3,12 @@ package defuss
 import (
 	"context"
 	"fmt"
-	"slices"
 )
 
 func (p *primary) restart(ctx context.Context) error {
 	p.restartMu.Lock()
 	defer p.restartMu.Unlock()
-	p.mu.Lock()
-	slots := slices.Clone(p.slots)
-	p.mu.Unlock()
+	slots := p.pool.list()
 	p.log.Info("rolling restart", "workers", len(slots))
 	for _, s := range slots {
 		if p.stopping() {
@@ -21,7 +18,7 @@ func (p *primary) restart(ctx context.Context) error {
 		case p.replaceTok <- struct{}{}:
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-p.drain:
+		case <-p.life.drain:
 			return ErrShuttingDown
 		}
 		err := p.replaceSlot(s)
@@ -48,7 +45,7 @@ func (p *primary) replaceSlot(s *slot) error {
 	case s.replace <- req:
 	case <-s.done:
 		return nil // scaled away meanwhile
-	case <-p.drain:
+	case <-p.life.drain:
 		return ErrShuttingDown
 	}
 	return <-req.done // the supervisor always answers, also when shutting down
@@ -70,68 +67,48 @@ func (p *primary) scaleBy(delta int) error {
 func (p *primary) scaleTo(ctx context.Context, target func(have int) int) error {
 	p.scaleMu.Lock()
 	defer p.scaleMu.Unlock()
-	p.mu.Lock()
 	if p.stopping() {
-		p.mu.Unlock()
 		return ErrShuttingDown
 	}
-	have := len(p.slots)
-	n := target(have)
-	var changed []*slot
-	switch {
+	slots := p.pool.list()
+	have := len(slots)
+	switch n := target(have); {
 	case n > have:
 		startup := make(chan error, n-have)
-		for i := have; i < n; i++ {
-			s := newSlot(i)
-			p.slots = append(p.slots, s)
-			changed = append(changed, s)
-			p.supervisors.Add(1) // before drain closes: see beginShutdown
-			go func() {
-				defer p.supervisors.Done()
-				p.supervise(s, startup)
-			}()
+		added, err := p.pool.grow(n, func(s *slot) { p.goSupervise(s, startup) })
+		if err != nil {
+			return err
 		}
-		p.publish()
-		p.mu.Unlock()
 		p.log.Info("scaling up", "from", have, "to", n)
-		for range changed {
-			var err error
+		for range added {
 			select {
 			case err = <-startup:
 			case <-ctx.Done():
 				err = ctx.Err()
-			case <-p.drain:
+			case <-p.life.drain:
 				err = ErrShuttingDown
 			}
 			if err != nil {
 				p.log.Error("scaling up failed; removing the new workers", "err", err)
-				p.removeSlots(changed)
+				p.removeSlots(added)
 				return err
 			}
 		}
-		return nil
 	case n < have:
-		changed = slices.Clone(p.slots[n:])
-		p.mu.Unlock()
 		p.log.Info("scaling down", "from", have, "to", n)
-		return p.removeSlots(changed)
+		p.removeSlots(slots[n:])
 	}
-	p.mu.Unlock()
 	return nil
 }
 
 // removeSlots takes slots out of the table, drains them and waits until
 // their supervisors have ended.
-func (p *primary) removeSlots(slots []*slot) error {
-	p.mu.Lock()
-	p.slots = slices.DeleteFunc(p.slots, func(s *slot) bool { return slices.Contains(slots, s) })
-	p.publish()
-	p.mu.Unlock()
+func (p *primary) removeSlots(slots []*slot) {
+	p.pool.remove(slots)
 	for _, s := range slots {
 		close(s.retire)
 	}
 	for _, s := range slots {
 		<-s.done
 	}
-	return nil
 }

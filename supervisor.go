@@ -5,7 +5,6 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
-	"os"
 	"strconv"
 	"time"
 )
@@ -32,17 +31,20 @@ type replaceReq struct {
 }
 
 // supervisor owns one slot: its current process, a successor being
-// started for a replacement, and a predecessor being drained.
+// started for a replacement, and a predecessor being drained. One
+// goroutine runs it, and every process of the slot reports to it on one
+// channel, events.
 type supervisor struct {
 	p        *primary
 	s        *slot
-	startup  chan<- error // the first process's outcome; nil once sent
-	cur      *process     // the process the slot routes to (nil while down)
-	next     *process     // a successor that has not reported ready yet
-	old      *process     // a predecessor that drains
-	pending  *replaceReq  // the replacement in progress
-	failures int          // consecutive early deaths, for the backoff
-	respawn  *time.Timer  // armed while the slot waits to respawn
+	events   chan procEvent // from every process of the slot
+	startup  chan<- error   // the first process's outcome; nil once sent
+	cur      *process       // the process the slot routes to (nil while down)
+	next     *process       // a successor that has not reported ready yet
+	old      *process       // a predecessor that drains
+	pending  *replaceReq    // the replacement in progress
+	failures int            // consecutive early deaths, for the backoff
+	respawn  *time.Timer    // armed while the slot waits to respawn
 	stopping bool
 	retiring bool // scaling down removed the slot
 	gone     bool // respawn is off and the process died: the slot is over
@@ -52,36 +54,20 @@ type supervisor struct {
 // of the slot has exited. startup receives the outcome of the slot's
 // first process (nil once it is ready).
 func (p *primary) supervise(s *slot, startup chan<- error) {
-	sv := &supervisor{p: p, s: s, startup: startup}
+	sv := &supervisor{p: p, s: s, startup: startup, events: make(chan procEvent, 8)}
 	sv.startCur()
 	tick := time.NewTicker(min(p.cfg.heartbeat, p.cfg.staleAfter/4))
 	defer tick.Stop()
 	defer close(s.done)
-	drain, force, retire := p.drain, p.force, s.retire
-	for !(sv.stopping || sv.gone) || sv.cur != nil || sv.next != nil || sv.old != nil {
+	drain, force, retire := p.life.drain, p.life.force, s.retire
+	for sv.running() {
 		var respawn <-chan time.Time
 		if sv.respawn != nil {
 			respawn = sv.respawn.C
 		}
 		select {
-		case ev, ok := <-sv.cur.eventsC():
-			sv.onEvent(sv.cur, ev, ok)
-		case ev, ok := <-sv.next.eventsC():
-			sv.onEvent(sv.next, ev, ok)
-		case ev, ok := <-sv.old.eventsC():
-			sv.onEvent(sv.old, ev, ok)
-		case err := <-sv.cur.exitC():
-			sv.onExit(sv.cur, err)
-		case err := <-sv.next.exitC():
-			sv.onExit(sv.next, err)
-		case err := <-sv.old.exitC():
-			sv.onExit(sv.old, err)
-		case <-sv.cur.timerC():
-			sv.onTimer(sv.cur)
-		case <-sv.next.timerC():
-			sv.onTimer(sv.next)
-		case <-sv.old.timerC():
-			sv.onTimer(sv.old)
+		case ev := <-sv.events:
+			sv.handle(ev)
 		case <-respawn:
 			sv.respawn = nil
 			sv.startCur()
@@ -97,24 +83,56 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 			sv.retire()
 		case <-force:
 			force = nil
-			for _, pr := range []*process{sv.cur, sv.next, sv.old} {
-				if pr != nil {
-					pr.kill("shutdown", errors.New("forced shutdown"))
-				}
-			}
+			sv.each(func(pr *process) { pr.kill("shutdown", errors.New("forced shutdown")) })
 		}
 	}
 	if sv.respawn != nil {
 		sv.respawn.Stop()
 	}
-	p.setState(s, WorkerDown, 0)
+	p.pool.setState(s, WorkerDown, 0)
+}
+
+// running reports whether the slot goes on: it is neither stopping nor
+// over, or one of its processes has not exited yet.
+func (sv *supervisor) running() bool {
+	return !(sv.stopping || sv.gone) || sv.cur != nil || sv.next != nil || sv.old != nil
+}
+
+// each calls f for every process of the slot.
+func (sv *supervisor) each(f func(*process)) {
+	for _, pr := range [...]*process{sv.cur, sv.next, sv.old} {
+		if pr != nil {
+			f(pr)
+		}
+	}
+}
+
+// handle dispatches one event of one of the slot's processes. Events of a
+// process that is no longer the slot's (a late timer, a frame that came
+// after the exit) are dropped.
+func (sv *supervisor) handle(ev procEvent) {
+	pr := ev.pr
+	if pr != sv.cur && pr != sv.next && pr != sv.old {
+		return
+	}
+	switch ev.kind {
+	case evFrame:
+		sv.onFrame(pr, ev.frame)
+	case evExit:
+		sv.onExit(pr, ev.err)
+	case evTimer:
+		if ev.gen == pr.timerGen && pr.timer != nil {
+			pr.disarm()
+			sv.onTimer(pr)
+		}
+	}
 }
 
 // start spawns a new process for the slot. It returns nil if spawning
 // failed; the failure is handled like a process that died at once.
 func (sv *supervisor) start() (*process, error) {
 	p, s := sv.p, sv.s
-	pr, err := p.spawn(s.index)
+	pr, err := p.spawn(s.index, sv.events)
 	if err != nil {
 		err = fmt.Errorf("defuss: spawn worker %d: %w", s.index, err)
 		p.log.Error("spawn failed", "worker", s.index, "err", err)
@@ -126,13 +144,13 @@ func (sv *supervisor) start() (*process, error) {
 			pr.limit += uint64(mrand.Int64N(int64(j) + 1))
 		}
 	}
+	pr.arm(p.cfg.startTimeout)
 	p.log.Info("worker spawned", "worker", s.index, "worker_pid", pr.pid)
 	if sv.cur == nil && sv.next == nil {
-		p.mu.Lock()
-		s.info.PID, s.info.Addr, s.info.Started, s.info.LastHeartbeat, s.info.Stats = pr.pid, "", pr.started, time.Time{}, Stats{}
-		s.info.Ready = false
-		p.mu.Unlock()
-		p.setState(s, WorkerStarting, pr.pid)
+		p.pool.update(s, func(w *WorkerInfo) {
+			w.State, w.PID, w.Addr, w.Started, w.Ready = WorkerStarting, pr.pid, "", pr.started, false
+			w.LastHeartbeat, w.Stats = time.Time{}, Stats{}
+		})
 	}
 	return pr, nil
 }
@@ -155,12 +173,9 @@ func (sv *supervisor) report(err error) {
 	}
 }
 
-func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
+// onFrame handles a frame from pr, or the failure to read one.
+func (sv *supervisor) onFrame(pr *process, ev frameEvent) {
 	p, s := sv.p, sv.s
-	if !ok {
-		pr.events = nil // EOF: the process is exiting; wait for it
-		return
-	}
 	if ev.err == nil {
 		ev.err = p.checkMessage(s, pr.pid, &ev.msg)
 	}
@@ -168,7 +183,7 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
 		if pr == sv.cur {
-			p.setState(s, WorkerUnhealthy, pr.pid)
+			p.pool.setState(s, WorkerUnhealthy, pr.pid)
 		}
 		if ev.fatal {
 			pr.kill("protocol", ev.err)
@@ -184,9 +199,8 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		}
 		pr.ready = true
 		pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(ev.msg.port))
-		if pr.timer != nil && !pr.draining {
-			pr.timer.Stop()
-			pr.timer = nil
+		if !pr.draining {
+			pr.disarm() // the start timeout
 		}
 		p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
 			"startup", now.Sub(pr.started).Round(time.Millisecond))
@@ -201,19 +215,19 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 		if pr != sv.cur {
 			return
 		}
-		p.mu.Lock()
-		s.info.LastHeartbeat, s.info.Stats = now, ev.msg.stats
-		state := s.info.State
-		p.publish()
-		p.mu.Unlock()
+		var state WorkerState
+		p.pool.update(s, func(w *WorkerInfo) {
+			w.LastHeartbeat, w.Stats = now, ev.msg.stats
+			state = w.State
+		})
 		if pr.ready && !pr.draining && (state == WorkerStale || state == WorkerUnhealthy) {
 			p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
-			p.setState(s, WorkerReady, pr.pid)
+			p.pool.setState(s, WorkerReady, pr.pid)
 		}
 		sv.checkLimits(pr, &ev.msg.stats)
 	case frameStopping:
 		if pr == sv.cur {
-			p.setState(s, WorkerDraining, pr.pid)
+			p.pool.setState(s, WorkerDraining, pr.pid)
 		}
 	case frameFailed:
 		pr.failMsg = ev.msg.err
@@ -235,15 +249,13 @@ func (sv *supervisor) onEvent(pr *process, ev frameEvent, ok bool) {
 // which has just reported ready.
 func (sv *supervisor) publishCur(now time.Time, st *Stats) {
 	p, s, pr := sv.p, sv.s, sv.cur
-	p.mu.Lock()
-	s.info.PID, s.info.Addr, s.info.Started = pr.pid, pr.addr, pr.started
-	s.info.Ready, s.info.LastHeartbeat, s.info.Stats = true, now, *st
-	s.info.proc = pr
-	if !pr.draining {
-		s.info.State = WorkerReady
-	}
-	p.publish()
-	p.mu.Unlock()
+	p.pool.update(s, func(w *WorkerInfo) {
+		w.PID, w.Addr, w.Started, w.proc = pr.pid, pr.addr, pr.started, pr
+		w.Ready, w.LastHeartbeat, w.Stats = true, now, *st
+		if !pr.draining {
+			w.State = WorkerReady
+		}
+	})
 }
 
 // promote makes the ready successor the slot's process and drains the
@@ -256,9 +268,7 @@ func (sv *supervisor) promote(now time.Time, st *Stats) {
 	if sv.pending != nil {
 		reason = sv.pending.reason
 	}
-	p.mu.Lock()
-	s.info.Restarts++
-	p.mu.Unlock()
+	p.pool.update(s, func(w *WorkerInfo) { w.Restarts++ })
 	sv.publishCur(now, st)
 	p.tel.restart(s.index, reason)
 	if prev == nil {
@@ -269,13 +279,13 @@ func (sv *supervisor) promote(now time.Time, st *Stats) {
 		"new_pid", sv.cur.pid, "reason", reason)
 	sv.old = prev
 	p.quiesce() // no connection is still being dialed to prev
-	prev.drainProc(p.cfg.shutdownTimeout, reason)
+	prev.drain(p.cfg.shutdownTimeout, reason)
 }
 
 // onExit handles the end of one of the slot's processes.
 func (sv *supervisor) onExit(pr *process, werr error) {
 	p, s := sv.p, sv.s
-	pr.finish()
+	pr.release()
 	uptime := time.Since(pr.started)
 	reason, err := pr.reason, pr.reasonErr
 	if reason == "" {
@@ -287,10 +297,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 			reason = "shutdown"
 		}
 	}
-	if pr.timer != nil {
-		pr.timer.Stop()
-	}
-	p.endConnsOf(s.index, pr.pid)
+	p.conns.endOf(s.index, pr.pid)
 	if n := pr.open.Swap(0); n != 0 {
 		// Handed-off connections the worker had not reported closed died
 		// with it.
@@ -313,10 +320,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 		}
 	case sv.cur:
 		sv.cur = nil
-		p.mu.Lock()
-		s.info.Ready, s.info.Addr, s.info.PID = false, "", 0
-		p.mu.Unlock()
-		p.setState(s, WorkerDown, 0)
+		p.pool.update(s, func(w *WorkerInfo) { w.State, w.Ready, w.Addr, w.PID = WorkerDown, false, "", 0 })
 		if !pr.ready {
 			sv.report(fmt.Errorf("%w: worker %d (pid %d): %w", ErrWorkerStart, s.index, pr.pid, err))
 		}
@@ -353,15 +357,14 @@ func (sv *supervisor) died(reason string, err error, uptime time.Duration) {
 		p.log.Warn("worker exited, respawning", attrs...)
 	}
 	p.tel.restart(s.index, reason)
-	p.mu.Lock()
-	s.info.Restarts++
-	p.mu.Unlock()
+	p.pool.update(s, func(w *WorkerInfo) { w.Restarts++ })
 	sv.respawn = time.NewTimer(delay)
 }
 
+// onTimer handles pr's timeout: the start timeout before it is ready, the
+// shutdown timeout while it drains.
 func (sv *supervisor) onTimer(pr *process) {
 	p := sv.p
-	pr.timer = nil
 	switch {
 	case pr.draining:
 		p.log.Warn("worker did not stop in time, killing it", "worker", sv.s.index, "worker_pid", pr.pid, "timeout", p.cfg.shutdownTimeout)
@@ -382,9 +385,9 @@ func (sv *supervisor) checkStale() {
 	case age > 2*p.cfg.staleAfter:
 		pr.kill("stale", fmt.Errorf("no heartbeat for %v", age.Round(time.Millisecond)))
 	case age > p.cfg.staleAfter:
-		if p.state(s) == WorkerReady {
+		if p.pool.state(s) == WorkerReady {
 			p.log.Warn("worker stale", "worker", s.index, "worker_pid", pr.pid, "silent", age.Round(time.Millisecond))
-			p.setState(s, WorkerStale, pr.pid)
+			p.pool.setState(s, WorkerStale, pr.pid)
 		}
 	}
 }
@@ -449,24 +452,12 @@ func (sv *supervisor) reply(req *replaceReq, err error) {
 	}
 }
 
-// stop starts the slot's part of a graceful shutdown.
+// stop starts the slot's part of a graceful shutdown, once every
+// accepted connection has been routed.
 func (sv *supervisor) stop() {
-	sv.stopping = true
-	if sv.respawn != nil {
-		sv.respawn.Stop()
-		sv.respawn = nil
-	}
-	if sv.next != nil {
-		sv.next.kill("shutdown", ErrShuttingDown)
-	}
-	sv.p.awaitRoutingIdle() // every accepted connection has been routed
-	for _, pr := range []*process{sv.cur, sv.old} {
-		if pr != nil {
-			pr.drainProc(sv.p.cfg.shutdownTimeout, "shutdown")
-		}
-	}
+	sv.windDown("shutdown", ErrShuttingDown, sv.p.awaitRoutingIdle)
 	if sv.cur != nil {
-		sv.p.setState(sv.s, WorkerDraining, sv.cur.pid)
+		sv.p.pool.setState(sv.s, WorkerDraining, sv.cur.pid)
 	}
 }
 
@@ -474,22 +465,29 @@ func (sv *supervisor) stop() {
 // slot is no longer in the table, so no new connection picks it; those
 // that picked it from an older snapshot finish dialing first.
 func (sv *supervisor) retire() {
-	p := sv.p
-	sv.stopping, sv.retiring = true, true
+	sv.retiring = true
+	sv.windDown("scale-down", errors.New("slot retired"), sv.p.quiesce)
+	sv.p.log.Info("worker slot retired; draining", "worker", sv.s.index)
+}
+
+// windDown ends the slot: no respawn, a successor still starting is
+// killed, and once settle returns (no connection can still be dialed to
+// them) the current and old processes drain.
+func (sv *supervisor) windDown(reason string, err error, settle func()) {
+	sv.stopping = true
 	if sv.respawn != nil {
 		sv.respawn.Stop()
 		sv.respawn = nil
 	}
 	if sv.next != nil {
-		sv.next.kill("scale-down", errors.New("slot retired"))
+		sv.next.kill(reason, err)
 	}
-	p.quiesce()
-	for _, pr := range []*process{sv.cur, sv.old} {
+	settle()
+	for _, pr := range [...]*process{sv.cur, sv.old} {
 		if pr != nil {
-			pr.drainProc(p.cfg.shutdownTimeout, "scale-down")
+			pr.drain(sv.p.cfg.shutdownTimeout, reason)
 		}
 	}
-	p.log.Info("worker slot retired; draining", "worker", sv.s.index)
 }
 
 // checkMessage validates a decoded frame against the slot and process it
@@ -511,22 +509,4 @@ type frameEvent struct {
 	msg   message
 	err   error
 	fatal bool // the stream is out of sync; nothing more can be trusted
-}
-
-// readFrames reads frames from a worker's status pipe until EOF or an
-// unrecoverable error, then closes events.
-func readFrames(r *os.File, events chan<- frameEvent) {
-	defer close(events)
-	buf := make([]byte, maxFramePayload)
-	for {
-		typ, payload, err := readFrame(r, buf)
-		if err != nil {
-			if errors.Is(err, errFrame) {
-				events <- frameEvent{err: err, fatal: true}
-			}
-			return
-		}
-		m, err := decodeMessage(typ, payload)
-		events <- frameEvent{msg: m, err: err}
-	}
 }

@@ -1,0 +1,149 @@
+package defuss
+
+import (
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// connTable holds the primary's live client connections, so that shutdown
+// can wait for them and, past its deadline, close them.
+type connTable struct {
+	mu   sync.Mutex
+	live map[net.Conn]liveConn // nil once the table is closed
+	max  int                   // WithMaxConnections; 0 = no cap
+	wg   sync.WaitGroup        // one per tracked connection
+}
+
+// liveConn is what the primary knows of a live client connection: once it
+// is routed, the worker connection and the worker process behind it.
+type liveConn struct {
+	worker net.Conn
+	slot   int
+	pid    int
+}
+
+func newConnTable(max int) *connTable {
+	return &connTable{live: make(map[net.Conn]liveConn), max: max}
+}
+
+// track registers a new client connection. It reports false once the
+// table is closed, or when the connection limit is reached (full).
+func (t *connTable) track(c net.Conn) (ok, full bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.live == nil {
+		return false, false
+	}
+	if t.max > 0 && len(t.live) >= t.max {
+		return false, true
+	}
+	t.live[c] = liveConn{slot: -1}
+	t.wg.Add(1)
+	return true, false
+}
+
+// routed records that c is now spliced to worker, served by process pid in
+// slot.
+func (t *connTable) routed(c, worker net.Conn, slot, pid int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.live[c]; ok {
+		t.live[c] = liveConn{worker: worker, slot: slot, pid: pid}
+	}
+}
+
+// untrack closes c and forgets it.
+func (t *connTable) untrack(c net.Conn) {
+	c.Close()
+	t.mu.Lock()
+	delete(t.live, c)
+	t.mu.Unlock()
+	t.wg.Done()
+}
+
+// closeAll closes every live connection and closes the table: track
+// refuses from now on.
+func (t *connTable) closeAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for c, l := range t.live {
+		c.Close()
+		if l.worker != nil {
+			l.worker.Close()
+		}
+	}
+	t.live = nil
+}
+
+// endOf ends the client-to-worker direction of the connections spliced to
+// process pid of slot, which has exited: nothing the client sends can
+// reach it any more, and a half-open client side would otherwise keep them
+// (and the slot's count) alive. The other direction still delivers what
+// the worker wrote before it exited, then the connection closes as usual.
+func (t *connTable) endOf(slot, pid int) {
+	t.end(func(l liveConn) bool { return l.slot == slot && l.pid == pid })
+}
+
+// endAll does endOf for every live connection: at shutdown, once every
+// worker has exited.
+func (t *connTable) endAll() { t.end(func(liveConn) bool { return true }) }
+
+func (t *connTable) end(match func(liveConn) bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := time.Now()
+	for c, l := range t.live {
+		if match(l) {
+			c.SetReadDeadline(now)
+		}
+	}
+}
+
+// wait blocks until every tracked connection is untracked.
+func (t *connTable) wait() { t.wg.Wait() }
+
+// dialGate counts the connections being routed and the dials in flight,
+// so that a supervisor can wait, before it drains a process, until no
+// connection can still be dialed to it.
+type dialGate struct {
+	epoch   atomic.Uint64   // see enter and quiesce
+	dialing [2]atomic.Int64 // dials in flight, by epoch parity
+	routing atomic.Int64    // accepted connections not yet routed or refused
+}
+
+// enter and exit bracket the use of a candidate snapshot, from loading it
+// to the end of the dial, so that quiesce can wait for every connect that
+// may still dial a worker taken out of the snapshot. The two counters
+// alternate by epoch, as in read-copy-update.
+func (g *dialGate) enter() uint64 {
+	for {
+		e := g.epoch.Load()
+		g.dialing[e&1].Add(1)
+		if g.epoch.Load() == e {
+			return e
+		}
+		g.dialing[e&1].Add(-1) // quiesce moved on meanwhile: join the new epoch
+	}
+}
+
+func (g *dialGate) exit(e uint64) { g.dialing[e&1].Add(-1) }
+
+// quiesce waits until every connect that loaded a candidate snapshot
+// published before this call has finished dialing, for at most limit
+// (the dial timeout bounds a dial).
+func (g *dialGate) quiesce(limit time.Duration) {
+	e := g.epoch.Add(1) - 1
+	waitUntil(limit, func() bool { return g.dialing[e&1].Load() == 0 })
+}
+
+// waitUntil polls cond every millisecond until it holds or limit passes.
+// The conditions it waits for last microseconds: a dial in progress, a
+// head being sniffed.
+func waitUntil(limit time.Duration, cond func() bool) {
+	deadline := time.Now().Add(limit)
+	for !cond() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+}
