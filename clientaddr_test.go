@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -113,24 +112,6 @@ func TestDirectWorkerConnectionIsRefused(t *testing.T) {
 	if got := remoteOf(t, c.roundTrip(t, "/")); got != c.LocalAddr().String() {
 		t.Fatalf("through the primary: %s, want %s", got, c.LocalAddr())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) Bytes() []byte {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return bytes.Clone(s.b.Bytes())
 }
 
 // Issue 4, point 3: the public listener takes PROXY v1/v2 headers only
