@@ -15,11 +15,11 @@ var errNoHandoff = errors.New("defuss: worker has no hand-off socket")
 // open in pr before it is sent, so that a close the worker reports at once
 // finds it there.
 func handTo(pr *process, c *net.TCPConn) error {
-	if pr == nil || pr.handoff == nil {
+	if pr == nil || pr.handoffSock == nil {
 		return errNoHandoff
 	}
 	pr.open.Add(1)
-	if err := sendConn(pr.handoff, c); err != nil {
+	if err := sendConn(pr.handoffSock, c); err != nil {
 		pr.open.Add(-1)
 		return err
 	}
@@ -29,7 +29,7 @@ func handTo(pr *process, c *net.TCPConn) error {
 // serveHandoff serves the connections the primary hands off.
 func (w *worker) serveHandoff() {
 	defer w.wg.Done()
-	if err := w.srv.Serve(w.handoff); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+	if err := w.srv.Serve(w.handed); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		w.log.Error("serve handed-off connections", "err", err)
 	}
 }

@@ -20,12 +20,12 @@ import (
 // it. The supervisor goroutine of the slot owns the plain fields; the
 // atomic ones are shared with the connection path.
 type process struct {
-	pid     int
-	started time.Time
-	os      osProcess     // the operating system's side; a fake in tests
-	handoff *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
-	dialed  atomic.Uint64 // connections the primary made (or handed) to this process
-	open    atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
+	pid         int
+	started     time.Time
+	os          osProcess     // the operating system's side; a fake in tests
+	handoffSock *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
+	dialed      atomic.Uint64 // connections the primary made (or handed) to this process
+	open        atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
 
 	events chan<- procEvent // the supervisor's: frames, exit, timers
 	gone   chan struct{}    // closed by release: nothing more is delivered
@@ -261,7 +261,7 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	}
 	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: handoff}
 	pr := newProcess(cmd.Process.Pid, e, events)
-	pr.handoff = handoff
+	pr.handoffSock = handoff
 	e.watch(pr)
 	port := 0
 	if p.cfg.baseWorkerPort > 0 {

@@ -101,7 +101,7 @@ func (p *primary) serveConn(c net.Conn) {
 	// Relay in a goroutine of its own, whose stack starts small: routing
 	// (dialing above all) grew this one's, and an idle connection would
 	// keep it for its whole life.
-	go r.relay()
+	go r.run()
 }
 
 // relay is a routed connection, spliced to its worker until both
@@ -115,7 +115,7 @@ type relay struct {
 	routed time.Time
 }
 
-func (r *relay) relay() {
+func (r *relay) run() {
 	p, s := r.p, r.s
 	defer p.conns.untrack(r.client)
 	up, down := splice(r.client, r.worker, p.cfg.halfOpen)

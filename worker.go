@@ -51,7 +51,7 @@ type worker struct {
 	accepted atomic.Uint64    // connections accepted on the listener, all told
 	draining atomic.Bool      // the listener was closed on purpose
 
-	handoff      *handoffListener // hand-off mode
+	handed       *handoffListener // hand-off mode: the connections the primary hands over
 	handedClosed atomic.Int64     // handed-off connections closed, not yet reported
 	kick         chan struct{}    // wakes reportCloses
 	done         chan struct{}    // closed when the server has stopped; ends the loops
@@ -86,17 +86,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 	w.stats = newSampler(&w.conns, &w.requests)
 	if err := w.start(h); err != nil {
 		w.fail(err)
-		if w.srv != nil {
-			w.srv.Close()
-			close(w.done)
-			if w.handoff != nil {
-				w.handoff.Close()
-				w.handoff.uc.Close()
-			}
-			w.wg.Wait()
-		}
-		status.Close()
-		control.Close()
+		w.release()
 		return nil, err
 	}
 	w.wg.Add(2)
@@ -143,12 +133,12 @@ func (w *worker) start(h http.Handler) error {
 		if err != nil {
 			return fmt.Errorf("defuss: worker %d: hand-off socket: %w", w.slot, err)
 		}
-		w.handoff = &handoffListener{uc: uc, addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{}),
+		w.handed = &handoffListener{uc: uc, addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{}),
 			accepted: &w.accepted, w: w}
 		w.kick = make(chan struct{}, 1)
 		w.wg.Add(3)
 		go w.serveHandoff()
-		go w.handoff.receive(&w.wg, w.log)
+		go w.handed.receive(&w.wg, w.log)
 		go w.reportCloses()
 	}
 	return w.send(&message{kind: frameReady, port: ln.Addr().(*net.TCPAddr).Port, stats: w.stats.sample()})
@@ -193,8 +183,8 @@ func (w *worker) drain(timeout time.Duration, conns uint64) {
 	w.draining.Store(true)
 	w.srv.SetKeepAlivesEnabled(false)
 	w.ln.Close()
-	if w.handoff != nil {
-		w.handoff.Close()
+	if w.handed != nil {
+		w.handed.Close()
 	}
 	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 })
 	if n := w.conns.Load(); n > 0 {
@@ -330,16 +320,23 @@ func (w *worker) run(signals bool) {
 	if timeout > 0 {
 		w.drain(timeout, req.conns)
 	}
-	w.srv.Close()
-	w.log.Debug("server stopped")
+	w.release()
+	w.log.Debug("worker stopped")
+	close(w.finished)
+}
+
+// release stops the server, ends the worker's goroutines and closes its
+// pipes and sockets.
+func (w *worker) release() {
+	if w.srv != nil {
+		w.srv.Close()
+	}
 	close(w.done)
 	w.control.Close()
-	if w.handoff != nil {
-		w.handoff.Close()
-		w.handoff.uc.Close()
+	if w.handed != nil {
+		w.handed.Close()
+		w.handed.uc.Close()
 	}
 	w.wg.Wait()
 	w.status.Close()
-	w.log.Debug("worker stopped")
-	close(w.finished)
 }
