@@ -37,21 +37,8 @@ func TestHostileHeadsBesideGoodClient(t *testing.T) {
 		rounds = 3
 	}
 
-	// Warm up, so that the baseline includes the steady state of the
-	// runtime, the pools and the metric SDK.
-	for range 20 {
-		c, err := dialChaos(addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.do(chaosReqs[0], -1); err != nil {
-			t.Fatal(err)
-		}
-		c.Close()
-	}
 	const warmup = 20
-	waitIdle(t, s, 10*time.Second)
-	base := measureUsage()
+	base := warmBaseline(t, s, chaosReqs[0], warmup)
 
 	good := newChaosLoad(addr, nil)
 	good.client(1, -1, 0, chaosReqs)  // a new connection per request
@@ -278,18 +265,7 @@ func TestConnectionFlood(t *testing.T) {
 		s := startTest(t, mopt)
 		addr := s.Addr().String()
 		const warmup = 4
-		for range warmup {
-			c, err := dialChaos(addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := c.do(chaosReqs[0], -1); err != nil {
-				t.Fatal(err)
-			}
-			c.Close()
-		}
-		waitIdle(t, s, 10*time.Second)
-		base := measureUsage()
+		base := warmBaseline(t, s, chaosReqs[0], warmup)
 
 		// The flood client: this test binary running
 		// TestChaosFloodClientProcess. It holds its connections until its

@@ -39,19 +39,8 @@ func TestSoak(t *testing.T) {
 	bal := newChaosBalancer()
 	s := startTest(t, mopt, WithBalancer(bal.balance))
 	addr := s.Addr().String()
-	for range 20 {
-		c, err := dialChaos(addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.do(chaosReqs[3], -1); err != nil {
-			t.Fatal(err)
-		}
-		c.Close()
-	}
 	const warmup = 20
-	waitIdle(t, s, 10*time.Second)
-	base := measureUsage()
+	base := warmBaseline(t, s, chaosReqs[3], warmup)
 
 	load := newChaosLoad(addr, bal)
 	load.client(1, -1, 0, chaosReqs)

@@ -117,3 +117,23 @@ func raiseFDLimit(t *testing.T, want uint64) uint64 {
 	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	return lim.Max
 }
+
+// warmBaseline sends n requests, each on a new connection, so that the
+// baseline includes the steady state of the runtime, the pools and the
+// metric SDK; then it waits until the primary is idle and measures.
+func warmBaseline(t *testing.T, s *Server, req chaosReq, n int) usage {
+	t.Helper()
+	addr := s.Addr().String()
+	for range n {
+		c, err := dialChaos(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.do(req, -1); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	waitIdle(t, s, 10*time.Second)
+	return measureUsage()
+}
