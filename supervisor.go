@@ -192,57 +192,76 @@ func (sv *supervisor) onFrame(pr *process, ev frameEvent) {
 	}
 	now := time.Now()
 	pr.lastBeat = now
-	switch ev.msg.kind {
+	switch m := &ev.msg; m.kind {
 	case frameReady:
-		if pr.ready {
-			return
-		}
-		pr.ready = true
-		pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(ev.msg.port))
-		if !pr.draining {
-			pr.disarm() // the start timeout
-		}
-		p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
-			"startup", now.Sub(pr.started).Round(time.Millisecond))
-		switch pr {
-		case sv.next:
-			sv.promote(now, &ev.msg.stats)
-		case sv.cur:
-			sv.publishCur(now, &ev.msg.stats)
-			sv.report(nil)
-		}
+		sv.onReady(pr, m, now)
 	case frameStats:
-		if pr != sv.cur {
-			return
-		}
-		var state WorkerState
-		p.pool.update(s, func(w *WorkerInfo) {
-			w.LastHeartbeat, w.Stats = now, ev.msg.stats
-			state = w.State
-		})
-		if pr.ready && !pr.draining && (state == WorkerStale || state == WorkerUnhealthy) {
-			p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
-			p.pool.setState(s, WorkerReady, pr.pid)
-		}
-		sv.checkLimits(pr, &ev.msg.stats)
+		sv.onStats(pr, m, now)
 	case frameStopping:
 		if pr == sv.cur {
 			p.pool.setState(s, WorkerDraining, pr.pid)
 		}
 	case frameFailed:
-		pr.failMsg = ev.msg.err
+		pr.failMsg = m.err
 	case frameClosed:
-		n := int64(ev.msg.closed)
-		if pr.open.Add(-n) < 0 {
-			pr.open.Add(n) // more closes than connections: not trusted
-			p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
-				"err", fmt.Errorf("%w: %d closes reported, more than were handed", errFrame, n))
-			p.tel.badFrames.Add(bg, 1, s.attrs.worker)
-			return
-		}
-		s.conns.Add(-n)
-		p.tel.active.Add(bg, -n, s.attrs.worker)
+		sv.onClosed(pr, int64(m.closed))
 	}
+}
+
+// onReady handles pr's ready frame: a first process goes into rotation,
+// a successor takes over from its predecessor.
+func (sv *supervisor) onReady(pr *process, m *message, now time.Time) {
+	p, s := sv.p, sv.s
+	if pr.ready {
+		return
+	}
+	pr.ready = true
+	pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(m.port))
+	if !pr.draining {
+		pr.disarm() // the start timeout
+	}
+	p.log.Info("worker ready", "worker", s.index, "worker_pid", pr.pid, "addr", pr.addr,
+		"startup", now.Sub(pr.started).Round(time.Millisecond))
+	switch pr {
+	case sv.next:
+		sv.promote(now, &m.stats)
+	case sv.cur:
+		sv.publishCur(now, &m.stats)
+		sv.report(nil)
+	}
+}
+
+// onStats records a heartbeat of the current process; a stale or
+// unhealthy worker that beats again is ready again.
+func (sv *supervisor) onStats(pr *process, m *message, now time.Time) {
+	p, s := sv.p, sv.s
+	if pr != sv.cur {
+		return
+	}
+	var state WorkerState
+	p.pool.update(s, func(w *WorkerInfo) {
+		w.LastHeartbeat, w.Stats = now, m.stats
+		state = w.State
+	})
+	if pr.ready && !pr.draining && (state == WorkerStale || state == WorkerUnhealthy) {
+		p.log.Info("worker healthy again", "worker", s.index, "worker_pid", pr.pid)
+		p.pool.setState(s, WorkerReady, pr.pid)
+	}
+	sv.checkLimits(pr, &m.stats)
+}
+
+// onClosed counts n handed-off connections that pr reports closed.
+func (sv *supervisor) onClosed(pr *process, n int64) {
+	p, s := sv.p, sv.s
+	if pr.open.Add(-n) < 0 {
+		pr.open.Add(n) // more closes than connections: not trusted
+		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
+			"err", fmt.Errorf("%w: %d closes reported, more than were handed", errFrame, n))
+		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+		return
+	}
+	s.conns.Add(-n)
+	p.tel.active.Add(bg, -n, s.attrs.worker)
 }
 
 // publishCur routes the slot's new connections to its current process,
