@@ -114,8 +114,8 @@ type dialGate struct {
 }
 
 // enter and exit bracket the use of a candidate snapshot, from loading it
-// to the end of the dial, so that quiesce can wait for every connect that
-// may still dial a worker taken out of the snapshot. The two counters
+// to the end of the dial, so that quiesce can wait for every offer that
+// may still dial a worker taken out of the snapshot (see offer). The two counters
 // alternate by epoch, as in read-copy-update.
 func (g *dialGate) enter() uint64 {
 	for {
@@ -130,7 +130,7 @@ func (g *dialGate) enter() uint64 {
 
 func (g *dialGate) exit(e uint64) { g.dialing[e&1].Add(-1) }
 
-// quiesce waits until every connect that loaded a candidate snapshot
+// quiesce waits until every offer that loaded a candidate snapshot
 // published before this call has finished dialing, for at most limit
 // (the dial timeout bounds a dial).
 func (g *dialGate) quiesce(limit time.Duration) {

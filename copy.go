@@ -22,12 +22,12 @@ func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64
 	return up, down
 }
 
-// copyToWorker carries client bytes to the worker; on Linux, io.Copy
-// between two *net.TCPConn uses splice(2).
+// copyToWorker carries client bytes to the worker (copyStream: splice(2)
+// for bulk data on Linux).
 func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
 	n, err := copyStream(worker, client)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		// endConnsOf: the worker has exited. End this direction only, so
+		// conns.endOf: the worker has exited. End this direction only, so
 		// the other one still delivers the worker's last bytes.
 		worker.CloseWrite()
 		done <- n

@@ -48,8 +48,8 @@
 //
 // # Platforms
 //
-// defuss builds everywhere Go does. It runs workers on Linux, macOS and
-// the BSDs: all of them have inherited pipes, process groups and
+// defuss builds for Linux, macOS, the BSDs and Windows. It runs workers on
+// Linux, macOS and the BSDs: all of them have inherited pipes, process groups and
 // SCM_RIGHTS. Linux adds splice(2) for bulk data in splice mode (elsewhere
 // the primary copies through a pooled buffer) and a parent-death signal as
 // a second guard against orphaned workers (elsewhere a worker stops when

@@ -8,16 +8,10 @@ import (
 	"sync/atomic"
 )
 
-// errNoHandoff: the worker has no hand-off socket (it is not ready).
-var errNoHandoff = errors.New("defuss: worker has no hand-off socket")
-
 // handTo passes c's descriptor to process pr. The connection counts as
 // open in pr before it is sent, so that a close the worker reports at once
 // finds it there.
 func handTo(pr *process, c *net.TCPConn) error {
-	if pr == nil || pr.handoffSock == nil {
-		return errNoHandoff
-	}
 	pr.open.Add(1)
 	if err := sendConn(pr.handoffSock, c); err != nil {
 		pr.open.Add(-1)

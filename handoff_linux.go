@@ -1,8 +1,18 @@
 package defuss
 
-import "golang.org/x/sys/unix"
+import (
+	"os"
 
-// handoffSocketType is SOCK_SEQPACKET: each descriptor travels in a
-// message of its own, and the primary's send fails at once when the
-// worker's end has closed.
-const handoffSocketType = unix.SOCK_SEQPACKET
+	"golang.org/x/sys/unix"
+)
+
+// handoffSocketpair makes the hand-off socket pair: SOCK_SEQPACKET, so
+// that each descriptor travels in a message of its own and a send fails
+// at once when the worker's end has closed; close-on-exec atomically.
+func handoffSocketpair() ([2]int, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fds, os.NewSyscallError("socketpair", err)
+	}
+	return fds, nil
+}

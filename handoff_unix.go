@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -75,19 +74,12 @@ func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, e
 }
 
 // handoffPair returns the primary's end of a new hand-off socket pair and
-// the worker's end, to pass as fd 5. Both ends are close-on-exec (the
-// worker's end is inherited through exec.Cmd.ExtraFiles all the same), set
-// under syscall.ForkLock so that no worker spawned meanwhile inherits them.
+// the worker's end, to pass as fd 5. Both ends are close-on-exec; the
+// worker's end is inherited through exec.Cmd.ExtraFiles all the same.
 func handoffPair() (*net.UnixConn, *os.File, error) {
-	syscall.ForkLock.RLock()
-	fds, err := unix.Socketpair(unix.AF_UNIX, handoffSocketType, 0)
-	if err == nil {
-		unix.CloseOnExec(fds[0])
-		unix.CloseOnExec(fds[1])
-	}
-	syscall.ForkLock.RUnlock()
+	fds, err := handoffSocketpair()
 	if err != nil {
-		return nil, nil, os.NewSyscallError("socketpair", err)
+		return nil, nil, err
 	}
 	ours := os.NewFile(uintptr(fds[0]), "defuss-handoff")
 	defer ours.Close() // FileConn made its own descriptor

@@ -59,6 +59,10 @@ func (s WorkerState) String() string {
 	return "WorkerState(" + strconv.Itoa(int(s)) + ")"
 }
 
+// MarshalText returns the state's name, so that JSON and log output show
+// "ready" rather than a number.
+func (s WorkerState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
 // poolView is an immutable snapshot of the slot table.
 type poolView struct {
 	all   []WorkerInfo

@@ -131,11 +131,11 @@ func startPrimary(c *config) (*Server, error) {
 	for _, s := range p.pool.list() {
 		p.goSupervise(s, startup)
 	}
-	if err := p.awaitStartup(startup, sigs); err != nil {
+	if err := p.awaitStartup(c.workers, startup, sigs); err != nil {
 		p.forceShutdown()
 		p.supervisors.Wait()
 		close(p.acceptDone)
-		p.release()
+		p.unhook()
 		return nil, err
 	}
 	go func() {
@@ -172,10 +172,10 @@ func (p *primary) goSupervise(s *slot, startup chan<- error) {
 	}()
 }
 
-// awaitStartup waits for the first outcome of every slot. Each slot's
-// supervisor enforces the start timeout on its process.
-func (p *primary) awaitStartup(startup <-chan error, sigs <-chan os.Signal) error {
-	for waiting := cap(startup); waiting > 0; {
+// awaitStartup waits for the first outcome of each of the n slots. Each
+// slot's supervisor enforces the start timeout on its process.
+func (p *primary) awaitStartup(n int, startup <-chan error, sigs <-chan os.Signal) error {
+	for waiting := n; waiting > 0; {
 		select {
 		case err := <-startup:
 			if err != nil {
@@ -209,7 +209,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	if p.life.err == nil && p.pool.noneLeft() {
 		p.life.err = ErrNoWorkers
 	}
-	p.release()
+	p.unhook()
 	p.log.Info("stopped")
 	close(p.life.done)
 }
@@ -339,9 +339,9 @@ func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 	return false
 }
 
-// release undoes what startPrimary set up besides the workers and the
+// unhook undoes what startPrimary set up besides the workers and the
 // connections: the signal handlers and the telemetry callback.
-func (p *primary) release() {
+func (p *primary) unhook() {
 	if p.stopSignals != nil {
 		p.stopSignals()
 	}

@@ -18,11 +18,12 @@ import (
 
 // process is one worker process of a slot and what the supervisor knows of
 // it. The supervisor goroutine of the slot owns the plain fields; the
-// atomic ones are shared with the connection path.
+// connection path reads handoffSock (set before the process is published)
+// and uses the atomic ones.
 type process struct {
 	pid         int
 	started     time.Time
-	os          osProcess     // the operating system's side; a fake in tests
+	sys         osProcess     // the operating system's side; a fake in tests
 	handoffSock *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
 	dialed      atomic.Uint64 // connections the primary made (or handed) to this process
 	open        atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
@@ -45,7 +46,8 @@ type process struct {
 // osProcess is what the supervisor asks of a running worker process: the
 // seam between its state machine and the operating system. A process
 // reports what happens to it as procEvents: its frames in order, then its
-// exit, always last.
+// exit. The exit waits a little for the frames still in the pipe
+// (exitFrameWait); a frame that comes later is dropped.
 type osProcess interface {
 	// drain sends c (a drain command) on the control pipe, or SIGTERM when
 	// the pipe is gone.
@@ -76,7 +78,7 @@ const (
 )
 
 func newProcess(pid int, osp osProcess, events chan<- procEvent) *process {
-	return &process{pid: pid, os: osp, started: time.Now(), events: events, gone: make(chan struct{})}
+	return &process{pid: pid, sys: osp, started: time.Now(), events: events, gone: make(chan struct{})}
 }
 
 // emit delivers ev to the supervisor, or drops it once the process is
@@ -112,7 +114,7 @@ func (pr *process) kill(reason string, err error) {
 	if pr.reason == "" {
 		pr.reason, pr.reasonErr = reason, err
 	}
-	pr.os.kill()
+	pr.sys.kill()
 }
 
 // drain asks the process to stop gracefully within timeout, and arms the
@@ -128,7 +130,7 @@ func (pr *process) drain(timeout time.Duration, reason string) {
 	// The worker serves until it has accepted every connection the primary
 	// made to it, then stops accepting: the callers made sure that no
 	// connection to it is still being dialed.
-	pr.os.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()})
+	pr.sys.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()})
 	pr.arm(timeout)
 }
 
@@ -137,7 +139,7 @@ func (pr *process) drain(timeout time.Duration, reason string) {
 func (pr *process) release() {
 	pr.disarm()
 	close(pr.gone)
-	pr.os.release()
+	pr.sys.release()
 }
 
 // readFrames reads frames from a worker's status pipe and emits them,
@@ -163,9 +165,9 @@ func readFrames(r io.Reader, pr *process) {
 // osProcess.
 type execProcess struct {
 	cmd     *exec.Cmd
-	status  *os.File // frames from the worker (fd 3 there)
-	control *os.File // commands to the worker (fd 4 there)
-	handoff *net.UnixConn
+	status  *os.File       // frames from the worker (fd 3 there)
+	control *os.File       // commands to the worker (fd 4 there)
+	handoff *net.UnixConn  // also process.handoffSock; closed here
 	wg      sync.WaitGroup // the frame reader and the waiter
 }
 

@@ -142,35 +142,38 @@ func (p *primary) route(c net.Conn) *relay {
 	tc, handoff := c.(*net.TCPConn)
 	handoff = handoff && p.cfg.handoff
 	bp := p.bufs.Get().(*[]byte)
-	defer p.bufs.Put(bp)
 	buf := (*bp)[proxyRoom:]
 	n, hdr, client, ok := p.inspect(c, buf, handoff)
 	if !ok {
+		p.bufs.Put(bp)
 		return nil
 	}
 	req := p.reqs.Get().(*Request)
-	defer p.reqs.Put(req)
-	defer req.reset()
 	parseRequest(req, buf[hdr:n])
 	req.RemoteAddr = client
-	if p.isHealthCheck(req) {
-		doneRouting()
-		p.answerHealth(c, req.Method == "HEAD")
-		return nil
-	}
+	health, head, isHTTP := p.isHealthCheck(req), req.Method == "HEAD", req.Protocol == ProtocolHTTP1
 	var w *WorkerInfo
 	var wc *net.TCPConn
-	if handoff {
+	switch {
+	case health:
+	case handoff:
 		w = p.offer(req, tc, nil)
-	} else {
+	default:
 		w = p.offer(req, nil, &wc)
 	}
 	doneRouting()
-	switch {
-	case w == nil:
-		p.refuseUnavailable(c, req.Protocol == ProtocolHTTP1)
-		return nil
-	case handoff:
+	req.reset()
+	p.reqs.Put(req)
+	if health || w == nil || handoff {
+		// Nothing more to send from the buffer: give it back before the
+		// answer, which may wait for the client.
+		p.bufs.Put(bp)
+		switch {
+		case health:
+			p.answerHealth(c, head)
+		case w == nil:
+			p.refuseUnavailable(c, isHTTP)
+		}
 		return nil
 	}
 	r := &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
@@ -181,7 +184,9 @@ func (p *primary) route(c net.Conn) *relay {
 	h := appendProxyV2(hb[:0], client, localAddr(c), &p.secret)
 	from := proxyRoom + hdr - len(h)
 	copy((*bp)[from:], h)
-	if _, err := wc.Write((*bp)[from : proxyRoom+n]); err != nil {
+	_, err := wc.Write((*bp)[from : proxyRoom+n])
+	p.bufs.Put(bp)
+	if err != nil {
 		// The worker is gone already: end the connection as a relay would.
 		wc.Close()
 		c.Close()
@@ -224,9 +229,9 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	return n, max(hdr, 0), client, true
 }
 
-// offer picks a worker for req and gives it the connection: in hand-off
-// mode it passes c's descriptor to it, in splice mode it dials it and sets
-// *wc. A worker that fails is skipped for the next candidate, since it has
+// offer picks a worker for req and gives it the connection: with c set
+// (hand-off mode) it passes c's descriptor to the worker; otherwise (splice
+// mode) it dials the worker and sets *wc. A worker that fails is skipped for the next candidate, since it has
 // not received a byte. offer returns the worker that took the connection,
 // whose slot's connection count now includes it, or nil.
 func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerInfo {
@@ -240,6 +245,9 @@ func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerI
 	for k := range cands {
 		w := &cands[(i+k)%len(cands)]
 		s := w.slot
+		if c != nil && (w.proc == nil || w.proc.handoffSock == nil) {
+			continue // not ready for hand-off (cannot happen for a candidate)
+		}
 		if k > 0 {
 			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
 		}
@@ -260,7 +268,11 @@ func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerI
 		s.conns.Add(-1)
 		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
 		if ok, n := p.logs.dial.allow(); ok {
-			p.log.Warn("worker did not take a connection; trying the next", "worker", w.Index, "addr", w.Addr, "handoff", c != nil, "err", err, "suppressed", n)
+			if c != nil {
+				p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
+			} else {
+				p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err, "suppressed", n)
+			}
 		}
 	}
 	return nil
@@ -381,7 +393,7 @@ func (p *primary) pickWorker(req *Request, cands []WorkerInfo) int {
 	return i
 }
 
-// quiesce waits until no connect that loaded a candidate snapshot
+// quiesce waits until no offer that loaded a candidate snapshot
 // published before this call is still dialing. Bounded by the dial
 // timeout.
 func (p *primary) quiesce() { p.gate.quiesce(p.cfg.dialTimeout + 100*time.Millisecond) }
