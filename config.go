@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"reflect"
@@ -35,6 +36,11 @@ const defaultDialTimeout = 1 * time.Second
 
 // maxWorkers bounds WithWorkers and Scale.
 const maxWorkers = 1024
+
+// maxDuration bounds every duration option, so that the primary's
+// arithmetic on them (2×staleAfter, shutdownTimeout plus a grace second)
+// cannot overflow. No server waits a day for a worker.
+const maxDuration = 24 * time.Hour
 
 // An Option configures [Start]. Options are created by the With* functions.
 type Option interface {
@@ -122,10 +128,17 @@ func WithWorkers(n int) Option {
 	})
 }
 
-// WithWorkerHost sets the loopback host workers listen on. The default is
-// "127.0.0.1".
+// WithWorkerHost sets the loopback address workers listen on, an IP
+// literal such as "127.0.0.1" (the default) or "::1". "localhost" is taken
+// as "127.0.0.1", so that the primary dials the family the workers listen
+// on.
 func WithWorkerHost(host string) Option {
-	return optionFunc(func(c *config) { c.workerHost = host })
+	return optionFunc(func(c *config) {
+		if host == "localhost" {
+			host = DefaultWorkerHost
+		}
+		c.workerHost = host
+	})
 }
 
 // WithBaseWorkerPort makes worker i listen on port base+i. Zero, the
@@ -429,35 +442,55 @@ func (c *config) validate() error {
 	}
 	if c.workerHost == "" {
 		bad("WithWorkerHost(%q): empty host", c.workerHost)
-	} else if ip := net.ParseIP(c.workerHost); c.workerHost != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		bad("WithWorkerHost(%q): workers must listen on a loopback address", c.workerHost)
+	} else if ip := net.ParseIP(c.workerHost); ip == nil || !ip.IsLoopback() {
+		bad("WithWorkerHost(%q): workers must listen on a loopback IP address", c.workerHost)
 	}
-	if c.baseWorkerPort < 0 || c.baseWorkerPort > 65535 || c.baseWorkerPort+c.workers-1 > 65535 {
-		bad("WithBaseWorkerPort(%d): worker ports must lie within 1-65535 for %d workers", c.baseWorkerPort, c.workers)
-	} else if c.baseWorkerPort > 0 && publicPort > 0 && publicPort >= c.baseWorkerPort && publicPort < c.baseWorkerPort+c.workers {
-		bad("WithBaseWorkerPort(%d): worker ports %d-%d collide with the public port %d", c.baseWorkerPort, c.baseWorkerPort, c.baseWorkerPort+c.workers-1, publicPort)
+	if err := c.checkWorkerPorts(c.workers, publicPort); err != nil {
+		errs = append(errs, err)
 	}
-	if c.inspectionTimeout <= 0 {
-		bad("WithInspectionTimeout(%v): must be > 0", c.inspectionTimeout)
+	if c.inspectionTimeout <= 0 || c.inspectionTimeout > maxDuration {
+		bad("WithInspectionTimeout(%v): must be > 0 and at most %v", c.inspectionTimeout, maxDuration)
 	}
 	if c.maxHeaderBytes < 64 || c.maxHeaderBytes > 1<<20 {
 		bad("WithMaxHeaderBytes(%d): must be within 64 to 1048576", c.maxHeaderBytes)
 	}
 	if c.heartbeat < time.Millisecond {
 		bad("WithHeartbeat(%v, %v): interval must be >= 1ms", c.heartbeat, c.staleAfter)
+	} else if c.staleAfter > maxDuration {
+		bad("WithHeartbeat(%v, %v): staleAfter must be at most %v", c.heartbeat, c.staleAfter, maxDuration)
 	} else if c.staleAfter <= c.heartbeat {
 		bad("WithHeartbeat(%v, %v): staleAfter must exceed interval", c.heartbeat, c.staleAfter)
 	}
-	if c.shutdownTimeout <= 0 {
-		bad("WithShutdownTimeout(%v): must be > 0", c.shutdownTimeout)
+	if c.shutdownTimeout <= 0 || c.shutdownTimeout > maxDuration {
+		bad("WithShutdownTimeout(%v): must be > 0 and at most %v", c.shutdownTimeout, maxDuration)
+	}
+	if c.drainDelay > maxDuration {
+		bad("WithDrainDelay(%v): must be at most %v", c.drainDelay, maxDuration)
+	}
+	if c.maxRequestsJitter > math.MaxInt64-c.maxRequests {
+		bad("WithMaxRequests(%d, %d): the limit plus its jitter must fit in an int64", c.maxRequests, c.maxRequestsJitter)
 	}
 	if c.handoff && len(c.trusted) > 0 {
 		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
 	}
-	if c.startTimeout <= 0 {
-		bad("WithStartTimeout(%v): must be > 0", c.startTimeout)
+	if c.startTimeout <= 0 || c.startTimeout > maxDuration {
+		bad("WithStartTimeout(%v): must be > 0 and at most %v", c.startTimeout, maxDuration)
 	}
 	return errors.Join(errs...)
+}
+
+// checkWorkerPorts checks that, for n workers, the fixed worker ports of
+// WithBaseWorkerPort lie within 1-65535 and miss the public port. Start
+// checks it for the initial workers, Scale for the new count.
+func (c *config) checkWorkerPorts(n, publicPort int) error {
+	base := c.baseWorkerPort
+	switch {
+	case base < 0 || base > 65535 || base+n-1 > 65535:
+		return fmt.Errorf("%w: WithBaseWorkerPort(%d): worker ports must lie within 1-65535 for %d workers", ErrInvalidOption, base, n)
+	case base > 0 && publicPort > 0 && publicPort >= base && publicPort < base+n:
+		return fmt.Errorf("%w: WithBaseWorkerPort(%d): worker ports %d-%d collide with the public port %d", ErrInvalidOption, base, base, base+n-1, publicPort)
+	}
+	return nil
 }
 
 // workerProcs is the GOMAXPROCS each worker gets: the primary's CPUs shared

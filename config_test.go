@@ -165,7 +165,14 @@ func TestConfigValidOptions(t *testing.T) {
 		{"WithWorkers(0) means GOMAXPROCS", nil, []Option{WithWorkers(0)}, func(c *config) bool { return c.workers == runtime.GOMAXPROCS(0) }},
 		{"WithWorkers at the maximum", nil, []Option{WithWorkers(1024)}, func(c *config) bool { return c.workers == 1024 }},
 		{"WithWorkerHost IPv6 loopback", nil, []Option{WithWorkerHost("::1")}, func(c *config) bool { return c.workerHost == "::1" }},
-		{"WithWorkerHost localhost", nil, []Option{WithWorkerHost("localhost")}, func(c *config) bool { return c.workerHost == "localhost" }},
+		// Issue 11, point 13: a name could resolve to another family in the
+		// worker than in the primary; "localhost" is taken as 127.0.0.1.
+		{"WithWorkerHost localhost", nil, []Option{WithWorkerHost("localhost")}, func(c *config) bool { return c.workerHost == "127.0.0.1" }},
+		{"WithWorkerHost ::1", nil, []Option{WithWorkerHost("::1")}, func(c *config) bool { return c.workerHost == "::1" }},
+		// Issue 11, point 11: the largest values that are still accepted.
+		{"WithMaxRequests at the int64 limit", nil, []Option{WithMaxRequests(math.MaxInt-10, 10)}, func(c *config) bool { return c.maxRequests == math.MaxInt-10 && c.maxRequestsJitter == 10 }},
+		{"durations of a day", nil, []Option{WithHeartbeat(maxDuration/2, maxDuration), WithShutdownTimeout(maxDuration), WithStartTimeout(maxDuration),
+			WithDrainDelay(maxDuration), WithInspectionTimeout(maxDuration)}, func(c *config) bool { return c.staleAfter == maxDuration && c.shutdownTimeout == maxDuration }},
 		{"WithWorkerHost other 127/8 address", nil, []Option{WithWorkerHost("127.0.0.2")}, func(c *config) bool { return c.workerHost == "127.0.0.2" }},
 		{"WithBaseWorkerPort", nil, []Option{WithWorkers(4), WithBaseWorkerPort(40000)}, func(c *config) bool { return c.baseWorkerPort == 40000 }},
 		{"WithBaseWorkerPort just below the public port", nil, []Option{WithAddr(":40004"), WithWorkers(4), WithBaseWorkerPort(40000)},
@@ -268,6 +275,19 @@ func TestConfigInvalidOptions(t *testing.T) {
 		{name: "addr port not a number", opts: []Option{WithAddr(":eighty")}, want: []string{"WithAddr"}},
 		{name: "PORT not a number", env: map[string]string{"PORT": "eighty"}, want: []string{"PORT"}},
 		{name: "LISTEN_PORT out of range", env: map[string]string{"LISTEN_PORT": "70000"}, want: []string{"LISTEN_PORT"}},
+
+		// Issue 11, point 11: values whose arithmetic overflowed. A jitter
+		// of MaxInt panicked a supervisor; a stale time of MaxInt64 made
+		// 2×staleAfter negative and killed every worker; a shutdown timeout
+		// near MaxInt64 overflowed the primary's deadline.
+		{name: "requests plus jitter overflow", opts: []Option{WithMaxRequests(1, math.MaxInt)}, want: []string{"WithMaxRequests"}},
+		{name: "requests plus jitter overflow by one", opts: []Option{WithMaxRequests(math.MaxInt-9, 10)}, want: []string{"WithMaxRequests"}},
+		{name: "stale time of MaxInt64", opts: []Option{WithHeartbeat(time.Second, math.MaxInt64)}, want: []string{"WithHeartbeat"}},
+		{name: "heartbeat over a day", opts: []Option{WithHeartbeat(maxDuration+1, 2*maxDuration)}, want: []string{"WithHeartbeat"}},
+		{name: "shutdown timeout of MaxInt64", opts: []Option{WithShutdownTimeout(math.MaxInt64)}, want: []string{"WithShutdownTimeout"}},
+		{name: "start timeout over a day", opts: []Option{WithStartTimeout(maxDuration + 1)}, want: []string{"WithStartTimeout"}},
+		{name: "drain delay of MaxInt64", opts: []Option{WithDrainDelay(math.MaxInt64)}, want: []string{"WithDrainDelay"}},
+		{name: "inspection timeout over a day", opts: []Option{WithInspectionTimeout(maxDuration + 1)}, want: []string{"WithInspectionTimeout"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

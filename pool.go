@@ -14,6 +14,7 @@ type slot struct {
 	conns   atomic.Int64
 	attrs   slotAttrs
 	info    WorkerInfo       // guarded by pool.mu
+	gone    bool             // never runs again (respawn off); guarded by pool.mu
 	replace chan *replaceReq // to the supervisor
 	retire  chan struct{}    // closed: drain the slot's processes and end (scaling down)
 	done    chan struct{}    // closed when the supervisor has ended
@@ -76,7 +77,6 @@ type poolView struct {
 type pool struct {
 	mu      sync.Mutex
 	slots   []*slot
-	gone    int           // slots that will never run again (respawn off)
 	closed  bool          // shutting down: no more slots
 	changed chan struct{} // closed and replaced on every publish
 	view    atomic.Pointer[poolView]
@@ -119,12 +119,14 @@ func (pl *pool) grow(n int, start func(*slot)) ([]*slot, error) {
 	return added, nil
 }
 
-// remove takes slots out of the table.
-func (pl *pool) remove(slots []*slot) {
+// remove takes slots out of the table. It reports whether every slot left
+// is gone.
+func (pl *pool) remove(slots []*slot) (none bool) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	pl.slots = slices.DeleteFunc(pl.slots, func(s *slot) bool { return slices.Contains(slots, s) })
 	pl.publish()
+	return pl.allGone()
 }
 
 // close marks the pool as shutting down: grow refuses from now on.
@@ -135,20 +137,31 @@ func (pl *pool) close() {
 	pl.publish()
 }
 
-// slotGone records that a slot will never run again, and reports whether
-// none is left.
-func (pl *pool) slotGone() (none bool) {
+// slotGone records that slot s will never run again, and reports whether
+// every slot is gone.
+func (pl *pool) slotGone(s *slot) (none bool) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
-	pl.gone++
-	return pl.gone == len(pl.slots)
+	s.gone = true
+	return pl.allGone()
 }
 
 // noneLeft reports whether every slot is gone.
 func (pl *pool) noneLeft() bool {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
-	return pl.gone == len(pl.slots)
+	return pl.allGone()
+}
+
+// allGone reports whether every slot in the table is gone. pl.mu must be
+// held.
+func (pl *pool) allGone() bool {
+	for _, s := range pl.slots {
+		if !s.gone {
+			return false
+		}
+	}
+	return len(pl.slots) > 0
 }
 
 // update changes slot s's record with f and publishes the table.

@@ -390,10 +390,10 @@ func (p *primary) stopping() bool {
 	}
 }
 
-// slotGone records that a slot will never run again (respawn is off);
+// slotGone records that slot s will never run again (respawn is off);
 // when none is left the primary stops.
-func (p *primary) slotGone() {
-	if p.pool.slotGone() {
+func (p *primary) slotGone(s *slot) {
+	if p.pool.slotGone(s) {
 		p.fail(ErrNoWorkers)
 	}
 }

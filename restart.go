@@ -3,6 +3,7 @@ package defuss
 import (
 	"context"
 	"fmt"
+	"net"
 )
 
 func (p *primary) restart(ctx context.Context) error {
@@ -74,6 +75,9 @@ func (p *primary) scaleTo(ctx context.Context, target func(have int) int) error 
 	have := len(slots)
 	switch n := target(have); {
 	case n > have:
+		if err := p.cfg.checkWorkerPorts(n, listenerPort(p.ln)); err != nil {
+			return fmt.Errorf("%w (Scale to %d workers)", err, n)
+		}
 		startup := make(chan error, n-have)
 		added, err := p.pool.grow(n, func(s *slot) { p.goSupervise(s, startup) })
 		if err != nil {
@@ -104,11 +108,21 @@ func (p *primary) scaleTo(ctx context.Context, target func(have int) int) error 
 // removeSlots takes slots out of the table, drains them and waits until
 // their supervisors have ended.
 func (p *primary) removeSlots(slots []*slot) {
-	p.pool.remove(slots)
+	if p.pool.remove(slots) {
+		p.fail(ErrNoWorkers) // with respawn off, only dead slots are left
+	}
 	for _, s := range slots {
 		close(s.retire)
 	}
 	for _, s := range slots {
 		<-s.done
 	}
+}
+
+// listenerPort is ln's TCP port, or -1.
+func listenerPort(ln net.Listener) int {
+	if a, ok := ln.Addr().(*net.TCPAddr); ok {
+		return a.Port
+	}
+	return -1
 }

@@ -361,7 +361,7 @@ func (sv *supervisor) died(reason string, err error, uptime time.Duration) {
 	if !p.cfg.respawn {
 		p.log.Warn("worker exited, not respawning", "worker", s.index, "reason", reason, "err", err)
 		sv.gone = true
-		p.slotGone()
+		p.slotGone(s)
 		return
 	}
 	if uptime >= stableUptime {
@@ -441,8 +441,11 @@ func (sv *supervisor) startReplace(req *replaceReq) {
 	case sv.pending != nil:
 		sv.reply(req, errors.New("defuss: a replacement of this worker is already in progress"))
 		return
-	case sv.cur == nil:
-		// The slot is down and respawns from the binary on disk anyway.
+	case sv.cur == nil || !sv.cur.ready:
+		// The slot is down, or its process is still starting: either way
+		// it runs the binary on disk already. (Replacing a starting
+		// process would promote the successor without ever reporting the
+		// slot's start-up, which Scale waits for.)
 		sv.reply(req, nil)
 		return
 	}

@@ -25,6 +25,7 @@ type fakeProc struct {
 	pr      *process
 	slot    int
 	spawned time.Time
+	port    int           // what it reports ready on
 	drains  chan *command // drain commands the supervisor sent
 	killed  chan struct{} // closed by the first kill
 	kill1   sync.Once
@@ -48,7 +49,7 @@ func (f *fakeProc) release() {}
 
 // ready sends the ready frame; beat a heartbeat.
 func (f *fakeProc) ready() {
-	f.pr.emit(procEvent{kind: evFrame, frame: frameEvent{msg: message{kind: frameReady, slot: f.slot, pid: f.pr.pid, port: 4000 + f.pr.pid}}})
+	f.pr.emit(procEvent{kind: evFrame, frame: frameEvent{msg: message{kind: frameReady, slot: f.slot, pid: f.pr.pid, port: f.port}}})
 }
 
 func (f *fakeProc) beat() {
@@ -64,6 +65,7 @@ type fakeWorkers struct {
 	mu      sync.Mutex
 	fail    error // when set, spawn fails with it
 	pid     int
+	base    int // WithBaseWorkerPort: slot i reports port base+i
 }
 
 func (fw *fakeWorkers) setFail(err error) {
@@ -79,7 +81,10 @@ func (fw *fakeWorkers) spawn(slot int, events chan<- procEvent) (*process, error
 		return nil, fw.fail
 	}
 	fw.pid++
-	f := &fakeProc{slot: slot, spawned: time.Now(), drains: make(chan *command, 4), killed: make(chan struct{})}
+	f := &fakeProc{slot: slot, spawned: time.Now(), port: 4000 + fw.pid, drains: make(chan *command, 4), killed: make(chan struct{})}
+	if fw.base > 0 {
+		f.port = fw.base + slot
+	}
 	f.pr = newProcess(fw.pid, f, events)
 	fw.spawned <- f
 	return f.pr, nil
