@@ -108,10 +108,13 @@ func (t *connTable) wait() { t.wg.Wait() }
 // so that a supervisor can wait, before it drains a process, until no
 // connection can still be dialed to it.
 type dialGate struct {
+	quiet   chan struct{}   // a token: one quiesce at a time
 	epoch   atomic.Uint64   // see enter and quiesce
 	dialing [2]atomic.Int64 // dials in flight, by epoch parity
 	routing atomic.Int64    // accepted connections not yet routed or refused
 }
+
+func newDialGate() *dialGate { return &dialGate{quiet: make(chan struct{}, 1)} }
 
 // enter and exit bracket the use of a candidate snapshot, from loading it
 // to the end of the dial, so that quiesce can wait for every offer that
@@ -133,7 +136,13 @@ func (g *dialGate) exit(e uint64) { g.dialing[e&1].Add(-1) }
 // quiesce waits until every offer that loaded a candidate snapshot
 // published before this call has finished dialing, for at most limit
 // (the dial timeout bounds a dial).
+//
+// Calls are serialized: a second quiesce that moved the epoch on while the
+// first waited would wait only on the newer parity, and miss the dials of
+// the older one, which began before it too.
 func (g *dialGate) quiesce(limit time.Duration) {
+	g.quiet <- struct{}{}
+	defer func() { <-g.quiet }()
 	e := g.epoch.Add(1) - 1
 	waitUntil(limit, func() bool { return g.dialing[e&1].Load() == 0 })
 }

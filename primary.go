@@ -30,7 +30,7 @@ type primary struct {
 
 	pool  *pool      // the slot table
 	conns *connTable // live client connections
-	gate  dialGate   // connections being routed, dials in flight
+	gate  *dialGate  // connections being routed, dials in flight
 	life  lifecycle  // how the primary ends
 
 	// spawn starts a worker process for a slot: the seam between the
@@ -82,6 +82,7 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 		ln:         ln,
 		pool:       newPool(c.workers),
 		conns:      newConnTable(c.maxConns),
+		gate:       newDialGate(),
 		dialer:     net.Dialer{Timeout: c.dialTimeout},
 		fallback:   RoundRobin(),
 		acceptDone: make(chan struct{}),
