@@ -121,7 +121,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.p != nil {
 			s.p.forceShutdown()
 		} else {
-			s.w.requestStop(0, 0)
+			s.w.forceStop()
 		}
 		<-done
 		return ctx.Err()

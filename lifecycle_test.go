@@ -504,3 +504,36 @@ func TestStartNilHandler(t *testing.T) {
 		t.Errorf("Start(nil) left child processes: %v (before: %v)", after, before)
 	}
 }
+
+// Issue 11, point 6: Server.Shutdown in a worker with a context that is
+// already cancelled (and has no deadline) stops at once, as documented: it
+// used to drain for the whole shutdown timeout while a slow request held
+// on.
+func TestWorkerShutdownWithCancelledContextStopsAtOnce(t *testing.T) {
+	s := startTest(t, WithShutdownTimeout(20*time.Second))
+	addr := s.Addr().String()
+	ctl := dialRaw(t, addr)
+	pid, _ := strconv.Atoi(ctl.roundTrip(t, "/pid"))
+	// A slow request on the same worker.
+	var slow *rawConn
+	for slow == nil {
+		c := dialRaw(t, addr)
+		if p, _ := strconv.Atoi(c.roundTrip(t, "/pid")); p == pid {
+			slow = c
+		} else {
+			c.Close()
+		}
+	}
+	fmt.Fprintf(slow, "GET /sleep?d=60s HTTP/1.1\r\nHost: test\r\n\r\n")
+	if _, err := http.ReadResponse(slow.r, nil); err != nil { // the header comes at once
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if got := ctl.roundTrip(t, "/shutdown-cancelled"); got != "ok" {
+		t.Fatalf("/shutdown-cancelled answered %q", got)
+	}
+	waitFor(t, 10*time.Second, "the worker to exit", func() bool { return !alive(pid) })
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("the worker took %v to stop, want at once (the shutdown timeout is 20s)", d)
+	}
+}

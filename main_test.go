@@ -213,6 +213,15 @@ func testApp() http.Handler {
 		}
 		panic("test: panic in a handler")
 	})
+	// /shutdown-cancelled calls the worker's Server.Shutdown with a
+	// context that is already cancelled (and has no deadline), in the
+	// background, and answers "ok".
+	mux.HandleFunc("/shutdown-cancelled", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		go workerServer.Load().Shutdown(ctx)
+		fmt.Fprint(w, "ok")
+	})
 	// /log writes a line to the worker's stderr and answers "logged".
 	mux.HandleFunc("/log", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(os.Stderr, "test worker: a log line")

@@ -48,6 +48,8 @@ type worker struct {
 
 	writeMu  sync.Mutex       // serialises frames on status
 	stop     chan stopRequest // the first stop request wins
+	force    chan struct{}    // closed: cut the drain short
+	forceOne sync.Once
 	accepted atomic.Uint64    // connections accepted on the listener, all told
 	draining atomic.Bool      // the listener was closed on purpose
 
@@ -80,6 +82,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		status:   status,
 		control:  control,
 		stop:     make(chan stopRequest, 1),
+		force:    make(chan struct{}),
 		done:     make(chan struct{}),
 		finished: make(chan struct{}),
 	}
@@ -178,7 +181,7 @@ func (w *worker) serve() {
 func (w *worker) drain(timeout time.Duration, conns uint64) {
 	deadline := time.Now().Add(timeout)
 	if conns > 0 {
-		waitUntil(min(timeout, 2*time.Second), func() bool { return w.accepted.Load() >= conns })
+		waitUntil(min(timeout, 2*time.Second), func() bool { return w.accepted.Load() >= conns || w.forced() })
 	}
 	w.draining.Store(true)
 	w.srv.SetKeepAlivesEnabled(false)
@@ -186,7 +189,7 @@ func (w *worker) drain(timeout time.Duration, conns uint64) {
 	if w.handed != nil {
 		w.handed.Close()
 	}
-	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 })
+	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 || w.forced() })
 	if n := w.conns.Load(); n > 0 {
 		w.log.Warn("connections still open at the shutdown timeout; closing them", "connections", n, "timeout", timeout)
 	}
@@ -289,6 +292,19 @@ func (w *worker) commands() {
 type stopRequest struct {
 	timeout time.Duration
 	conns   uint64
+}
+
+// forceStop cuts a drain in progress (or to come) short: the worker
+// stops at once.
+func (w *worker) forceStop() { w.forceOne.Do(func() { close(w.force) }) }
+
+func (w *worker) forced() bool {
+	select {
+	case <-w.force:
+		return true
+	default:
+		return false
+	}
 }
 
 // requestStop asks run to stop. The first request wins.
