@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/defuss-go/defuss/internal/proc"
@@ -189,5 +190,5 @@ func (s *Server) Workers() []WorkerInfo {
 	if s.p == nil {
 		return nil
 	}
-	return s.p.pool.snapshot().all
+	return slices.Clone(s.p.pool.snapshot().all) // the view is shared
 }

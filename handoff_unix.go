@@ -13,12 +13,21 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sendConn passes c's descriptor over uc (SCM_RIGHTS).
+// handoffTimeout bounds the wait to pass a descriptor to a worker whose
+// queue is full (a worker that is stopped or stuck): the connection then
+// goes to the next worker instead of blocking its goroutine.
+const handoffTimeout = time.Second
+
+// sendConn passes c's descriptor over uc (SCM_RIGHTS), waiting at most
+// handoffTimeout for room in the worker's queue.
 func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
+	// Concurrent sends share uc; each moves its deadline on, which only
+	// ever extends another's wait to at most handoffTimeout from now.
+	uc.SetWriteDeadline(time.Now().Add(handoffTimeout))
 	var werr error
 	err = rc.Control(func(fd uintptr) {
 		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)

@@ -2,8 +2,10 @@ package defuss
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -194,6 +196,47 @@ func TestScaleChecksWorkerPorts(t *testing.T) {
 		}
 		if err := fp.srv.Scale(context.Background(), 2); err != nil {
 			t.Fatalf("Scale to 2 (ports 65534-65535): %v", err)
+		}
+	})
+}
+
+// Issue 11, point 15: Workers returns a copy; a caller that sorts or
+// changes it does not change what others (and the balancer) see.
+func TestWorkersReturnsACopy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fp := newFakePool(t, 2)
+		ws := fp.srv.Workers()
+		ws[0], ws[1] = ws[1], ws[0]
+		ws[0].Addr = "mangled"
+		if again := fp.srv.Workers(); again[0].Index != 0 || again[0].Addr == "mangled" || again[1].Index != 1 {
+			t.Fatalf("Workers after a caller changed its result: %+v", again)
+		}
+	})
+}
+
+// Issue 11, point 15: StatusHandler says draining as soon as the health
+// path answers 503, that is during the drain delay too.
+func TestStatusDrainingDuringDrainDelay(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fp := newFakePool(t, 1, WithDrainDelay(time.Minute))
+		status := func() (out struct{ Draining bool }) {
+			rec := httptest.NewRecorder()
+			StatusHandler(fp.srv).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
+			if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}
+		if status().Draining {
+			t.Fatal("draining before any shutdown")
+		}
+		fp.p.requestStop()
+		synctest.Wait()
+		if !fp.p.life.draining.Load() {
+			t.Fatal("the health path does not answer 503 yet")
+		}
+		if !status().Draining {
+			t.Fatal("StatusHandler says not draining while the health path answers 503")
 		}
 	})
 }

@@ -200,7 +200,8 @@ func (p *primary) route(c net.Conn) *relay {
 // It returns how many bytes buf holds, the length of the trusted PROXY
 // header at its start (splice mode), and the client's address. ok is false
 // when the connection is to be closed: the client left without sending
-// anything, or sent a PROXY header that is not to be trusted.
+// anything, its connection failed, or it sent a PROXY header that is not
+// to be trusted.
 func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, client netip.AddrPort, ok bool) {
 	start := time.Now()
 	var outcome string
@@ -211,7 +212,10 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	}
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
-	if err != nil && n == 0 {
+	if err != nil {
+		// The client left (EOF before a byte) or its connection failed,
+		// a reset mid-head for one: nobody is there to serve. A timeout,
+		// or an EOF after some bytes, is no error: what came is routed.
 		return 0, 0, client, false
 	}
 	client = clientAddr(c)

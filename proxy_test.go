@@ -487,3 +487,30 @@ func TestHandoffMode(t *testing.T) {
 	u.Close()
 	waitFor(t, 5*time.Second, "close reports", func() bool { return total() == 0 })
 }
+
+// Issue 11, point 15: a client that resets its connection in the middle
+// of the head is gone; the primary used to dial a worker for it anyway.
+func TestResetMidHeadDialsNoWorker(t *testing.T) {
+	worker, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer worker.Close()
+	p := newTestPrimary(t, nil, WithInspectionTimeout(5*time.Second), worker.Addr().String())
+	client, server := tcpPair(t)
+	p.admit(server)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.serveConn(server)
+	}()
+	client.Write([]byte("GET / HTTP/1.1\r\nHost: te"))
+	client.(*net.TCPConn).SetLinger(0) // close with RST
+	client.Close()
+	<-done
+	worker.(*net.TCPListener).SetDeadline(time.Now().Add(200 * time.Millisecond))
+	if c, err := worker.Accept(); err == nil {
+		c.Close()
+		t.Fatal("the primary dialed a worker for a client that had reset its connection")
+	}
+}

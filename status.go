@@ -40,7 +40,7 @@ func StatusHandler(s *Server) http.Handler {
 			Draining bool     `json:"draining"`
 			Ready    int      `json:"ready"`
 			Workers  []worker `json:"workers"`
-		}{PID: s.p.pid, Addr: s.p.ln.Addr().String(), Draining: s.p.stopping()}
+		}{PID: s.p.pid, Addr: s.p.ln.Addr().String(), Draining: s.p.life.draining.Load()}
 		for _, wi := range s.Workers() {
 			o := worker{Index: wi.Index, PID: wi.PID, State: wi.State.String(), Healthy: wi.Healthy, Addr: wi.Addr,
 				Restarts: wi.Restarts, ActiveConnections: wi.ActiveConnections(),
