@@ -50,8 +50,8 @@ type worker struct {
 	stop     chan stopRequest // the first stop request wins
 	force    chan struct{}    // closed: cut the drain short
 	forceOne sync.Once
-	accepted atomic.Uint64    // connections accepted on the listener, all told
-	draining atomic.Bool      // the listener was closed on purpose
+	accepted atomic.Uint64 // connections accepted on the listener, all told
+	draining atomic.Bool   // the listener was closed on purpose
 
 	handed       *handoffListener // hand-off mode: the connections the primary hands over
 	handedClosed atomic.Int64     // handed-off connections closed, not yet reported
