@@ -234,9 +234,13 @@ func WithWorkerEnv(env ...string) Option {
 // WithSignalHandling sets whether Start handles signals (true, the
 // default): in the primary, the first SIGINT or SIGTERM starts a graceful
 // shutdown and a second one stops at once, SIGHUP starts [Server.Restart],
-// and SIGTTIN and SIGTTOU [Server.Scale] by one; in every process, SIGPIPE
-// is caught, so that writing a log line to a closed stdout or stderr
-// returns an error instead of killing the server. With false, none of
+// and SIGTTIN and SIGTTOU [Server.Scale] by one; a worker catches SIGINT
+// and SIGTERM from the moment it starts and leaves the drain to its
+// primary (systemd's KillMode=control-group and docker signal every
+// process at once), and stops at once if its primary dies; in every
+// process, SIGPIPE is caught, so that writing a log line to a closed
+// stdout or stderr returns an error instead of killing the server. No
+// worker is respawned once a shutdown has begun. With false, none of
 // this: call [Server.Shutdown] yourself.
 func WithSignalHandling(on bool) Option {
 	return optionFunc(func(c *config) { c.signals = on })

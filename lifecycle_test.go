@@ -3,6 +3,8 @@
 package defuss
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -535,5 +537,83 @@ func TestWorkerShutdownWithCancelledContextStopsAtOnce(t *testing.T) {
 	waitFor(t, 10*time.Second, "the worker to exit", func() bool { return !alive(pid) })
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("the worker took %v to stop, want at once (the shutdown timeout is 20s)", d)
+	}
+}
+
+// Issue 11, points 4 and 5: systemd's KillMode=control-group (and docker,
+// and many supervisors) send SIGTERM to the primary and every worker at
+// once. The workers used to drain on their own: the primary answered 503
+// during the drain delay and respawned every worker as a crash. Now a
+// worker leaves the drain to its primary: during the delay everything but
+// the health path is served, nothing is respawned, and all exit.
+func TestSIGTERMToEveryProcessAtOnce(t *testing.T) {
+	logs, err := os.CreateTemp(t.TempDir(), "primary-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startPrimaryProcess(t, 2, logs, envTestPrimaryOpts+"=health=/healthz;drain=1500ms")
+	get := func(path string) (int, error) {
+		c, err := net.DialTimeout("tcp", p.addr, time.Second)
+		if err != nil {
+			return 0, err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", path)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return 0, fmt.Errorf("read response: %w", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	if code, err := get("/"); code != 200 {
+		t.Fatalf("before the signals: %d, %v", code, err)
+	}
+	for _, pid := range append([]int{p.cmd.Process.Pid}, p.pids...) {
+		syscall.Kill(pid, syscall.SIGTERM)
+	}
+	signalled := time.Now()
+	var ok, health int
+	var failures []string
+	for time.Since(signalled) < 10*time.Second {
+		code, err := get("/")
+		var oe *net.OpError
+		if errors.As(err, &oe) && oe.Op == "dial" {
+			break // the listener closed after the drain delay
+		}
+		switch {
+		case err != nil:
+			failures = append(failures, err.Error())
+		case code != 200:
+			failures = append(failures, fmt.Sprintf("status %d", code))
+		default:
+			ok++
+		}
+		if health == 0 {
+			if code, err := get("/healthz"); err == nil && code == 503 {
+				health++
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(failures) > 0 {
+		t.Errorf("%d requests failed during the drain delay (%d served): %v", len(failures), ok, failures)
+	}
+	if ok < 20 {
+		t.Errorf("only %d requests served during the 1.5s drain delay", ok)
+	}
+	if health == 0 {
+		t.Error("the health path did not answer 503 during the drain delay")
+	}
+	if err := p.wait(); err != nil {
+		t.Errorf("primary exited with %v, want 0", err)
+	}
+	for _, pid := range p.pids {
+		waitFor(t, 2*time.Second, "worker gone", func() bool { return !alive(pid) })
+	}
+	out, _ := os.ReadFile(logs.Name())
+	if bytes.Contains(out, []byte("respawning")) {
+		t.Errorf("a worker was respawned during shutdown:\n%s", out)
 	}
 }

@@ -352,8 +352,8 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 // shutdown or with respawn off.
 func (sv *supervisor) died(reason string, err error, uptime time.Duration) {
 	p, s := sv.p, sv.s
-	if sv.stopping {
-		return
+	if sv.stopping || p.life.draining.Load() {
+		return // no respawn once a shutdown has begun, drain delay included
 	}
 	if sv.next != nil {
 		return // a successor is starting; it takes over when ready

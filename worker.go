@@ -58,6 +58,7 @@ type worker struct {
 	kick         chan struct{}    // wakes reportCloses
 	done         chan struct{}    // closed when the server has stopped; ends the loops
 	finished     chan struct{}    // closed when everything is released; err is set
+	stopSignals  func()
 	err          error
 	wg           sync.WaitGroup
 }
@@ -87,6 +88,9 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		finished: make(chan struct{}),
 	}
 	w.stats = newSampler(&w.conns, &w.requests)
+	// Signals are caught before the worker reports ready: a SIGTERM to
+	// the whole group right after start-up must not kill it.
+	sigs := w.notifySignals(c.signals)
 	if err := w.start(h); err != nil {
 		w.fail(err)
 		w.release()
@@ -95,7 +99,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 	w.wg.Add(2)
 	go w.heartbeats()
 	go w.commands()
-	go w.run(c.signals)
+	go w.run(sigs)
 	return &Server{w: w}, nil
 }
 
@@ -316,19 +320,18 @@ func (w *worker) requestStop(timeout time.Duration, conns uint64) {
 }
 
 // run waits for a stop request or a signal, then shuts the server down.
-func (w *worker) run(signals bool) {
-	var sigs chan os.Signal
-	if signals {
-		sigs = make(chan os.Signal, 1)
-		notifySignals(sigs, syscall.SIGINT, syscall.SIGTERM)
-		defer stopSignals(sigs)
-		defer stopSignals(catchSIGPIPE())
-	}
+func (w *worker) run(sigs <-chan os.Signal) {
 	var req stopRequest
-	select {
-	case req = <-w.stop:
-	case <-sigs:
-		req.timeout = w.shutdownTimeout
+	for waiting := true; waiting; {
+		select {
+		case req = <-w.stop:
+			waiting = false
+		case sig := <-sigs:
+			// The primary drains this worker: a signal from outside while
+			// it lives (systemd and docker signal the whole group) is left
+			// to it. When it dies, the control pipe's EOF stops the worker.
+			w.log.Info("signal received; the primary drains this worker", "signal", sig.String())
+		}
 	}
 	timeout := req.timeout
 	w.log.Debug("stopping", "timeout", timeout)
@@ -339,6 +342,19 @@ func (w *worker) run(signals bool) {
 	w.release()
 	w.log.Debug("worker stopped")
 	close(w.finished)
+}
+
+// notifySignals catches SIGINT and SIGTERM (see run) and SIGPIPE, when
+// signal handling is on; release stops it.
+func (w *worker) notifySignals(on bool) <-chan os.Signal {
+	if !on {
+		return nil
+	}
+	ch := make(chan os.Signal, 1)
+	notifySignals(ch, syscall.SIGINT, syscall.SIGTERM)
+	pipe := catchSIGPIPE()
+	w.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
+	return ch
 }
 
 // release stops the server, ends the worker's goroutines and closes its
@@ -355,4 +371,7 @@ func (w *worker) release() {
 	}
 	w.wg.Wait()
 	w.status.Close()
+	if w.stopSignals != nil {
+		w.stopSignals()
+	}
 }
