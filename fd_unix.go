@@ -10,6 +10,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// In a worker, the descriptors inherited from the primary (the status and
+// control pipes, with the per-run secret, and the hand-off socket) are
+// made close-on-exec before any user code runs, so that a process that
+// code starts before Start does not inherit them. Only in a worker: this
+// is the one thing defuss does before Start.
+func init() {
+	if os.Getenv(envSlot) == "" {
+		return
+	}
+	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff} {
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) == nil && (uint32(st.Mode)&unix.S_IFMT == unix.S_IFIFO || uint32(st.Mode)&unix.S_IFMT == unix.S_IFSOCK) {
+			unix.CloseOnExec(fd)
+		}
+	}
+}
+
 // checkInherited checks that fd is of the kind (unix.S_IFIFO,
 // unix.S_IFSOCK) the primary passes there, and marks it close-on-exec so
 // that the worker's own children do not inherit it.

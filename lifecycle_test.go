@@ -617,3 +617,14 @@ func TestSIGTERMToEveryProcessAtOnce(t *testing.T) {
 		t.Errorf("a worker was respawned during shutdown:\n%s", out)
 	}
 }
+
+// Issue 11, point 12: the descriptors a worker inherits (the status and
+// control pipes, with the secret, and the hand-off socket) are
+// close-on-exec before any user code runs, so a child process started
+// before Start does not get them.
+func TestInheritedDescriptorsCloseOnExec(t *testing.T) {
+	s := startTest(t, WithWorkerEnv(envTestApp+"=fdcheck"))
+	if got := dialRaw(t, s.Addr().String()).roundTrip(t, "/fdcheck"); got != "none" {
+		t.Fatalf("a child started before Start had fds %q open, want none", got)
+	}
+}

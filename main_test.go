@@ -34,6 +34,7 @@ const (
 	envTestApp     = "DEFUSS_TEST_APP"     // extra behaviour of the worker
 
 	envTestPrimaryOpts = "DEFUSS_TEST_PRIMARY_OPTS" // options of a primary process
+	envTestFDCheck     = "DEFUSS_TEST_FDCHECK"      // print which of fds 3-5 are open, and exit
 )
 
 // handoffMode runs the tests' primaries in hand-off mode instead of
@@ -41,11 +42,35 @@ const (
 // the other mode.
 var handoffMode = os.Getenv("DEFUSS_TEST_HANDOFF") != ""
 
+// childFDs is what a child started before Start saw of fds 3-5
+// (envTestApp=fdcheck).
+var childFDs string
+
+// fdCheckMain prints which of the descriptors 3, 4 and 5 are open pipes
+// or sockets, as a worker's inherited ones are (the Go runtime of this
+// process may open descriptors of its own there, of other kinds).
+func fdCheckMain() int {
+	var open []string
+	for fd := 3; fd <= 5; fd++ {
+		var st syscall.Stat_t
+		if syscall.Fstat(fd, &st) == nil && (st.Mode&syscall.S_IFMT == syscall.S_IFIFO || st.Mode&syscall.S_IFMT == syscall.S_IFSOCK) {
+			open = append(open, strconv.Itoa(fd))
+		}
+	}
+	if len(open) == 0 {
+		open = []string{"none"}
+	}
+	fmt.Println(strings.Join(open, " "))
+	return 0
+}
+
 // workerServer is the Server of this process when it runs as a test worker.
 var workerServer atomic.Pointer[Server]
 
 func TestMain(m *testing.M) {
 	switch {
+	case os.Getenv(envTestFDCheck) != "":
+		os.Exit(fdCheckMain())
 	case IsWorker():
 		os.Exit(testWorkerMain())
 	case os.Getenv(envTestPrimary) != "":
@@ -68,6 +93,17 @@ func testWorkerMain() int {
 		select {} // until the primary kills it
 	}
 	exeSize() // as the binary is now, before anyone replaces it
+	if os.Getenv(envTestApp) == "fdcheck" {
+		// User code before Start that starts a child process: which of
+		// the worker's inherited descriptors does the child get?
+		cmd := exec.Command(os.Args[0])
+		cmd.Env = append(os.Environ(), envTestFDCheck+"=1")
+		out, err := cmd.Output()
+		if err != nil {
+			out = []byte("error: " + err.Error())
+		}
+		childFDs = strings.TrimSpace(string(out))
+	}
 	s, err := Start(testApp(), WithLogger(log))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test worker:", err)
@@ -221,6 +257,10 @@ func testApp() http.Handler {
 		cancel()
 		go workerServer.Load().Shutdown(ctx)
 		fmt.Fprint(w, "ok")
+	})
+	// /fdcheck answers what a child started before Start saw of fds 3-5.
+	mux.HandleFunc("/fdcheck", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, childFDs)
 	})
 	// /log writes a line to the worker's stderr and answers "logged".
 	mux.HandleFunc("/log", func(w http.ResponseWriter, r *http.Request) {
