@@ -355,8 +355,10 @@ func WithMaxMemory(bytes int64) Option {
 // longer sees a connection's bytes or its end (workers report closes for
 // the connection counts), so defuss.connection.duration and
 // defuss.connection.bytes are not recorded. It cannot be combined with
-// WithTrustedProxies, whose headers the primary must consume. The default
-// is false: splice.
+// WithTrustedProxies, whose headers the primary must consume. Connections
+// that are not *net.TCPConn (from a [WithListener] that wraps them, such
+// as a TLS listener) have no descriptor to pass: they are spliced, and
+// the primary logs a warning once. The default is false: splice.
 func WithHandoff(on bool) Option {
 	return optionFunc(func(c *config) { c.handoff = on })
 }

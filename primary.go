@@ -19,14 +19,16 @@ import (
 // startPrimary (listen, spawn, await the workers, serve) and then run
 // (wait for the reason to stop, shut down in named steps).
 type primary struct {
-	cfg    *config
-	log    *slog.Logger
-	logs   primaryLogs
-	tel    *telemetry
-	pid    int
-	exe    string // the binary workers run
-	ln     net.Listener
-	secret [secretLen]byte // in the PROXY header of every connection to a worker
+	cfg  *config
+	log  *slog.Logger
+	logs primaryLogs
+	// warnNotTCP: hand-off mode met a connection it must splice.
+	warnNotTCP sync.Once
+	tel        *telemetry
+	pid        int
+	exe        string // the binary workers run
+	ln         net.Listener
+	secret     [secretLen]byte // in the PROXY header of every connection to a worker
 
 	pool  *pool      // the slot table
 	conns *connTable // live client connections

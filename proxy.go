@@ -3,6 +3,7 @@ package defuss
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -139,8 +140,14 @@ func (p *primary) route(c net.Conn) *relay {
 		}
 	}
 	defer doneRouting()
-	tc, handoff := c.(*net.TCPConn)
-	handoff = handoff && p.cfg.handoff
+	tc, isTCP := c.(*net.TCPConn)
+	handoff := isTCP && p.cfg.handoff
+	if p.cfg.handoff && !isTCP {
+		p.warnNotTCP.Do(func() {
+			p.log.Warn("hand-off mode: connection is not a *net.TCPConn, so it has no descriptor to pass; splicing such connections instead",
+				"type", fmt.Sprintf("%T", c))
+		})
+	}
 	bp := p.bufs.Get().(*[]byte)
 	buf := (*bp)[proxyRoom:]
 	n, hdr, client, ok := p.inspect(c, buf, handoff)

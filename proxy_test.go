@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
@@ -512,5 +513,40 @@ func TestResetMidHeadDialsNoWorker(t *testing.T) {
 	if c, err := worker.Accept(); err == nil {
 		c.Close()
 		t.Fatal("the primary dialed a worker for a client that had reset its connection")
+	}
+}
+
+// wrappedListener yields connections that are not *net.TCPConn, as a TLS
+// listener or netutil.LimitListener does.
+type wrappedListener struct{ net.Listener }
+
+type wrappedConn struct{ net.Conn }
+
+func (l wrappedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return wrappedConn{c}, nil
+}
+
+// Issue 11, point 14: hand-off needs the connection's descriptor; a
+// listener whose connections are not *net.TCPConn made the primary splice
+// them without a word. It still does (the client is served), and says so
+// in the log, once.
+func TestHandoffWithWrappedListenerWarns(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuffer{}
+	s := startTest(t, WithListener(wrappedListener{ln}), WithHandoff(true), WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	for range 3 {
+		if code, body := get(t, s.Addr().String(), "/"); code != 200 {
+			t.Fatalf("status %d %q", code, body)
+		}
+	}
+	if n := strings.Count(logs.String(), "hand-off mode: connection is not a *net.TCPConn"); n != 1 {
+		t.Fatalf("warned %d times, want once; log:\n%s", n, logs)
 	}
 }
