@@ -1,6 +1,7 @@
 package defuss
 
 import (
+	"math/rand/v2"
 	"sync/atomic"
 	"time"
 )
@@ -73,15 +74,23 @@ func RoundRobin() Balancer {
 }
 
 // LeastConnections returns a Balancer that picks the candidate with the
-// fewest connections the primary is forwarding to it; ties go to the first
-// candidate in slot order.
+// fewest active connections. A tie is broken at random, so that a burst of
+// simultaneous new connections spreads over the equally loaded workers
+// instead of piling onto the first.
 func LeastConnections() Balancer {
 	return func(_ *Request, c []WorkerInfo) *WorkerInfo {
-		best := 0
-		bestN := c[0].ActiveConnections()
+		best, bestN, ties := 0, c[0].ActiveConnections(), 1
 		for i := 1; i < len(c); i++ {
-			if n := c[i].ActiveConnections(); n < bestN {
-				best, bestN = i, n
+			switch n := c[i].ActiveConnections(); {
+			case n < bestN:
+				best, bestN, ties = i, n, 1
+			case n == bestN:
+				// Reservoir sampling: each of the tied candidates seen so
+				// far is kept with the same chance.
+				ties++
+				if rand.IntN(ties) == 0 {
+					best = i
+				}
 			}
 		}
 		return &c[best]

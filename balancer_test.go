@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -104,8 +105,6 @@ func TestLeastConnections(t *testing.T) {
 		{"fewest in the middle", []int64{5, 2, 7}, 1},
 		{"fewest last", []int64{4, 4, 3}, 2},
 		{"fewest first", []int64{0, 1, 2}, 0},
-		{"tie goes to the first", []int64{3, 1, 1}, 1},
-		{"all equal", []int64{2, 2, 2, 2}, 0},
 		{"large counts", []int64{math.MaxInt64, math.MaxInt64 - 1}, 1},
 	}
 	for _, tt := range tests {
@@ -118,10 +117,42 @@ func TestLeastConnections(t *testing.T) {
 	}
 
 	t.Run("missing counter counts as zero", func(t *testing.T) {
-		cands := testCandidates(3, 2, 0, 1)
+		cands := testCandidates(3, 2, 1, 1)
 		cands[0].conns = nil // a WorkerInfo built outside the primary
 		if got := position(cands, LeastConnections()(&Request{}, cands)); got != 0 {
 			t.Errorf("picked position %d, want 0", got)
+		}
+	})
+
+	// Issue 11, point 16: ties used to go to the first candidate, so a
+	// burst of simultaneous connections piled onto slot 0. They are broken
+	// at random: every tied candidate gets its share, no other one any.
+	t.Run("ties spread", func(t *testing.T) {
+		for _, tc := range []struct {
+			conns []int64
+			tied  []int // positions
+		}{
+			{[]int64{2, 2, 2, 2}, []int{0, 1, 2, 3}},
+			{[]int64{3, 1, 1}, []int{1, 2}},
+			{[]int64{1, 5, 1, 0, 9, 0, 0}, []int{3, 5, 6}},
+		} {
+			b := LeastConnections()
+			cands := testCandidates(len(tc.conns), tc.conns...)
+			const n = 3000
+			got := map[int]int{}
+			for range n {
+				got[position(cands, b(&Request{}, cands))]++
+			}
+			for pos, k := range got {
+				if !slices.Contains(tc.tied, pos) {
+					t.Errorf("%v: picked position %d (not among the fewest) %d times", tc.conns, pos, k)
+				}
+			}
+			for _, pos := range tc.tied {
+				if share := n / len(tc.tied); got[pos] < share/2 {
+					t.Errorf("%v: tied position %d picked %d times of %d, want about %d", tc.conns, pos, got[pos], n, share)
+				}
+			}
 		}
 	})
 

@@ -72,17 +72,17 @@ func ExampleRoundRobin() {
 func ExampleLeastConnections() {
 	b := defuss.LeastConnections()
 	// ActiveConnections counts are kept by the primary. These candidates
-	// are built by hand, so every count is 0, and a tie goes to the first
-	// candidate in slot order, every time.
+	// are built by hand, so every count is 0: a tie, which is broken at
+	// random, so that a burst of new connections spreads over all three.
 	cands := []defuss.WorkerInfo{{Index: 1}, {Index: 2}, {Index: 3}}
 	req := &defuss.Request{Protocol: defuss.ProtocolHTTP1, Method: "GET", Path: "/"}
 
-	var picked []int
-	for range 3 {
-		picked = append(picked, b(req, cands).Index)
+	picked := map[int]bool{}
+	for range 300 {
+		picked[b(req, cands).Index] = true
 	}
-	fmt.Println(picked)
-	// Output: [1 1 1]
+	fmt.Println(len(picked), "candidates picked")
+	// Output: 3 candidates picked
 }
 
 func ExampleResourceAware() {
