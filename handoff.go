@@ -46,22 +46,6 @@ func (w *worker) reportCloses() {
 	}
 }
 
-// handedConn is a connection that the primary handed off: its close,
-// also after a handler hijacked it, is reported to the primary.
-type handedConn struct {
-	*net.TCPConn
-	w    *worker
-	once sync.Once
-}
-
-var _ net.Conn = (*handedConn)(nil)
-
-func (c *handedConn) Close() error {
-	err := c.TCPConn.Close()
-	c.once.Do(c.w.handedClose)
-	return err
-}
-
 // handedClose counts one closed handed-off connection and wakes the
 // reporter.
 func (w *worker) handedClose() {

@@ -132,7 +132,7 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 					}
 					continue
 				}
-				hc := &handedConn{TCPConn: tc, w: l.w}
+				hc := l.w.track(tc, true)
 				select {
 				case l.conns <- hc:
 				case <-l.done:

@@ -441,3 +441,56 @@ func TestSIGTTINAndSIGTTOUScale(t *testing.T) {
 		}
 	}
 }
+
+// Issue 11, point 1: a hijacked connection (a WebSocket, a CONNECT
+// tunnel, an upgraded echo here) lives on through a rolling restart: the
+// draining worker keeps serving it until it ends (or the shutdown timeout
+// passes), while new connections already go to the new worker. It used to
+// be cut at once: the worker counted it as closed when it was hijacked.
+func TestHijackedConnectionSurvivesRestart(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithShutdownTimeout(20*time.Second))
+	addr := s.Addr().String()
+	old := s.Workers()[0].PID
+	ws := dialRaw(t, addr)
+	upgrade(t, ws, []byte(upgradeHead))
+	echo := func(msg string) error {
+		if _, err := io.WriteString(ws, msg); err != nil {
+			return err
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(ws.r, got); err != nil {
+			return err
+		}
+		if string(got) != msg {
+			return fmt.Errorf("echoed %q, want %q", got, msg)
+		}
+		return nil
+	}
+	if err := echo("before"); err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan error, 1)
+	go func() { restarted <- s.Restart(context.Background()) }()
+	waitWorkers(t, s, 10*time.Second, "the new worker in rotation", func(w []WorkerInfo) bool {
+		return w[0].PID != old && w[0].State == WorkerReady
+	})
+	if pid, _ := strconv.Atoi(dialRaw(t, addr).roundTrip(t, "/pid")); pid == old {
+		t.Fatal("a new connection went to the draining worker")
+	}
+	time.Sleep(300 * time.Millisecond) // the old worker drains meanwhile
+	if err := echo("during the drain"); err != nil {
+		t.Fatalf("the hijacked connection did not survive the restart: %v", err)
+	}
+	if !alive(old) {
+		t.Fatal("the old worker exited while its hijacked connection was open")
+	}
+	ws.Close()
+	select {
+	case err := <-restarted:
+		if err != nil {
+			t.Fatalf("Restart: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Restart still waits 10s after the hijacked connection closed")
+	}
+}

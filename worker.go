@@ -129,7 +129,6 @@ func (w *worker) start(h http.Handler) error {
 	w.secret = cfg.secret
 	w.srv = &http.Server{
 		Handler:           w.counting(h),
-		ConnState:         w.connState,
 		ReadHeaderTimeout: time.Minute,
 		ErrorLog:          slog.NewLogLogger(w.log.Handler(), slog.LevelWarn),
 	}
@@ -158,7 +157,7 @@ func (w *worker) serve() {
 	// from, so a local process that dials the worker port directly is not
 	// served and cannot claim any client address.
 	ln := &proxyproto.Listener{
-		Listener: countingListener{w.ln, &w.accepted},
+		Listener: trackingListener{w.ln, w},
 		ConnPolicy: func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) {
 			return proxyproto.REQUIRE, nil
 		},
@@ -199,18 +198,56 @@ func (w *worker) drain(timeout time.Duration, conns uint64) {
 	}
 }
 
-// countingListener counts the connections it accepts.
-type countingListener struct {
+// trackingListener counts the connections it accepts and tracks them
+// until they close.
+type trackingListener struct {
 	net.Listener
-	n *atomic.Uint64
+	w *worker
 }
 
-func (l countingListener) Accept() (net.Conn, error) {
+func (l trackingListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err == nil {
-		l.n.Add(1)
+	if err != nil {
+		return nil, err
 	}
-	return c, err
+	l.w.accepted.Add(1)
+	if tc, ok := c.(*net.TCPConn); ok {
+		return l.w.track(tc, false), nil
+	}
+	return c, nil
+}
+
+// workerConn is a connection the worker serves. It counts as open (in
+// w.conns) from accept to Close, also after a handler hijacked it (a
+// WebSocket, a tunnel, h2c): a drain waits for it until the shutdown
+// timeout. The close of a connection the primary handed off is reported
+// to the primary, for its connection counts.
+type workerConn struct {
+	*net.TCPConn
+	w      *worker
+	handed bool
+	once   sync.Once
+}
+
+var _ net.Conn = (*workerConn)(nil)
+
+// track counts c as open until it is closed.
+func (w *worker) track(c *net.TCPConn, handed bool) *workerConn {
+	w.conns.Add(1)
+	return &workerConn{TCPConn: c, w: w, handed: handed}
+}
+
+func (c *workerConn) Close() error {
+	err := c.TCPConn.Close()
+	c.once.Do(c.closed)
+	return err
+}
+
+func (c *workerConn) closed() {
+	c.w.conns.Add(-1)
+	if c.handed {
+		c.w.handedClose()
+	}
 }
 
 // counting counts the requests h serves, for WithMaxRequests.
@@ -219,15 +256,6 @@ func (w *worker) counting(h http.Handler) http.Handler {
 		w.requests.Add(1)
 		h.ServeHTTP(rw, r)
 	})
-}
-
-func (w *worker) connState(_ net.Conn, s http.ConnState) {
-	switch s {
-	case http.StateNew:
-		w.conns.Add(1)
-	case http.StateClosed, http.StateHijacked:
-		w.conns.Add(-1)
-	}
 }
 
 // send writes one frame to the primary.
