@@ -13,3 +13,5 @@ import (
 func inheritedPipe(int, string) (*os.File, error) { return nil, ErrNotSupported }
 
 func inheritedSocket(int) (*net.UnixConn, error) { return nil, ErrNotSupported }
+
+func hasUnread(*net.TCPConn) bool { return false }

@@ -76,3 +76,16 @@ func inheritedSocket(fd int) (*net.UnixConn, error) {
 	}
 	return uc, nil
 }
+
+// hasUnread reports whether bytes have arrived on c that nobody has read
+// yet (closing c now would reset it and lose them).
+func hasUnread(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var n int
+	var b [1]byte
+	rc.Control(func(fd uintptr) { n, _, _ = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT) })
+	return n > 0
+}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -492,5 +493,89 @@ func TestHijackedConnectionSurvivesRestart(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Restart still waits 10s after the hijacked connection closed")
+	}
+}
+
+// Issue 11, point 3: keep-alive clients that do not retry lose nothing to
+// a rolling restart. A draining worker used to close idle keep-alive
+// connections at once, racing each client's next request (EOF or a
+// reset, and ab, wrk and non-idempotent requests do not retry). Now it
+// answers the next request on each connection with Connection: close,
+// and closes a connection only once it has been idle for a while with
+// nothing unread.
+func TestKeepAliveClientsLoseNothingToRestarts(t *testing.T) {
+	s := startTest(t, WithShutdownTimeout(10*time.Second))
+	addr := s.Addr().String()
+	const clients = 20
+	var (
+		stop            atomic.Bool
+		sent, lost, fin atomic.Int64
+		wg              sync.WaitGroup
+		errMu           sync.Mutex
+		firstErrs       []string
+	)
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rnd := mrand.New(mrand.NewPCG(uint64(i), 7))
+			var c net.Conn
+			var r *bufio.Reader
+			for !stop.Load() {
+				if c == nil {
+					var err error
+					if c, err = net.DialTimeout("tcp", addr, time.Second); err != nil {
+						lost.Add(1)
+						continue
+					}
+					r = bufio.NewReader(c)
+				}
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				sent.Add(1)
+				_, err := io.WriteString(c, "GET /pid HTTP/1.1\r\nHost: test\r\n\r\n")
+				var resp *http.Response
+				if err == nil {
+					resp, err = http.ReadResponse(r, nil)
+				}
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				if err != nil {
+					lost.Add(1)
+					errMu.Lock()
+					if len(firstErrs) < 5 {
+						firstErrs = append(firstErrs, err.Error())
+					}
+					errMu.Unlock()
+					c.Close()
+					c = nil
+					continue
+				}
+				if resp.Close { // the server ends the connection: a new one
+					fin.Add(1)
+					c.Close()
+					c = nil
+				}
+				time.Sleep(time.Duration(rnd.IntN(3000)) * time.Microsecond)
+			}
+			if c != nil {
+				c.Close()
+			}
+		}()
+	}
+	for range 3 {
+		before := sent.Load()
+		waitFor(t, 10*time.Second, "requests flowing", func() bool { return sent.Load() > before+200 })
+		if err := s.Restart(context.Background()); err != nil {
+			t.Errorf("Restart: %v", err)
+		}
+	}
+	stop.Store(true)
+	wg.Wait()
+	t.Logf("%d requests on %d keep-alive connections through 3 restarts: %d lost, %d connections ended by Connection: close",
+		sent.Load(), clients, lost.Load(), fin.Load())
+	if lost.Load() != 0 {
+		t.Fatalf("%d requests lost (first errors: %v)", lost.Load(), firstErrs)
 	}
 }

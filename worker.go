@@ -38,7 +38,9 @@ type worker struct {
 	ln       net.Listener
 	status   *os.File
 	control  *os.File
-	conns    atomic.Int64
+	conns    atomic.Int64             // open connections, hijacked ones included
+	openMu   sync.Mutex               // guards open
+	open     map[*workerConn]struct{} // the connections counted in conns
 	requests atomic.Uint64
 	stats    *sampler
 
@@ -84,6 +86,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		control:  control,
 		stop:     make(chan stopRequest, 1),
 		force:    make(chan struct{}),
+		open:     make(map[*workerConn]struct{}),
 		done:     make(chan struct{}),
 		finished: make(chan struct{}),
 	}
@@ -129,6 +132,7 @@ func (w *worker) start(h http.Handler) error {
 	w.secret = cfg.secret
 	w.srv = &http.Server{
 		Handler:           w.counting(h),
+		ConnState:         w.connState,
 		ReadHeaderTimeout: time.Minute,
 		ErrorLog:          slog.NewLogLogger(w.log.Handler(), slog.LevelWarn),
 	}
@@ -177,24 +181,80 @@ func (w *worker) serve() {
 // It does not use http.Server.Shutdown, which drops a request read after
 // it began, even the first request of a connection accepted just before:
 // the primary dials a draining worker only until it has been replaced, so
-// such a request is a client's, and must be served. Instead: accept what
-// the primary sent, stop accepting, turn keep-alives off (idle
-// connections close now, busy ones after their current request), and
-// wait for the connections to close.
+// such a request is a client's, and must be served. Nor does it turn
+// keep-alives off, which closes idle connections at once, racing each
+// client's next request. Instead: accept what the primary sent, stop
+// accepting, answer every further request with Connection: close, close
+// a connection that stays idle for drainIdleGrace with nothing unread,
+// and wait for the rest (hijacked ones included) to close.
 func (w *worker) drain(timeout time.Duration, conns uint64) {
 	deadline := time.Now().Add(timeout)
 	if conns > 0 {
 		waitUntil(min(timeout, 2*time.Second), func() bool { return w.accepted.Load() >= conns || w.forced() })
 	}
 	w.draining.Store(true)
-	w.srv.SetKeepAlivesEnabled(false)
 	w.ln.Close()
 	if w.handed != nil {
 		w.handed.Close()
 	}
-	waitUntil(time.Until(deadline), func() bool { return w.conns.Load() == 0 || w.forced() })
+	began := time.Now()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for w.conns.Load() > 0 && time.Now().Before(deadline) {
+		w.closeIdle(began)
+		select {
+		case <-tick.C:
+		case <-w.force:
+			return
+		}
+	}
 	if n := w.conns.Load(); n > 0 {
 		w.log.Warn("connections still open at the shutdown timeout; closing them", "connections", n, "timeout", timeout)
+	}
+}
+
+// drainIdleGrace is how long a draining worker leaves a keep-alive
+// connection idle (counted from the drain's start at the earliest) before
+// it closes it: long enough that a request the client sent before it saw
+// the close has arrived.
+const drainIdleGrace = 500 * time.Millisecond
+
+// closeIdle closes the connections that have been idle since before
+// drainIdleGrace ago (and since the drain began) and have nothing unread.
+func (w *worker) closeIdle(began time.Time) {
+	cutoff := time.Now().Add(-drainIdleGrace)
+	if began.After(cutoff) {
+		return
+	}
+	var idle []*workerConn
+	w.openMu.Lock()
+	for c := range w.open {
+		if since := c.idleSince.Load(); since != 0 && since <= cutoff.UnixNano() {
+			idle = append(idle, c)
+		}
+	}
+	w.openMu.Unlock()
+	for _, c := range idle {
+		if !hasUnread(c.TCPConn) {
+			c.Close()
+		}
+	}
+}
+
+// connState keeps each connection's idle time, for closeIdle.
+func (w *worker) connState(c net.Conn, st http.ConnState) {
+	if pc, ok := c.(*proxyproto.Conn); ok {
+		c = pc.Raw()
+	}
+	wc, ok := c.(*workerConn)
+	if !ok {
+		return
+	}
+	switch st {
+	case http.StateIdle:
+		wc.idleSince.Store(time.Now().UnixNano())
+	case http.StateActive:
+		wc.idleSince.Store(0)
 	}
 }
 
@@ -224,17 +284,22 @@ func (l trackingListener) Accept() (net.Conn, error) {
 // to the primary, for its connection counts.
 type workerConn struct {
 	*net.TCPConn
-	w      *worker
-	handed bool
-	once   sync.Once
+	w         *worker
+	handed    bool
+	once      sync.Once
+	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
 }
 
 var _ net.Conn = (*workerConn)(nil)
 
 // track counts c as open until it is closed.
 func (w *worker) track(c *net.TCPConn, handed bool) *workerConn {
+	wc := &workerConn{TCPConn: c, w: w, handed: handed}
 	w.conns.Add(1)
-	return &workerConn{TCPConn: c, w: w, handed: handed}
+	w.openMu.Lock()
+	w.open[wc] = struct{}{}
+	w.openMu.Unlock()
+	return wc
 }
 
 func (c *workerConn) Close() error {
@@ -244,16 +309,24 @@ func (c *workerConn) Close() error {
 }
 
 func (c *workerConn) closed() {
+	c.w.openMu.Lock()
+	delete(c.w.open, c)
+	c.w.openMu.Unlock()
 	c.w.conns.Add(-1)
 	if c.handed {
 		c.w.handedClose()
 	}
 }
 
-// counting counts the requests h serves, for WithMaxRequests.
+// counting counts the requests h serves, for WithMaxRequests, and asks
+// the client to close the connection after a response once the worker
+// drains.
 func (w *worker) counting(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		w.requests.Add(1)
+		if w.draining.Load() {
+			rw.Header().Set("Connection", "close")
+		}
 		h.ServeHTTP(rw, r)
 	})
 }
