@@ -19,7 +19,7 @@ func init() {
 	if os.Getenv(envSlot) == "" {
 		return
 	}
-	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff} {
+	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff, fdListener} {
 		var st unix.Stat_t
 		if unix.Fstat(fd, &st) == nil && (uint32(st.Mode)&unix.S_IFMT == unix.S_IFIFO || uint32(st.Mode)&unix.S_IFMT == unix.S_IFSOCK) {
 			unix.CloseOnExec(fd)
@@ -56,6 +56,24 @@ func inheritedPipe(fd int, name string) (*os.File, error) {
 		return nil, fmt.Errorf("fd %d: %w", fd, err)
 	}
 	return os.NewFile(uintptr(fd), name), nil
+}
+
+// inheritedListener returns the TCP listening socket at fd.
+func inheritedListener(fd int) (net.Listener, error) {
+	if err := checkInherited(fd, unix.S_IFSOCK); err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "defuss-listener")
+	defer f.Close() // FileListener made its own descriptor
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("fd %d: %w", fd, err)
+	}
+	if _, ok := ln.(*net.TCPListener); !ok {
+		ln.Close()
+		return nil, fmt.Errorf("fd %d is not a TCP listener", fd)
+	}
+	return ln, nil
 }
 
 // inheritedSocket returns the Unix socket at fd.

@@ -90,6 +90,7 @@ type command struct {
 	conns           uint64          // frameDrain: connections the primary made to this worker, all told
 	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
 	handoff         bool            // frameConfig: connections also arrive on fd 5
+	listener        bool            // frameConfig: serve the listening socket at fd 6 (fixed ports)
 }
 
 // secretLen is the size of the per-run secret that the primary puts in the
@@ -264,6 +265,9 @@ func appendCommand(b []byte, c *command) []byte {
 			if c.handoff {
 				flags |= 1
 			}
+			if c.listener {
+				flags |= 2
+			}
 			b = append(b, flags)
 			b = append(b, c.host...)
 		case frameDrain:
@@ -288,10 +292,11 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 		c.shutdownTimeout = time.Duration(binary.BigEndian.Uint64(p[12:]))
 		copy(c.secret[:], p[20:20+secretLen])
 		flags := p[20+secretLen]
-		if flags&^1 != 0 {
+		if flags&^3 != 0 {
 			return c, fmt.Errorf("%w: config flags %#x", errFrame, flags)
 		}
 		c.handoff = flags&1 != 0
+		c.listener = flags&2 != 0
 		c.host = string(p[fixed:])
 		if c.heartbeat <= 0 || c.shutdownTimeout <= 0 || c.host == "" {
 			return c, fmt.Errorf("%w: config out of range", errFrame)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -43,6 +44,9 @@ type primary struct {
 	fallback Balancer
 	bufs     sync.Pool // *[]byte of proxyRoom+cfg.maxHeaderBytes
 	reqs     sync.Pool // *Request
+
+	fixedMu  sync.Mutex
+	fixedLns map[int]*net.TCPListener // WithBaseWorkerPort: each slot's port, held for its processes
 
 	supervisors sync.WaitGroup
 	acceptDone  chan struct{}
@@ -343,12 +347,43 @@ func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 }
 
 // unhook undoes what startPrimary set up besides the workers and the
-// connections: the signal handlers and the telemetry callback.
+// connections: the signal handlers, the telemetry callback and the fixed
+// worker ports.
 func (p *primary) unhook() {
 	if p.stopSignals != nil {
 		p.stopSignals()
 	}
 	p.tel.close()
+	p.fixedMu.Lock()
+	for _, ln := range p.fixedLns {
+		ln.Close()
+	}
+	p.fixedLns = nil
+	p.fixedMu.Unlock()
+}
+
+// fixedListener returns a new descriptor of slot i's listening socket on
+// its fixed port (WithBaseWorkerPort), binding it the first time. The
+// primary holds the socket for the life of the server and every process
+// of the slot serves on it: a successor starts beside its predecessor on
+// the same port, and a draining process that closes its descriptor resets
+// nothing in the queue, which the successor goes on accepting from.
+func (p *primary) fixedListener(i int) (*os.File, error) {
+	p.fixedMu.Lock()
+	defer p.fixedMu.Unlock()
+	ln := p.fixedLns[i]
+	if ln == nil {
+		l, err := net.Listen("tcp", net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(p.cfg.baseWorkerPort+i)))
+		if err != nil {
+			return nil, err
+		}
+		ln = l.(*net.TCPListener)
+		if p.fixedLns == nil {
+			p.fixedLns = make(map[int]*net.TCPListener)
+		}
+		p.fixedLns[i] = ln
+	}
+	return ln.File()
 }
 
 // requestStop asks run to shut down gracefully.

@@ -41,6 +41,13 @@ type process struct {
 	reasonErr error
 	timer     *time.Timer // start timeout before ready, shutdown timeout while draining
 	timerGen  uint64      // which arming of timer an evTimer event is for
+
+	// sharedListener: the process serves the slot's listening socket,
+	// which outlives it (fixed ports), so in splice mode a drain need not
+	// wait for it to accept the connections dialed to it: its successor
+	// accepts them. (Hand-off mode passes connections on the process's
+	// own socket, which it must read to the end.)
+	sharedListener bool
 }
 
 // osProcess is what the supervisor asks of a running worker process: the
@@ -130,7 +137,11 @@ func (pr *process) drain(timeout time.Duration, reason string) {
 	// The worker serves until it has accepted every connection the primary
 	// made to it, then stops accepting: the callers made sure that no
 	// connection to it is still being dialed.
-	pr.sys.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: pr.dialed.Load()})
+	conns := pr.dialed.Load()
+	if pr.sharedListener && pr.handoffSock == nil {
+		conns = 0 // dialed to the slot's socket, which the successor accepts from
+	}
+	pr.sys.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: conns})
 	pr.arm(timeout)
 }
 
@@ -237,18 +248,37 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{statusW, controlR} // fd 3, fd 4
 	cmd.SysProcAttr = proc.SysProcAttr()
+	closePipes := func() {
+		statusR.Close()
+		statusW.Close()
+		controlR.Close()
+		controlW.Close()
+	}
 	var handoff *net.UnixConn
 	if p.cfg.handoff {
 		var theirs *os.File
 		if handoff, theirs, err = handoffPair(); err != nil {
-			statusR.Close()
-			statusW.Close()
-			controlR.Close()
-			controlW.Close()
+			closePipes()
 			return nil, err
 		}
 		cmd.ExtraFiles = append(cmd.ExtraFiles, theirs) // fd 5
 		defer theirs.Close()
+	}
+	fixed := p.cfg.baseWorkerPort > 0
+	if fixed {
+		lnFile, err := p.fixedListener(i)
+		if err != nil {
+			closePipes()
+			if handoff != nil {
+				handoff.Close()
+			}
+			return nil, err
+		}
+		defer lnFile.Close()
+		if len(cmd.ExtraFiles) == 2 {
+			cmd.ExtraFiles = append(cmd.ExtraFiles, nil) // no fd 5
+		}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, lnFile) // fd 6
 	}
 	err = cmd.Start()
 	statusW.Close()
@@ -264,6 +294,7 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: handoff}
 	pr := newProcess(cmd.Process.Pid, e, events)
 	pr.handoffSock = handoff
+	pr.sharedListener = fixed
 	e.watch(pr)
 	port := 0
 	if p.cfg.baseWorkerPort > 0 {
@@ -273,7 +304,7 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	// worker never reads it.
 	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
 		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret,
-		handoff: p.cfg.handoff}))
+		handoff: p.cfg.handoff, listener: fixed}))
 	if err != nil {
 		// The process is gone already (or going): its exit status says why.
 		p.log.Warn("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)

@@ -579,3 +579,64 @@ func TestKeepAliveClientsLoseNothingToRestarts(t *testing.T) {
 		t.Fatalf("%d requests lost (first errors: %v)", lost.Load(), firstErrs)
 	}
 }
+
+// freePorts returns a base port with n free consecutive ports after it.
+func freePorts(t *testing.T, n int) int {
+	t.Helper()
+	for try := 0; try < 100; try++ {
+		base := 20000 + mrand.IntN(30000)
+		var lns []net.Listener
+		for i := range n {
+			ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(base+i)))
+			if err != nil {
+				break
+			}
+			lns = append(lns, ln)
+		}
+		for _, ln := range lns {
+			ln.Close()
+		}
+		if len(lns) == n {
+			return base
+		}
+	}
+	t.Fatal("no free port range")
+	return 0
+}
+
+// Issue 11, point 7: with WithBaseWorkerPort every operation works. The
+// successor used to be spawned on base+i while its predecessor still held
+// the port: Restart failed with "address already in use", and recycling
+// retried on every heartbeat. The primary now holds each fixed port and
+// every process of the slot serves on it.
+func TestFixedWorkerPortsRestartAndRecycle(t *testing.T) {
+	t.Run("restart", func(t *testing.T) {
+		base := freePorts(t, 2)
+		s := startTest(t, WithBaseWorkerPort(base))
+		var res loadResult
+		stop := make(chan struct{})
+		wait := runLoad(s.Addr().String(), "/pid", stop, &res)
+		before := s.Workers()
+		for range 2 {
+			if err := s.Restart(context.Background()); err != nil {
+				t.Fatalf("Restart: %v", err)
+			}
+		}
+		close(stop)
+		wait()
+		after := s.Workers()
+		for i, w := range after {
+			if w.PID == before[i].PID || w.Addr != net.JoinHostPort("127.0.0.1", strconv.Itoa(base+i)) {
+				t.Errorf("worker %d: pid %d (was %d), addr %s, want a new process on port %d", i, w.PID, before[i].PID, w.Addr, base+i)
+			}
+		}
+		t.Logf("two restarts on fixed ports: %d requests, %d failed", res.sent.Load(), res.failed.Load())
+		if res.failed.Load() != 0 {
+			t.Errorf("%d requests failed; first: %v", res.failed.Load(), res.firstErr)
+		}
+	})
+	t.Run("recycle", func(t *testing.T) {
+		s := startTest(t, WithBaseWorkerPort(freePorts(t, 2)), WithMaxRequests(30, 10))
+		recycleUnderLoad(t, s, "request count, fixed ports")
+	})
+}

@@ -160,7 +160,7 @@ func (sv *supervisor) start() (*process, error) {
 func (sv *supervisor) startCur() {
 	var err error
 	if sv.cur, err = sv.start(); err != nil {
-		sv.report(err)
+		sv.report(fmt.Errorf("%w: %w", ErrWorkerStart, err))
 		sv.died("spawn", err, 0)
 	}
 }

@@ -24,9 +24,10 @@ const envSlot = "DEFUSS_WORKER_SLOT"
 // Inherited descriptors in a worker: fd 3 carries frames to the primary,
 // fd 4 carries commands from it.
 const (
-	fdStatus  = 3
-	fdControl = 4
-	fdHandoff = 5 // hand-off mode only
+	fdStatus   = 3
+	fdControl  = 4
+	fdHandoff  = 5 // hand-off mode only
+	fdListener = 6 // fixed worker ports only: the slot's listening socket, which the primary holds
 )
 
 // worker is the worker role: it serves the handler on its loopback port
@@ -124,7 +125,12 @@ func (w *worker) start(h http.Handler) error {
 		return fmt.Errorf("defuss: worker %d: %w", w.slot, err)
 	}
 	w.heartbeat, w.shutdownTimeout = cfg.heartbeat, cfg.shutdownTimeout
-	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	var ln net.Listener
+	if cfg.listener {
+		ln, err = inheritedListener(fdListener)
+	} else {
+		ln, err = net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	}
 	if err != nil {
 		return fmt.Errorf("defuss: worker %d: %w", w.slot, err)
 	}
