@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
 	"net/netip"
 	"reflect"
 	"runtime"
@@ -54,6 +55,8 @@ func (f optionFunc) apply(c *config) { f(c) }
 // config is resolved once, in newConfig, and read-only afterwards.
 type config struct {
 	addr              string
+	addrSet           bool         // WithAddr was given
+	server            *http.Server // WithServer: the user's server, its settings and hooks
 	listener          net.Listener
 	workers           int
 	workerHost        string
@@ -97,7 +100,7 @@ type config struct {
 // LISTEN_HOST override the default's port and host. HOST is deliberately not
 // read: many shells set it to the machine's name.
 func WithAddr(addr string) Option {
-	return optionFunc(func(c *config) { c.addr = addr })
+	return optionFunc(func(c *config) { c.addr, c.addrSet = addr, true })
 }
 
 // WithListener makes the primary accept on l instead of listening on an
@@ -363,6 +366,45 @@ func WithHandoff(on bool) Option {
 	return optionFunc(func(c *config) { c.handoff = on })
 }
 
+// Timeouts of the workers' server when the program's own server (or none,
+// without [WithServer]) sets neither the timeout nor ReadTimeout: without
+// them an idle or slow client would hold a connection, in the worker and
+// in the primary, forever.
+const (
+	DefaultReadHeaderTimeout = 20 * time.Second
+	DefaultIdleTimeout       = 2 * time.Minute
+)
+
+// WithServer makes each worker serve with srv's settings instead of a
+// default server: ReadTimeout, ReadHeaderTimeout, WriteTimeout,
+// IdleTimeout, MaxHeaderBytes, ErrorLog, BaseContext, ConnContext,
+// ConnState (called after defuss's own bookkeeping), HTTP2, Protocols and
+// DisableGeneralOptionsHandler. Functions registered with
+// srv.RegisterOnShutdown run when the worker begins to drain (a restart,
+// a recycle, a scale-down or a shutdown), so that long handlers (SSE,
+// WebSockets) can say goodbye and return.
+//
+// srv.Handler serves when Start's handler is nil; setting both is an
+// error. srv.Addr, when set, is the public address unless [WithAddr] is
+// given (it wins over PORT and LISTEN_HOST too).
+//
+// defuss owns srv's listener and connections: the workers serve a server
+// of their own with srv's settings, and srv itself never serves (do not
+// call its Serve or ListenAndServe; call [Server.Shutdown] to stop).
+// HTTPS in the workers is not supported yet: a srv with TLSConfig or
+// TLSNextProto set is an error. When srv sets neither ReadHeaderTimeout
+// nor ReadTimeout, the workers use DefaultReadHeaderTimeout; when it sets
+// neither IdleTimeout nor ReadTimeout, DefaultIdleTimeout (a negative
+// value turns either off, as in net/http). A nil srv keeps the default:
+// a server with only those two timeouts.
+func WithServer(srv *http.Server) Option {
+	return optionFunc(func(c *config) {
+		if srv != nil {
+			c.server = srv
+		}
+	})
+}
+
 // trusts reports whether a PROXY header from a is to be believed.
 func (c *config) trusts(a netip.Addr) bool {
 	a = a.Unmap()
@@ -400,6 +442,9 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 	}
 	if c.workers == 0 {
 		c.workers = runtime.GOMAXPROCS(0)
+	}
+	if c.server != nil && c.server.Addr != "" && !c.addrSet && c.listener == nil {
+		c.addr = c.server.Addr
 	}
 	if c.balancer == nil {
 		c.balancer = RoundRobin()
@@ -478,6 +523,9 @@ func (c *config) validate() error {
 	}
 	if c.handoff && len(c.trusted) > 0 {
 		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
+	}
+	if s := c.server; s != nil && (s.TLSConfig != nil || s.TLSNextProto != nil) {
+		bad("WithServer: TLSConfig and TLSNextProto: HTTPS in the workers is not supported yet")
 	}
 	if c.startTimeout <= 0 || c.startTimeout > maxDuration {
 		bad("WithStartTimeout(%v): must be > 0 and at most %v", c.startTimeout, maxDuration)

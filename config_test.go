@@ -1,10 +1,12 @@
 package defuss
 
 import (
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
 	"runtime"
 	"slices"
 	"strings"
@@ -169,6 +171,12 @@ func TestConfigValidOptions(t *testing.T) {
 		// worker than in the primary; "localhost" is taken as 127.0.0.1.
 		{"WithWorkerHost localhost", nil, []Option{WithWorkerHost("localhost")}, func(c *config) bool { return c.workerHost == "127.0.0.1" }},
 		{"WithWorkerHost ::1", nil, []Option{WithWorkerHost("::1")}, func(c *config) bool { return c.workerHost == "::1" }},
+		// Issue 12: srv.Addr is the public address unless WithAddr says
+		// otherwise, and wins over PORT.
+		{"WithServer Addr", nil, []Option{WithServer(&http.Server{Addr: "127.0.0.1:8123"})}, func(c *config) bool { return c.addr == "127.0.0.1:8123" }},
+		{"WithAddr beats WithServer Addr", nil, []Option{WithAddr(":9000"), WithServer(&http.Server{Addr: "127.0.0.1:8123"})}, func(c *config) bool { return c.addr == ":9000" }},
+		{"WithServer Addr beats PORT", map[string]string{"PORT": "7000"}, []Option{WithServer(&http.Server{Addr: ":8123"})}, func(c *config) bool { return c.addr == ":8123" }},
+		{"WithServer without Addr keeps PORT", map[string]string{"PORT": "7000"}, []Option{WithServer(&http.Server{})}, func(c *config) bool { return c.addr == ":7000" }},
 		// Issue 11, point 11: the largest values that are still accepted.
 		{"WithMaxRequests at the int64 limit", nil, []Option{WithMaxRequests(math.MaxInt-10, 10)}, func(c *config) bool { return c.maxRequests == math.MaxInt-10 && c.maxRequestsJitter == 10 }},
 		{"durations of a day", nil, []Option{WithHeartbeat(maxDuration/2, maxDuration), WithShutdownTimeout(maxDuration), WithStartTimeout(maxDuration),
@@ -288,6 +296,9 @@ func TestConfigInvalidOptions(t *testing.T) {
 		{name: "start timeout over a day", opts: []Option{WithStartTimeout(maxDuration + 1)}, want: []string{"WithStartTimeout"}},
 		{name: "drain delay of MaxInt64", opts: []Option{WithDrainDelay(math.MaxInt64)}, want: []string{"WithDrainDelay"}},
 		{name: "inspection timeout over a day", opts: []Option{WithInspectionTimeout(maxDuration + 1)}, want: []string{"WithInspectionTimeout"}},
+
+		// Issue 12: HTTPS in the workers is not there yet; say so.
+		{name: "server with TLSConfig", opts: []Option{WithServer(&http.Server{TLSConfig: &tls.Config{}})}, want: []string{"WithServer", "TLSConfig"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -5,17 +5,28 @@ import (
 	"net"
 	"os"
 	"sync"
+	"time"
 )
+
+// finTimeout is how long the primary waits for a client to close its side
+// of a spliced connection once the worker has closed its own.
+const finTimeout = time.Second
 
 // splice copies between client and worker in both directions until both
 // are done, then closes both, and returns the bytes copied each way. With
 // halfOpen, a clean EOF in one direction is passed on as a FIN while the
 // other keeps flowing; otherwise, and on any error, the first direction to
-// end closes both.
+// end closes both. Once the worker has finished sending, the client has
+// finTimeout to finish in turn.
 func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64) {
 	done := make(chan int64, 1)
 	go copyToWorker(worker, client, halfOpen, done)
 	down = copyToClient(client, worker, halfOpen)
+	// A client that does not close after the worker did (an idle
+	// keep-alive connection the worker closed at its IdleTimeout, a head
+	// cut at its ReadHeaderTimeout) would hold the connection here
+	// forever: nothing it sends now is read by an HTTP server.
+	client.SetReadDeadline(time.Now().Add(finTimeout))
 	up = <-done
 	worker.Close()
 	client.Close()
@@ -27,8 +38,9 @@ func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64
 func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
 	n, err := copyStream(worker, client)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		// conns.endOf: the worker has exited. End this direction only, so
-		// the other one still delivers the worker's last bytes.
+		// conns.endOf (the worker has exited) or finTimeout (it closed):
+		// end this direction only, so that the other one still delivers
+		// the worker's last bytes.
 		worker.CloseWrite()
 		done <- n
 		return

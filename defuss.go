@@ -68,8 +68,16 @@ func Start(handler http.Handler, opts ...Option) (*Server, error) {
 		return nil, ErrNotSupported
 	}
 	c, err := newConfig(os.Getenv, opts...)
+	if c != nil && c.server != nil {
+		switch {
+		case handler != nil && c.server.Handler != nil:
+			err = fmt.Errorf("%w: both Start's handler and WithServer's srv.Handler are set; set one of them", ErrInvalidOption)
+		case handler == nil:
+			handler = c.server.Handler
+		}
+	}
 	if handler == nil {
-		err = errors.Join(fmt.Errorf("%w: handler is nil", ErrInvalidOption), err)
+		err = errors.Join(fmt.Errorf("%w: handler is nil (and no WithServer with a Handler)", ErrInvalidOption), err)
 	}
 	if err != nil {
 		return nil, err

@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 // The test binary is its own worker: a primary started by a test
@@ -35,12 +37,17 @@ const (
 
 	envTestPrimaryOpts = "DEFUSS_TEST_PRIMARY_OPTS" // options of a primary process
 	envTestFDCheck     = "DEFUSS_TEST_FDCHECK"      // print which of fds 3-5 are open, and exit
+	envTestServer      = "DEFUSS_TEST_SERVER"       // the worker serves with WithServer: "hooks;idle=1s;readheader=1s"
 )
 
 // handoffMode runs the tests' primaries in hand-off mode instead of
 // splice mode: DEFUSS_TEST_HANDOFF=1 go test ./... runs the core tests in
 // the other mode.
 var handoffMode = os.Getenv("DEFUSS_TEST_HANDOFF") != ""
+
+// drainBegan is closed by a RegisterOnShutdown hook of the test worker's
+// server (envTestServer=hooks): the worker has begun to drain.
+var drainBegan = make(chan struct{})
 
 // childFDs is what a child started before Start saw of fds 3-5
 // (envTestApp=fdcheck).
@@ -104,7 +111,24 @@ func testWorkerMain() int {
 		}
 		childFDs = strings.TrimSpace(string(out))
 	}
-	s, err := Start(testApp(), WithLogger(log))
+	handler, opts := testApp(), []Option{WithLogger(log)}
+	if spec, ok := os.LookupEnv(envTestServer); ok {
+		srv := &http.Server{Handler: handler}
+		for _, kv := range strings.Split(spec, ";") {
+			k, v, _ := strings.Cut(kv, "=")
+			d, _ := time.ParseDuration(v)
+			switch k {
+			case "hooks":
+				srv.RegisterOnShutdown(func() { close(drainBegan) })
+			case "idle":
+				srv.IdleTimeout = d
+			case "readheader":
+				srv.ReadHeaderTimeout = d
+			}
+		}
+		handler, opts = nil, append(opts, WithServer(srv))
+	}
+	s, err := Start(handler, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test worker:", err)
 		return 1
@@ -261,6 +285,51 @@ func testApp() http.Handler {
 	// /fdcheck answers what a child started before Start saw of fds 3-5.
 	mux.HandleFunc("/fdcheck", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, childFDs)
+	})
+	// /sse-goodbye streams an event every 50ms until the worker drains,
+	// then sends a last event, "bye", and returns: the pattern the README
+	// shows for SSE handlers.
+	mux.HandleFunc("/sse-goodbye", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C:
+				fmt.Fprint(w, "data: tick\n\n")
+			case <-drainBegan:
+				fmt.Fprint(w, "event: bye\ndata: restart\n\n")
+				return
+			case <-r.Context().Done():
+				return
+			}
+			w.(http.Flusher).Flush()
+		}
+	})
+	// /ws echoes WebSocket messages until the worker drains, then closes
+	// with 1001 (going away): the pattern the README shows.
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		c, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		go func() {
+			select {
+			case <-drainBegan:
+				c.Close(websocket.StatusGoingAway, "server restarting")
+			case <-r.Context().Done():
+			}
+		}()
+		for {
+			typ, msg, err := c.Read(r.Context())
+			if err != nil {
+				return
+			}
+			if err := c.Write(r.Context(), typ, msg); err != nil {
+				return
+			}
+		}
 	})
 	// /log writes a line to the worker's stderr and answers "logged".
 	mux.HandleFunc("/log", func(w http.ResponseWriter, r *http.Request) {

@@ -21,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 // loadResult counts a background load's requests.
@@ -639,4 +641,97 @@ func TestFixedWorkerPortsRestartAndRecycle(t *testing.T) {
 		s := startTest(t, WithBaseWorkerPort(freePorts(t, 2)), WithMaxRequests(30, 10))
 		recycleUnderLoad(t, s, "request count, fixed ports")
 	})
+}
+
+// Issue 11, point 2: long handlers learn that a drain began through the
+// standard hook: functions registered with the RegisterOnShutdown of the
+// server given to WithServer run when the worker begins to drain. An SSE
+// handler sends a last event and returns; the restart then takes no
+// longer than that.
+func TestSSEHandlerSaysGoodbyeOnRestart(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithShutdownTimeout(20*time.Second), WithWorkerEnv(envTestServer+"=hooks"))
+	resp, err := http.Get("http://" + s.Addr().String() + "/sse-goodbye")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	if line, err := r.ReadString('\n'); err != nil || line != "data: tick\n" {
+		t.Fatalf("first line %q, %v", line, err)
+	}
+	start := time.Now()
+	restarted := make(chan error, 1)
+	go func() { restarted <- s.Restart(context.Background()) }()
+	var bye bool
+	for {
+		line, err := r.ReadString('\n')
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("stream ended with %v, want a clean end", err)
+		}
+		bye = bye || line == "event: bye\n"
+	}
+	if !bye {
+		t.Fatal("the stream ended without the goodbye event")
+	}
+	if err := <-restarted; err != nil {
+		t.Fatalf("Restart: %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("Restart took %v, as if the stream had held on to the shutdown timeout", d)
+	}
+}
+
+// Issue 11, point 2: a WebSocket handler (github.com/coder/websocket)
+// closes with 1001 (going away) when the drain begins, through the
+// primary, and the client sees that close code.
+func TestWebSocketClosesGoingAwayOnRestart(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithShutdownTimeout(20*time.Second), WithWorkerEnv(envTestServer+"=hooks"))
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, "ws://"+s.Addr().String()+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	if err := c.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, msg, err := c.Read(ctx); err != nil || string(msg) != "hello" {
+		t.Fatalf("echo %q, %v", msg, err)
+	}
+	restarted := make(chan error, 1)
+	go func() { restarted <- s.Restart(context.Background()) }()
+	_, _, err = c.Read(ctx)
+	if status := websocket.CloseStatus(err); status != websocket.StatusGoingAway {
+		t.Fatalf("read after the restart began: %v (close status %v), want 1001 going away", err, status)
+	}
+	if err := <-restarted; err != nil {
+		t.Fatalf("Restart: %v", err)
+	}
+}
+
+// Issue 12: the timeouts of the program's own server take effect in the
+// workers, through the primary: an idle keep-alive connection is closed at
+// its IdleTimeout, a client that does not finish its head at its
+// ReadHeaderTimeout, and the primary lets go of both.
+func TestUserServerTimeouts(t *testing.T) {
+	s := startTest(t, WithWorkerEnv(envTestServer+"=idle=300ms;readheader=300ms"))
+	addr := s.Addr().String()
+	idle := dialRaw(t, addr)
+	idle.roundTrip(t, "/pid")
+	slow := dialRaw(t, addr)
+	fmt.Fprint(slow, "GET / HTTP/1.1\r\nHost: te") // and nothing more
+	for name, c := range map[string]*rawConn{"idle keep-alive": idle, "slow head": slow} {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		start := time.Now()
+		_, err := io.Copy(io.Discard, c.r)
+		if err != nil {
+			t.Errorf("%s connection: %v, want it closed by the worker", name, err)
+		}
+		t.Logf("%s connection closed after %v", name, time.Since(start).Round(time.Millisecond))
+	}
+	waitFor(t, 5*time.Second, "the primary to let go of both", func() bool { return activeTotal(s) == 0 })
 }

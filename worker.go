@@ -1,8 +1,10 @@
 package defuss
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -62,6 +64,7 @@ type worker struct {
 	done         chan struct{}    // closed when the server has stopped; ends the loops
 	finished     chan struct{}    // closed when everything is released; err is set
 	stopSignals  func()
+	user         *http.Server // WithServer's: its RegisterOnShutdown hooks run when the drain begins
 	err          error
 	wg           sync.WaitGroup
 }
@@ -95,7 +98,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 	// Signals are caught before the worker reports ready: a SIGTERM to
 	// the whole group right after start-up must not kill it.
 	sigs := w.notifySignals(c.signals)
-	if err := w.start(h); err != nil {
+	if err := w.start(h, c.server); err != nil {
 		w.fail(err)
 		w.release()
 		return nil, err
@@ -107,9 +110,9 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 	return &Server{w: w}, nil
 }
 
-// start reads the configuration, binds the port, starts serving and
-// reports ready.
-func (w *worker) start(h http.Handler) error {
+// start reads the configuration, binds the port, starts serving (with
+// user's settings, if WithServer gave a server) and reports ready.
+func (w *worker) start(h http.Handler, user *http.Server) error {
 	w.control.SetReadDeadline(time.Now().Add(10 * time.Second))
 	buf := make([]byte, maxFramePayload)
 	typ, payload, err := readFrame(w.control, buf)
@@ -136,12 +139,8 @@ func (w *worker) start(h http.Handler) error {
 	}
 	w.ln = ln
 	w.secret = cfg.secret
-	w.srv = &http.Server{
-		Handler:           w.counting(h),
-		ConnState:         w.connState,
-		ReadHeaderTimeout: time.Minute,
-		ErrorLog:          slog.NewLogLogger(w.log.Handler(), slog.LevelWarn),
-	}
+	w.user = user
+	w.srv = serverFor(user, w.counting(h), w.connState, slog.NewLogLogger(w.log.Handler(), slog.LevelWarn))
 	w.wg.Add(1)
 	go w.serve()
 	if cfg.handoff {
@@ -262,6 +261,37 @@ func (w *worker) connState(c net.Conn, st http.ConnState) {
 	case http.StateActive:
 		wc.idleSince.Store(0)
 	}
+}
+
+// serverFor returns the server a worker serves h with: user's settings
+// (WithServer), the default timeouts where user leaves them to net/http's
+// "none", and defuss's ConnState hook before user's. user may be nil.
+func serverFor(user *http.Server, h http.Handler, connState func(net.Conn, http.ConnState), errorLog *log.Logger) *http.Server {
+	srv := &http.Server{Handler: h, ConnState: connState, ErrorLog: errorLog}
+	if u := user; u != nil {
+		srv.ReadTimeout, srv.ReadHeaderTimeout = u.ReadTimeout, u.ReadHeaderTimeout
+		srv.WriteTimeout, srv.IdleTimeout = u.WriteTimeout, u.IdleTimeout
+		srv.MaxHeaderBytes = u.MaxHeaderBytes
+		srv.BaseContext, srv.ConnContext = u.BaseContext, u.ConnContext
+		srv.HTTP2, srv.Protocols = u.HTTP2, u.Protocols
+		srv.DisableGeneralOptionsHandler = u.DisableGeneralOptionsHandler
+		if u.ErrorLog != nil {
+			srv.ErrorLog = u.ErrorLog
+		}
+		if userState := u.ConnState; userState != nil {
+			srv.ConnState = func(c net.Conn, st http.ConnState) {
+				connState(c, st)
+				userState(c, st)
+			}
+		}
+	}
+	if srv.ReadHeaderTimeout == 0 && srv.ReadTimeout == 0 {
+		srv.ReadHeaderTimeout = DefaultReadHeaderTimeout
+	}
+	if srv.IdleTimeout == 0 && srv.ReadTimeout == 0 {
+		srv.IdleTimeout = DefaultIdleTimeout
+	}
+	return srv
 }
 
 // trackingListener counts the connections it accepts and tracks them
@@ -443,6 +473,12 @@ func (w *worker) run(sigs <-chan os.Signal) {
 	timeout := req.timeout
 	w.log.Debug("stopping", "timeout", timeout)
 	w.send(&message{kind: frameStopping})
+	if w.user != nil {
+		// The user's server never served: Shutdown only runs the functions
+		// registered with RegisterOnShutdown (each in a goroutine of its
+		// own) and returns.
+		w.user.Shutdown(context.Background())
+	}
 	if timeout > 0 {
 		w.drain(timeout, req.conns)
 	}
