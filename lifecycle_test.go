@@ -630,3 +630,30 @@ func TestInheritedDescriptorsCloseOnExec(t *testing.T) {
 		t.Fatalf("a child started before Start had fds %q open, want none", got)
 	}
 }
+
+// Issue 12: Start's handler and WithServer's srv.Handler: one of them,
+// not both; neither is the nil-handler error. Nothing is spawned.
+func TestStartServerHandler(t *testing.T) {
+	before := children()
+	h := http.NotFoundHandler()
+	for _, tc := range []struct {
+		name    string
+		handler http.Handler
+		srv     *http.Server
+		want    string
+	}{
+		{"both", h, &http.Server{Handler: h}, "srv.Handler"},
+		{"neither", nil, &http.Server{}, "handler is nil"},
+	} {
+		s, err := Start(tc.handler, WithAddr("127.0.0.1:0"), WithServer(tc.srv))
+		if s != nil {
+			s.Shutdown(t.Context())
+		}
+		if !errors.Is(err, ErrInvalidOption) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Start = %v, want ErrInvalidOption mentioning %q", tc.name, err, tc.want)
+		}
+	}
+	if after := children(); len(after) != len(before) {
+		t.Errorf("Start spawned processes: %v", after)
+	}
+}
