@@ -166,7 +166,9 @@ func WithMaxHeaderBytes(n int) Option {
 
 // WithHalfOpen sets whether a FIN from one side of a proxied connection is
 // passed on while the other direction keeps flowing (true, the default), or
-// closes the whole connection (false).
+// closes the whole connection (false). Once the worker has finished
+// sending, the client's direction flows while the client sends, and ends
+// after a second without a byte: an HTTP server that closed reads no more.
 func WithHalfOpen(on bool) Option {
 	return optionFunc(func(c *config) { c.halfOpen = on })
 }

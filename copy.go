@@ -5,27 +5,32 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// finTimeout is how long the primary waits for a client to close its side
-// of a spliced connection once the worker has closed its own.
+// finTimeout is how long the primary waits for a client to send more, or
+// to close its side of a spliced connection, once the worker has closed
+// its own.
 const finTimeout = time.Second
 
 // splice copies between client and worker in both directions until both
 // are done, then closes both, and returns the bytes copied each way. With
 // halfOpen, a clean EOF in one direction is passed on as a FIN while the
 // other keeps flowing; otherwise, and on any error, the first direction to
-// end closes both. Once the worker has finished sending, the client has
-// finTimeout to finish in turn.
+// end closes both. Once the worker has finished sending, the client's
+// direction ends after finTimeout without a byte.
 func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64) {
+	var fin atomic.Bool // the worker has finished sending
 	done := make(chan int64, 1)
-	go copyToWorker(worker, client, halfOpen, done)
+	go copyToWorker(worker, client, halfOpen, &fin, done)
 	down = copyToClient(client, worker, halfOpen)
-	// A client that does not close after the worker did (an idle
-	// keep-alive connection the worker closed at its IdleTimeout, a head
-	// cut at its ReadHeaderTimeout) would hold the connection here
-	// forever: nothing it sends now is read by an HTTP server.
+	// A client that neither sends nor closes after the worker closed (an
+	// idle keep-alive connection the worker closed at its IdleTimeout, a
+	// head cut at its ReadHeaderTimeout) would hold the connection here
+	// forever. One that still sends (a tunnel that half-closed) gets
+	// finTimeout more after every chunk.
+	fin.Store(true)
 	client.SetReadDeadline(time.Now().Add(finTimeout))
 	up = <-done
 	worker.Close()
@@ -35,8 +40,8 @@ func splice(client net.Conn, worker *net.TCPConn, halfOpen bool) (up, down int64
 
 // copyToWorker carries client bytes to the worker (copyStream: splice(2)
 // for bulk data on Linux).
-func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan<- int64) {
-	n, err := copyStream(worker, client)
+func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, fin *atomic.Bool, done chan<- int64) {
+	n, err := copyStream(worker, client, fin)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		// conns.endOf (the worker has exited) or finTimeout (it closed):
 		// end this direction only, so that the other one still delivers
@@ -51,7 +56,7 @@ func copyToWorker(worker *net.TCPConn, client net.Conn, halfOpen bool, done chan
 
 // copyToClient carries worker bytes to the client.
 func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
-	n, err := copyStream(client, worker)
+	n, err := copyStream(client, worker, nil)
 	endCopy(client, worker, err, halfOpen)
 	return n
 }

@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,7 +23,7 @@ import (
 // small messages of most HTTP traffic, two system calls. When a read fills
 // the buffer, the rest of what is queued may move in the kernel
 // (spliceQueued: splice(2) on Linux; elsewhere the loop reads on).
-func copyStream(dst, src net.Conn) (int64, error) {
+func copyStream(dst, src net.Conn, fin *atomic.Bool) (int64, error) {
 	d, ok1 := dst.(*net.TCPConn)
 	s, ok2 := src.(*net.TCPConn)
 	if !ok1 || !ok2 {
@@ -69,6 +71,9 @@ func copyStream(dst, src net.Conn) (int64, error) {
 		total += int64(w)
 		if err != nil {
 			return total, err
+		}
+		if fin != nil && fin.Load() {
+			s.SetReadDeadline(time.Now().Add(finTimeout)) // still sending: more time
 		}
 		if !full {
 			continue

@@ -14,6 +14,4 @@ func inheritedPipe(int, string) (*os.File, error) { return nil, ErrNotSupported 
 
 func inheritedSocket(int) (*net.UnixConn, error) { return nil, ErrNotSupported }
 
-func inheritedListener(int) (net.Listener, error) { return nil, ErrNotSupported }
-
 func hasUnread(*net.TCPConn) bool { return false }

@@ -12,14 +12,15 @@ import (
 
 // In a worker, the descriptors inherited from the primary (the status and
 // control pipes, with the per-run secret, and the hand-off socket) are
-// made close-on-exec before any user code runs, so that a process that
-// code starts before Start does not inherit them. Only in a worker: this
-// is the one thing defuss does before Start.
+// made close-on-exec when this package is initialised: before main, and
+// before every package that imports defuss, so that a process that code
+// starts before Start does not inherit them. Only in a worker: this is the
+// one thing defuss does before Start.
 func init() {
 	if os.Getenv(envSlot) == "" {
 		return
 	}
-	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff, fdListener} {
+	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff} {
 		var st unix.Stat_t
 		if unix.Fstat(fd, &st) == nil && (uint32(st.Mode)&unix.S_IFMT == unix.S_IFIFO || uint32(st.Mode)&unix.S_IFMT == unix.S_IFSOCK) {
 			unix.CloseOnExec(fd)
@@ -56,24 +57,6 @@ func inheritedPipe(fd int, name string) (*os.File, error) {
 		return nil, fmt.Errorf("fd %d: %w", fd, err)
 	}
 	return os.NewFile(uintptr(fd), name), nil
-}
-
-// inheritedListener returns the TCP listening socket at fd.
-func inheritedListener(fd int) (net.Listener, error) {
-	if err := checkInherited(fd, unix.S_IFSOCK); err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(fd), "defuss-listener")
-	defer f.Close() // FileListener made its own descriptor
-	ln, err := net.FileListener(f)
-	if err != nil {
-		return nil, fmt.Errorf("fd %d: %w", fd, err)
-	}
-	if _, ok := ln.(*net.TCPListener); !ok {
-		ln.Close()
-		return nil, fmt.Errorf("fd %d is not a TCP listener", fd)
-	}
-	return ln, nil
 }
 
 // inheritedSocket returns the Unix socket at fd.

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -21,5 +22,9 @@ func peekHead(*net.TCPConn, []byte, time.Duration) (int, string, error) {
 }
 
 func handoffPair() (*net.UnixConn, *os.File, error) { return nil, nil, ErrNotSupported }
+
+func sendFD(*net.UnixConn, syscall.Conn) error { return ErrNotSupported }
+
+func receiveListener(*net.UnixConn, time.Duration) (net.Listener, error) { return nil, ErrNotSupported }
 
 func (l *handoffListener) receive(wg *sync.WaitGroup, _ *slog.Logger) { wg.Done() }

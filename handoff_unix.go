@@ -4,10 +4,12 @@ package defuss
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -21,18 +23,56 @@ const handoffTimeout = time.Second
 // sendConn passes c's descriptor over uc (SCM_RIGHTS), waiting at most
 // handoffTimeout for room in the worker's queue.
 func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
+	// Concurrent sends share uc; each moves its deadline on, which only
+	// ever extends another's wait to at most handoffTimeout from now.
+	uc.SetWriteDeadline(time.Now().Add(handoffTimeout))
+	return sendFD(uc, c)
+}
+
+// sendFD passes the descriptor of c (a connection or a listener) over uc
+// (SCM_RIGHTS), leaving its flags alone.
+func sendFD(uc *net.UnixConn, c syscall.Conn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
-	// Concurrent sends share uc; each moves its deadline on, which only
-	// ever extends another's wait to at most handoffTimeout from now.
-	uc.SetWriteDeadline(time.Now().Add(handoffTimeout))
 	var werr error
 	err = rc.Control(func(fd uintptr) {
 		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)
 	})
 	return errors.Join(err, werr)
+}
+
+// receiveListener receives the TCP listening socket the primary sends
+// first on uc (fixed worker ports).
+func receiveListener(uc *net.UnixConn, timeout time.Duration) (net.Listener, error) {
+	uc.SetReadDeadline(time.Now().Add(timeout))
+	defer uc.SetReadDeadline(time.Time{})
+	var b [1]byte
+	oob := make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := uc.ReadMsgUnix(b[:], oob)
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		return nil, fmt.Errorf("no listening socket in the message (%v)", err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		return nil, fmt.Errorf("no listening socket in the message (%v)", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "defuss-listener")
+	defer f.Close() // FileListener made its own descriptor
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := ln.(*net.TCPListener); !ok {
+		ln.Close()
+		return nil, errors.New("the descriptor received is not a TCP listener")
+	}
+	return ln, nil
 }
 
 // peekHead waits, as sniff does, for a complete head, a full buf, EOF or

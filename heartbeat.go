@@ -90,7 +90,7 @@ type command struct {
 	conns           uint64          // frameDrain: connections the primary made to this worker, all told
 	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
 	handoff         bool            // frameConfig: connections also arrive on fd 5
-	listener        bool            // frameConfig: serve the listening socket at fd 6 (fixed ports)
+	listener        bool            // frameConfig: the listening socket comes first on fd 5 (fixed ports)
 }
 
 // secretLen is the size of the per-run secret that the primary puts in the

@@ -362,20 +362,21 @@ func (p *primary) unhook() {
 	p.fixedMu.Unlock()
 }
 
-// fixedListener returns a new descriptor of slot i's listening socket on
-// its fixed port (WithBaseWorkerPort), binding it the first time. The
-// primary holds the socket for the life of the server and every process
-// of the slot serves on it: a successor starts beside its predecessor on
-// the same port, and a draining process that closes its descriptor resets
-// nothing in the queue, which the successor goes on accepting from.
-func (p *primary) fixedListener(i int) (*os.File, error) {
+// sendFixedListener passes slot i's listening socket on its fixed port
+// (WithBaseWorkerPort) to a new process of the slot over uc, binding it
+// the first time. The primary holds the socket for the life of the server
+// and every process of the slot serves on it: a successor starts beside
+// its predecessor on the same port, and a draining process that closes
+// its descriptor resets nothing in the queue, which the successor goes on
+// accepting from.
+func (p *primary) sendFixedListener(uc *net.UnixConn, i int) error {
 	p.fixedMu.Lock()
 	defer p.fixedMu.Unlock()
 	ln := p.fixedLns[i]
 	if ln == nil {
 		l, err := net.Listen("tcp", net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(p.cfg.baseWorkerPort+i)))
 		if err != nil {
-			return nil, err
+			return err
 		}
 		ln = l.(*net.TCPListener)
 		if p.fixedLns == nil {
@@ -383,7 +384,18 @@ func (p *primary) fixedListener(i int) (*os.File, error) {
 		}
 		p.fixedLns[i] = ln
 	}
-	return ln.File()
+	return sendFD(uc, ln)
+}
+
+// closeFixedListener closes slot i's fixed-port socket: the slot is gone
+// (scaled down). A new slot i binds it again.
+func (p *primary) closeFixedListener(i int) {
+	p.fixedMu.Lock()
+	defer p.fixedMu.Unlock()
+	if ln := p.fixedLns[i]; ln != nil {
+		ln.Close()
+		delete(p.fixedLns, i)
+	}
 }
 
 // requestStop asks run to shut down gracefully.

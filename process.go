@@ -43,10 +43,10 @@ type process struct {
 	timerGen  uint64      // which arming of timer an evTimer event is for
 
 	// sharedListener: the process serves the slot's listening socket,
-	// which outlives it (fixed ports), so in splice mode a drain need not
-	// wait for it to accept the connections dialed to it: its successor
-	// accepts them. (Hand-off mode passes connections on the process's
-	// own socket, which it must read to the end.)
+	// which outlives it and which its successor serves too (fixed ports):
+	// in splice mode the primary cannot tell which of the two accepted a
+	// connection. (Hand-off mode passes connections on the process's own
+	// socket.)
 	sharedListener bool
 }
 
@@ -125,8 +125,9 @@ func (pr *process) kill(reason string, err error) {
 }
 
 // drain asks the process to stop gracefully within timeout, and arms the
-// timer that kills it after that.
-func (pr *process) drain(timeout time.Duration, reason string) {
+// timer that kills it after that. replaced says that a successor serves
+// the slot from now on.
+func (pr *process) drain(timeout time.Duration, reason string, replaced bool) {
 	if pr.draining {
 		return
 	}
@@ -136,10 +137,12 @@ func (pr *process) drain(timeout time.Duration, reason string) {
 	}
 	// The worker serves until it has accepted every connection the primary
 	// made to it, then stops accepting: the callers made sure that no
-	// connection to it is still being dialed.
+	// connection to it is still being dialed. With a fixed port in splice
+	// mode, those connections wait on the slot's socket, which a successor
+	// accepts from: no need to wait for them then.
 	conns := pr.dialed.Load()
-	if pr.sharedListener && pr.handoffSock == nil {
-		conns = 0 // dialed to the slot's socket, which the successor accepts from
+	if replaced && pr.sharedListener && pr.handoffSock == nil {
+		conns = 0
 	}
 	pr.sys.drain(&command{kind: frameDrain, shutdownTimeout: timeout, conns: conns})
 	pr.arm(timeout)
@@ -254,46 +257,46 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 		controlR.Close()
 		controlW.Close()
 	}
-	var handoff *net.UnixConn
-	if p.cfg.handoff {
+	// fd 5, a Unix socket pair: connections' descriptors in hand-off mode,
+	// and first of all the slot's listening socket with fixed ports.
+	fixed := p.cfg.baseWorkerPort > 0
+	var sock *net.UnixConn
+	if p.cfg.handoff || fixed {
 		var theirs *os.File
-		if handoff, theirs, err = handoffPair(); err != nil {
+		if sock, theirs, err = handoffPair(); err != nil {
 			closePipes()
 			return nil, err
 		}
 		cmd.ExtraFiles = append(cmd.ExtraFiles, theirs) // fd 5
 		defer theirs.Close()
 	}
-	fixed := p.cfg.baseWorkerPort > 0
-	if fixed {
-		lnFile, err := p.fixedListener(i)
-		if err != nil {
-			closePipes()
-			if handoff != nil {
-				handoff.Close()
-			}
-			return nil, err
-		}
-		defer lnFile.Close()
-		if len(cmd.ExtraFiles) == 2 {
-			cmd.ExtraFiles = append(cmd.ExtraFiles, nil) // no fd 5
-		}
-		cmd.ExtraFiles = append(cmd.ExtraFiles, lnFile) // fd 6
-	}
 	err = cmd.Start()
 	statusW.Close()
 	controlR.Close()
+	if err == nil && fixed {
+		// Passed over the socket, not as an inherited file: exec.Cmd would
+		// call Fd on it, which turns the socket, shared by every process of
+		// the slot, to blocking mode.
+		if err = p.sendFixedListener(sock, i); err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}
 	if err != nil {
 		statusR.Close()
 		controlW.Close()
-		if handoff != nil {
-			handoff.Close()
+		if sock != nil {
+			sock.Close()
 		}
 		return nil, err
 	}
-	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: handoff}
+	if !p.cfg.handoff && sock != nil {
+		sock.Close() // it carried the listener only
+		sock = nil
+	}
+	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: sock}
 	pr := newProcess(cmd.Process.Pid, e, events)
-	pr.handoffSock = handoff
+	pr.handoffSock = sock
 	pr.sharedListener = fixed
 	e.watch(pr)
 	port := 0

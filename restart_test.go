@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/sys/unix"
 )
 
 // loadResult counts a background load's requests.
@@ -734,4 +735,31 @@ func TestUserServerTimeouts(t *testing.T) {
 		t.Logf("%s connection closed after %v", name, time.Since(start).Round(time.Millisecond))
 	}
 	waitFor(t, 5*time.Second, "the primary to let go of both", func() bool { return activeTotal(s) == 0 })
+}
+
+// The slot's socket on a fixed port is shared by the primary and every
+// process of the slot, so its flags are shared too. exec.Cmd calls Fd on
+// inherited files, which turned it to blocking mode: a worker could then
+// block in accept(2), and its drain in Close, until the next connection.
+// It travels over the hand-off socket instead and stays non-blocking.
+func TestFixedWorkerPortStaysNonBlocking(t *testing.T) {
+	s := startTest(t, WithBaseWorkerPort(freePorts(t, 2)))
+	if err := s.Restart(context.Background()); err != nil {
+		t.Fatalf("Restart: %v", err)
+	}
+	s.p.fixedMu.Lock()
+	ln := s.p.fixedLns[0]
+	s.p.fixedMu.Unlock()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var flags int
+	rc.Control(func(fd uintptr) { flags, err = unix.FcntlInt(fd, unix.F_GETFL, 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flags&unix.O_NONBLOCK == 0 {
+		t.Fatal("the slot's shared listening socket is in blocking mode")
+	}
 }

@@ -89,6 +89,9 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 	if sv.respawn != nil {
 		sv.respawn.Stop()
 	}
+	if sv.retiring {
+		p.closeFixedListener(s.index)
+	}
 	p.pool.setState(s, WorkerDown, 0)
 }
 
@@ -298,7 +301,7 @@ func (sv *supervisor) promote(now time.Time, st *Stats) {
 		"new_pid", sv.cur.pid, "reason", reason)
 	sv.old = prev
 	p.quiesce() // no connection is still being dialed to prev
-	prev.drain(p.cfg.shutdownTimeout, reason)
+	prev.drain(p.cfg.shutdownTimeout, reason, true)
 }
 
 // onExit handles the end of one of the slot's processes.
@@ -316,7 +319,12 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 			reason = "shutdown"
 		}
 	}
-	p.conns.endOf(s.index, pr.pid)
+	if !pr.sharedListener || pr.handoffSock != nil {
+		// Connections spliced to this process end on its side. (With a
+		// shared fixed port its successor may serve connections dialed to
+		// it: those end by themselves when their worker closes them.)
+		p.conns.endOf(s.index, pr.pid)
+	}
 	if n := pr.open.Swap(0); n != 0 {
 		// Handed-off connections the worker had not reported closed died
 		// with it.
@@ -507,7 +515,7 @@ func (sv *supervisor) windDown(reason string, err error, settle func()) {
 	settle()
 	for _, pr := range [...]*process{sv.cur, sv.old} {
 		if pr != nil {
-			pr.drain(sv.p.cfg.shutdownTimeout, reason)
+			pr.drain(sv.p.cfg.shutdownTimeout, reason, false)
 		}
 	}
 }

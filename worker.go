@@ -26,10 +26,9 @@ const envSlot = "DEFUSS_WORKER_SLOT"
 // Inherited descriptors in a worker: fd 3 carries frames to the primary,
 // fd 4 carries commands from it.
 const (
-	fdStatus   = 3
-	fdControl  = 4
-	fdHandoff  = 5 // hand-off mode only
-	fdListener = 6 // fixed worker ports only: the slot's listening socket, which the primary holds
+	fdStatus  = 3
+	fdControl = 4
+	fdHandoff = 5 // hand-off mode, and fixed worker ports: the slot's listening socket comes first
 )
 
 // worker is the worker role: it serves the handler on its loopback port
@@ -128,13 +127,25 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 		return fmt.Errorf("defuss: worker %d: %w", w.slot, err)
 	}
 	w.heartbeat, w.shutdownTimeout = cfg.heartbeat, cfg.shutdownTimeout
+	var uc *net.UnixConn // fd 5
+	if cfg.handoff || cfg.listener {
+		if uc, err = inheritedSocket(fdHandoff); err != nil {
+			return fmt.Errorf("defuss: worker %d: hand-off socket: %w", w.slot, err)
+		}
+	}
 	var ln net.Listener
 	if cfg.listener {
-		ln, err = inheritedListener(fdListener)
+		ln, err = receiveListener(uc, 10*time.Second)
+		if !cfg.handoff {
+			uc.Close() // it carried the listener only
+		}
 	} else {
 		ln, err = net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
 	}
 	if err != nil {
+		if cfg.handoff {
+			uc.Close()
+		}
 		return fmt.Errorf("defuss: worker %d: %w", w.slot, err)
 	}
 	w.ln = ln
@@ -144,10 +155,6 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 	w.wg.Add(1)
 	go w.serve()
 	if cfg.handoff {
-		uc, err := inheritedSocket(fdHandoff)
-		if err != nil {
-			return fmt.Errorf("defuss: worker %d: hand-off socket: %w", w.slot, err)
-		}
 		w.handed = &handoffListener{uc: uc, addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{}),
 			accepted: &w.accepted, w: w}
 		w.kick = make(chan struct{}, 1)
@@ -338,6 +345,17 @@ func (w *worker) track(c *net.TCPConn, handed bool) *workerConn {
 	return wc
 }
 
+// Read clears the idle mark as soon as a byte arrives: net/http reads the
+// next request's head before it reports the connection active, and
+// closeIdle must not close it meanwhile.
+func (c *workerConn) Read(b []byte) (int, error) {
+	n, err := c.TCPConn.Read(b)
+	if n > 0 {
+		c.idleSince.Store(0)
+	}
+	return n, err
+}
+
 func (c *workerConn) Close() error {
 	err := c.TCPConn.Close()
 	c.once.Do(c.closed)
@@ -393,6 +411,7 @@ func (w *worker) heartbeats() {
 			if err := w.send(&message{kind: frameStats, stats: w.stats.sample()}); err != nil {
 				w.log.Warn("heartbeat", "err", err)
 				w.requestStop(0, 0) // the primary is gone
+				w.forceStop()
 				return
 			}
 		case <-w.done:
@@ -414,6 +433,7 @@ func (w *worker) commands() {
 			default:
 				w.log.Warn("primary gone, stopping now", "err", err)
 				w.requestStop(0, 0)
+				w.forceStop() // also when a drain is under way
 			}
 			return
 		}
@@ -505,6 +525,16 @@ func (w *worker) notifySignals(on bool) <-chan os.Signal {
 func (w *worker) release() {
 	if w.srv != nil {
 		w.srv.Close()
+	}
+	// Close leaves hijacked connections alone; the drain is over.
+	w.openMu.Lock()
+	left := make([]*workerConn, 0, len(w.open))
+	for c := range w.open {
+		left = append(left, c)
+	}
+	w.openMu.Unlock()
+	for _, c := range left {
+		c.Close()
 	}
 	close(w.done)
 	w.control.Close()
