@@ -31,19 +31,23 @@
 // two TCP streams (splice(2) on Linux for bulk data). With [WithHandoff] it
 // instead peeks at the head and passes the connection itself to the worker.
 // Routing is per connection: every request on a keep-alive connection goes
-// to the same worker. Workers serve the handler with an http.Server on a loopback
-// port and report readiness and heartbeats (CPU, RSS, Go heap, connections)
-// to the primary over an inherited pipe. The primary replaces workers that
-// die, with exponential backoff, replaces them one at a time on
-// [Server.Restart] or SIGHUP, and on SIGINT/SIGTERM or [Server.Shutdown]
+// to the same worker. Workers serve the handler with an http.Server on a
+// loopback port (with the settings of the program's own server, given with
+// [WithServer]) and report readiness and heartbeats (CPU, RSS, Go heap,
+// connections) to the primary over an inherited pipe. The primary replaces
+// workers that die, with exponential backoff, replaces them one at a time
+// on [Server.Restart] or SIGHUP, and on SIGINT/SIGTERM or [Server.Shutdown]
 // stops accepting, lets in-flight requests finish, and kills what is left
-// after the shutdown timeout.
+// after the shutdown timeout. A draining worker keeps serving hijacked
+// connections (WebSockets) until they end, answers further requests on
+// keep-alive connections with Connection: close, and runs the server's
+// RegisterOnShutdown hooks when the drain begins.
 //
 // # What defuss does not do
 //
-// It does not terminate TLS or speak HTTP/2 to clients (such bytes are
-// routed as "unknown" and passed through unchanged), and it does not route
-// request by request. Under "go run", the binary that workers re-execute
+// It does not terminate TLS (such bytes are routed as "unknown" and
+// passed through unchanged; HTTPS in the workers is not supported yet),
+// and it does not route request by request. Under "go run", the binary that workers re-execute
 // is a temporary build; that works, but build the program for production.
 //
 // # Platforms
