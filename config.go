@@ -381,7 +381,7 @@ const (
 // default server: ReadTimeout, ReadHeaderTimeout, WriteTimeout,
 // IdleTimeout, MaxHeaderBytes, ErrorLog, BaseContext, ConnContext,
 // ConnState (called after defuss's own bookkeeping), HTTP2, Protocols and
-// DisableGeneralOptionsHandler. Functions registered with
+// DisableGeneralOptionsHandler, TLSConfig and TLSNextProto. Functions registered with
 // srv.RegisterOnShutdown run when the worker begins to drain (a restart,
 // a recycle, a scale-down or a shutdown), so that long handlers (SSE,
 // WebSockets) can say goodbye and return.
@@ -393,8 +393,13 @@ const (
 // defuss owns srv's listener and connections: the workers serve a server
 // of their own with srv's settings, and srv itself never serves (do not
 // call its Serve or ListenAndServe; call [Server.Shutdown] to stop).
-// HTTPS in the workers is not supported yet: a srv with TLSConfig or
-// TLSNextProto set is an error. When srv sets neither ReadHeaderTimeout
+//
+// With a TLSConfig that has certificates (or GetCertificate or
+// GetConfigForClient), the workers serve HTTPS and negotiate HTTP/2 by
+// ALPN as net/http's ServeTLS does; the primary never terminates TLS, so
+// r.TLS is set in the handlers. Certificates load when the worker starts:
+// to renew them, replace the files and restart ([Server.Restart],
+// SIGHUP). When srv sets neither ReadHeaderTimeout
 // nor ReadTimeout, the workers use DefaultReadHeaderTimeout; when it sets
 // neither IdleTimeout nor ReadTimeout, DefaultIdleTimeout (a negative
 // value turns either off, as in net/http). A nil srv keeps the default:
@@ -526,8 +531,9 @@ func (c *config) validate() error {
 	if c.handoff && len(c.trusted) > 0 {
 		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
 	}
-	if s := c.server; s != nil && (s.TLSConfig != nil || s.TLSNextProto != nil) {
-		bad("WithServer: TLSConfig and TLSNextProto: HTTPS in the workers is not supported yet")
+	if s := c.server; s != nil && s.TLSConfig != nil && len(s.TLSConfig.Certificates) == 0 &&
+		s.TLSConfig.GetCertificate == nil && s.TLSConfig.GetConfigForClient == nil {
+		bad("WithServer: TLSConfig has no certificate (Certificates, GetCertificate or GetConfigForClient)")
 	}
 	if c.startTimeout <= 0 || c.startTimeout > maxDuration {
 		bad("WithStartTimeout(%v): must be > 0 and at most %v", c.startTimeout, maxDuration)

@@ -297,8 +297,8 @@ func TestConfigInvalidOptions(t *testing.T) {
 		{name: "drain delay of MaxInt64", opts: []Option{WithDrainDelay(math.MaxInt64)}, want: []string{"WithDrainDelay"}},
 		{name: "inspection timeout over a day", opts: []Option{WithInspectionTimeout(maxDuration + 1)}, want: []string{"WithInspectionTimeout"}},
 
-		// Issue 12: HTTPS in the workers is not there yet; say so.
-		{name: "server with TLSConfig", opts: []Option{WithServer(&http.Server{TLSConfig: &tls.Config{}})}, want: []string{"WithServer", "TLSConfig"}},
+		// Issue 12: a TLSConfig without a certificate cannot serve HTTPS.
+		{name: "server with TLSConfig without certificate", opts: []Option{WithServer(&http.Server{TLSConfig: &tls.Config{}})}, want: []string{"WithServer", "TLSConfig"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -23,7 +23,7 @@ func handTo(pr *process, c *net.TCPConn) error {
 // serveHandoff serves the connections the primary hands off.
 func (w *worker) serveHandoff() {
 	defer w.wg.Done()
-	if err := w.srv.Serve(w.handed); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+	if err := w.srv.Serve(w.withTLS(w.handed)); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		w.log.Error("serve handed-off connections", "err", err)
 	}
 }

@@ -5,12 +5,19 @@ package defuss
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -44,6 +51,26 @@ const (
 // splice mode: DEFUSS_TEST_HANDOFF=1 go test ./... runs the core tests in
 // the other mode.
 var handoffMode = os.Getenv("DEFUSS_TEST_HANDOFF") != ""
+
+// selfSignedCert makes a certificate for localhost and 127.0.0.1, as a
+// test worker's HTTPS server needs (envTestServer=tls).
+func selfSignedCert() tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "defuss test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		panic(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
 
 // drainBegan is closed by a RegisterOnShutdown hook of the test worker's
 // server (envTestServer=hooks): the worker has begun to drain.
@@ -124,6 +151,8 @@ func testWorkerMain() int {
 				srv.IdleTimeout = d
 			case "readheader":
 				srv.ReadHeaderTimeout = d
+			case "tls":
+				srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{selfSignedCert()}}
 			}
 		}
 		handler, opts = nil, append(opts, WithServer(srv))
@@ -330,6 +359,11 @@ func testApp() http.Handler {
 				return
 			}
 		}
+	})
+	// /tlsinfo answers "<tls> <proto> <remote addr>": whether r.TLS is
+	// set, the protocol, and the client's address as the handler sees it.
+	mux.HandleFunc("/tlsinfo", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%v %s %s", r.TLS != nil, r.Proto, r.RemoteAddr)
 	})
 	// /log writes a line to the worker's stderr and answers "logged".
 	mux.HandleFunc("/log", func(w http.ResponseWriter, r *http.Request) {

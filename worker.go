@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log"
@@ -64,6 +65,7 @@ type worker struct {
 	finished     chan struct{}    // closed when everything is released; err is set
 	stopSignals  func()
 	user         *http.Server // WithServer's: its RegisterOnShutdown hooks run when the drain begins
+	tls          *tls.Config  // serve HTTPS with this; nil: plain HTTP
 	err          error
 	wg           sync.WaitGroup
 }
@@ -152,6 +154,7 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 	w.secret = cfg.secret
 	w.user = user
 	w.srv = serverFor(user, w.counting(h), w.connState, slog.NewLogLogger(w.log.Handler(), slog.LevelWarn))
+	w.tls = w.srv.TLSConfig
 	w.wg.Add(1)
 	go w.serve()
 	if cfg.handoff {
@@ -180,7 +183,7 @@ func (w *worker) serve() {
 		ValidateHeader:    w.checkSecret,
 		ReadHeaderTimeout: 5 * time.Second,
 	}
-	if err := w.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
+	if err := w.srv.Serve(w.withTLS(ln)); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
 		w.log.Error("serve", "err", err)
 		w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) // read after wg.Wait
 		w.requestStop(0, 0)
@@ -253,8 +256,40 @@ func (w *worker) closeIdle(began time.Time) {
 	}
 }
 
+// withTLS returns ln, serving TLS when the server has a TLSConfig (w.tls,
+// taken before the first Serve: net/http's Serve sets a TLSConfig of its
+// own when there is none): the handshake runs in the worker, after the
+// PROXY header in splice mode.
+func (w *worker) withTLS(ln net.Listener) net.Listener {
+	if w.tls == nil {
+		return ln
+	}
+	return tls.NewListener(ln, w.tls)
+}
+
+// tlsConfigFor returns srv's TLSConfig as the workers serve it: as
+// net/http's ServeTLS does, it offers HTTP/2 by ALPN (which is also what
+// makes Serve set HTTP/2 up) unless srv turns HTTP/2 off.
+func tlsConfigFor(srv *http.Server) *tls.Config {
+	cfg := srv.TLSConfig.Clone()
+	if len(cfg.NextProtos) == 0 {
+		h2 := srv.TLSNextProto == nil || srv.TLSNextProto["h2"] != nil
+		if p := srv.Protocols; p != nil && !p.HTTP2() {
+			h2 = false
+		}
+		if h2 {
+			cfg.NextProtos = append(cfg.NextProtos, "h2")
+		}
+		cfg.NextProtos = append(cfg.NextProtos, "http/1.1")
+	}
+	return cfg
+}
+
 // connState keeps each connection's idle time, for closeIdle.
 func (w *worker) connState(c net.Conn, st http.ConnState) {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
 	if pc, ok := c.(*proxyproto.Conn); ok {
 		c = pc.Raw()
 	}
@@ -282,6 +317,10 @@ func serverFor(user *http.Server, h http.Handler, connState func(net.Conn, http.
 		srv.BaseContext, srv.ConnContext = u.BaseContext, u.ConnContext
 		srv.HTTP2, srv.Protocols = u.HTTP2, u.Protocols
 		srv.DisableGeneralOptionsHandler = u.DisableGeneralOptionsHandler
+		srv.TLSNextProto = u.TLSNextProto
+		if u.TLSConfig != nil {
+			srv.TLSConfig = tlsConfigFor(u)
+		}
 		if u.ErrorLog != nil {
 			srv.ErrorLog = u.ErrorLog
 		}

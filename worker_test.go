@@ -2,9 +2,11 @@ package defuss
 
 import (
 	"context"
+	"crypto/tls"
 	"log"
 	"net"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 )
@@ -63,6 +65,23 @@ func TestServerFor(t *testing.T) {
 		srv := serverFor(&http.Server{ReadTimeout: 7 * time.Second}, h, connState, errorLog)
 		if srv.ReadHeaderTimeout != 0 || srv.IdleTimeout != 0 {
 			t.Fatalf("ReadHeaderTimeout %v, IdleTimeout %v; want both left to ReadTimeout", srv.ReadHeaderTimeout, srv.IdleTimeout)
+		}
+	})
+
+	t.Run("TLS offers HTTP/2 by ALPN unless it is off", func(t *testing.T) {
+		cert := tls.Certificate{Certificate: [][]byte{{1}}}
+		user := &http.Server{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
+		if got := serverFor(user, h, connState, errorLog).TLSConfig.NextProtos; !slices.Equal(got, []string{"h2", "http/1.1"}) {
+			t.Errorf("NextProtos %q, want h2 and http/1.1", got)
+		}
+		if user.TLSConfig.NextProtos != nil {
+			t.Error("the user's TLSConfig was changed")
+		}
+		var p http.Protocols
+		p.SetHTTP1(true)
+		user.Protocols = &p
+		if got := serverFor(user, h, connState, errorLog).TLSConfig.NextProtos; !slices.Equal(got, []string{"http/1.1"}) {
+			t.Errorf("with HTTP/2 off: NextProtos %q, want http/1.1 only", got)
 		}
 	})
 

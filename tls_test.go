@@ -1,0 +1,135 @@
+//go:build unix
+
+package defuss
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Issue 12: HTTPS in the workers. With WithServer given a TLSConfig, the
+// workers serve TLS and negotiate HTTP/2 by ALPN, as net/http does; the
+// primary never terminates TLS, r.TLS is set and r.RemoteAddr is the real
+// client, in both modes.
+
+// tlsGet asks /tlsinfo over TLS on a connection from dial, with HTTP/2
+// offered or not, and returns the answer and the client's address.
+func tlsGet(t *testing.T, addr string, h2 bool, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (string, string) {
+	t.Helper()
+	var local string
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		ForceAttemptHTTP2: h2,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if dial == nil {
+				dial = (&net.Dialer{}).DialContext
+			}
+			c, err := dial(ctx, network, addr)
+			if err == nil {
+				local = c.LocalAddr().String()
+			}
+			return c, err
+		},
+	}
+	if !h2 {
+		tr.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	resp, err := client.Get("https://" + addr + "/tlsinfo")
+	if err != nil {
+		t.Fatalf("GET over TLS: %v", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b), local
+}
+
+func TestHTTPSInWorkers(t *testing.T) {
+	s := startTest(t, WithWorkerEnv(envTestServer+"=tls"))
+	addr := s.Addr().String()
+	for _, tc := range []struct {
+		name      string
+		h2        bool
+		wantProto string
+		dial      func(ctx context.Context, network, addr string) (net.Conn, error)
+	}{
+		{"HTTP/2 by ALPN", true, "HTTP/2.0", nil},
+		{"HTTP/1.1", false, "HTTP/1.1", nil},
+		// The ClientHello comes after the primary's inspection timeout
+		// (10ms): the primary routes what it has, and the handshake
+		// goes on with the worker.
+		{"ClientHello after 60ms", true, "HTTP/2.0", func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err == nil {
+				time.Sleep(60 * time.Millisecond)
+			}
+			return c, err
+		}},
+		// The ClientHello split over several writes, 5ms apart.
+		{"ClientHello in pieces", true, "HTTP/2.0", func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &choppyConn{Conn: c, pieces: 4}, nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, local := tlsGet(t, addr, tc.h2, tc.dial)
+			if want := "true " + tc.wantProto + " " + local; got != want {
+				t.Fatalf("/tlsinfo answered %q, want %q", got, want)
+			}
+		})
+	}
+	t.Run("plain HTTP to the HTTPS server", func(t *testing.T) {
+		c := dialRaw(t, addr)
+		fmt.Fprint(c, "GET /tlsinfo HTTP/1.1\r\nHost: test\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "HTTPS") {
+			t.Fatalf("plain HTTP got %d %q, want net/http's 400 about HTTPS", resp.StatusCode, body)
+		}
+	})
+}
+
+// choppyConn splits its first write (the ClientHello) into pieces, 5ms
+// apart.
+type choppyConn struct {
+	net.Conn
+	pieces int
+	done   bool
+}
+
+func (c *choppyConn) Write(b []byte) (int, error) {
+	if c.done || len(b) < c.pieces {
+		return c.Conn.Write(b)
+	}
+	c.done = true
+	n, step := 0, (len(b)+c.pieces-1)/c.pieces
+	for len(b) > 0 {
+		k := min(step, len(b))
+		m, err := c.Conn.Write(b[:k])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		b = b[k:]
+		time.Sleep(5 * time.Millisecond)
+	}
+	return n, nil
+}
