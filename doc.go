@@ -46,8 +46,9 @@
 // # What defuss does not do
 //
 // It does not terminate TLS in the primary (the workers do, with
-// [WithServer]; the primary routes a ClientHello as "unknown" and passes it
-// on unchanged), and it does not route request by request. Under "go run", the binary that workers re-execute
+// [WithServer]; the primary reads the ClientHello's server name for the
+// [Balancer] and passes it on unchanged), and it does not route request by
+// request. Under "go run", the binary that workers re-execute
 // is a temporary build; that works, but build the program for production.
 //
 // # Platforms

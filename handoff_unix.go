@@ -101,7 +101,7 @@ func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, e
 		}
 		n = m
 		switch {
-		case headEnd(buf[:m], 0) >= 0:
+		case headComplete(buf[:m], 0):
 			outcome = sniffComplete
 		case m == len(buf):
 			outcome = sniffCap

@@ -22,10 +22,16 @@ type Request struct {
 	// Host is the value of the first Host header, trimmed.
 	Host string
 	// Protocol is "http1" when a valid HTTP/1.x request line and well-formed
-	// header lines were read, and "unknown" otherwise (TLS, HTTP/2 preface,
-	// malformed or binary bytes). When it is "unknown", Method, Path, Version
-	// and Host are empty.
+	// header lines were read; "tls" for a TLS ClientHello (the primary does
+	// not terminate TLS: Host is then the server name the client asks for,
+	// SNI, and ALPN the protocols it offers); "h2c" for the HTTP/2 preface
+	// (prior knowledge); and "unknown" otherwise (malformed or binary
+	// bytes, or a head that did not arrive in time). Method, Path and
+	// Version are set for "http1" only.
 	Protocol string
+	// ALPN is the list of application protocols a TLS client offers, such
+	// as "h2" and "http/1.1", when Protocol is "tls".
+	ALPN []string
 	// RemoteAddr is the address of the client that opened the connection.
 	RemoteAddr netip.AddrPort
 	// Head holds the bytes the primary read before routing: the whole head up
@@ -40,6 +46,8 @@ type Request struct {
 // Protocol values of [Request.Protocol].
 const (
 	ProtocolHTTP1   = "http1"
+	ProtocolTLS     = "tls"
+	ProtocolH2C     = "h2c"
 	ProtocolUnknown = "unknown"
 )
 

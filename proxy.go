@@ -52,13 +52,15 @@ func (p *primary) acceptLoop() error {
 		delay = 0
 		p.tel.accepted.Add(bg, 1)
 		if ok, full := p.admit(c); !ok {
-			c.Close()
 			if full {
+				// Counted before the close, so that the count is there by
+				// the time the client sees the connection closed.
 				p.tel.refused.Add(bg, 1)
 				if ok, n := p.logs.limit.allow(); ok {
 					p.log.Warn("connection limit reached; closing new connections", "max", p.cfg.maxConns, "suppressed", n)
 				}
 			}
+			c.Close()
 			continue
 		}
 		go p.serveConn(c)
@@ -157,6 +159,7 @@ func (p *primary) route(c net.Conn) *relay {
 	}
 	req := p.reqs.Get().(*Request)
 	parseRequest(req, buf[hdr:n])
+	classify(req, buf[hdr:n])
 	req.RemoteAddr = client
 	health, head, isHTTP := p.isHealthCheck(req), req.Method == "HEAD", req.Protocol == ProtocolHTTP1
 	var w *WorkerInfo
@@ -337,7 +340,7 @@ func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, 
 				return n, -1, sniffComplete, nil
 			}
 		}
-		if m > 0 && hdr >= 0 && headEnd(buf[hdr:n], max(prev-hdr, 0)) >= 0 {
+		if m > 0 && hdr >= 0 && headComplete(buf[hdr:n], max(prev-hdr, 0)) {
 			return n, hdr, sniffComplete, nil
 		}
 		if rerr != nil {

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -197,10 +198,11 @@ func TestNonHTTPBytesAreForwardedUnchanged(t *testing.T) {
 			<-done
 		})
 	}
-	for i, proto := range seen {
-		if proto != ProtocolUnknown {
-			t.Errorf("connection %d was routed as %q, want %q", i, proto, ProtocolUnknown)
-		}
+	// Issue 12: TLS and the HTTP/2 preface are recognised (and still
+	// forwarded byte for byte); the rest is "unknown".
+	want := []string{ProtocolTLS, ProtocolH2C, ProtocolUnknown, ProtocolUnknown, ProtocolUnknown}
+	if !slices.Equal(seen, want) {
+		t.Errorf("connections were routed as %q, want %q", seen, want)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -132,4 +133,34 @@ func (c *choppyConn) Write(b []byte) (int, error) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	return n, nil
+}
+
+// Issue 12: a Balancer routes TLS connections by server name (SNI), read
+// from the ClientHello by the primary, which does not terminate TLS.
+func TestSNIRouting(t *testing.T) {
+	byName := func(r *Request, c []WorkerInfo) *WorkerInfo {
+		if r.Protocol == ProtocolTLS && r.Host == "b.test" && len(c) > 1 {
+			return &c[1]
+		}
+		return &c[0]
+	}
+	s := startTest(t, WithWorkerEnv(envTestServer+"=tls"), WithBalancer(byName))
+	ws := s.Workers()
+	for _, tc := range []struct {
+		name string
+		want int // pid
+	}{{"a.test", ws[0].PID}, {"b.test", ws[1].PID}, {"b.test", ws[1].PID}, {"a.test", ws[0].PID}} {
+		tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true, ServerName: tc.name}, ForceAttemptHTTP2: true}
+		client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+		resp, err := client.Get("https://" + s.Addr().String() + "/pid")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		tr.CloseIdleConnections()
+		if got := string(b); got != strconv.Itoa(tc.want) {
+			t.Errorf("server name %s served by pid %s, want %d", tc.name, got, tc.want)
+		}
+	}
 }
