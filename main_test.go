@@ -153,6 +153,10 @@ func testWorkerMain() int {
 				srv.ReadHeaderTimeout = d
 			case "tls":
 				srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{selfSignedCert()}}
+			case "h2c":
+				srv.Protocols = new(http.Protocols)
+				srv.Protocols.SetHTTP1(true)
+				srv.Protocols.SetUnencryptedHTTP2(true)
 			}
 		}
 		handler, opts = nil, append(opts, WithServer(srv))

@@ -10,8 +10,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -162,5 +164,55 @@ func TestSNIRouting(t *testing.T) {
 		if got := string(b); got != strconv.Itoa(tc.want) {
 			t.Errorf("server name %s served by pid %s, want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+// Issue 12: HTTP/2 with prior knowledge (h2c), with srv.Protocols allowing
+// it: the primary recognises the preface ("h2c") and forwards it, and the
+// worker serves HTTP/2, to Go's client and to curl, in both modes.
+func TestH2CThroughPrimary(t *testing.T) {
+	var protos []string
+	var mu sync.Mutex
+	record := func(r *Request, c []WorkerInfo) *WorkerInfo {
+		mu.Lock()
+		protos = append(protos, r.Protocol)
+		mu.Unlock()
+		return &c[0]
+	}
+	s := startTest(t, WithWorkerEnv(envTestServer+"=h2c"), WithBalancer(record))
+	addr := s.Addr().String()
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p}
+	defer tr.CloseIdleConnections()
+	var local string
+	tr.DialContext = func(ctx context.Context, network, a string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, a)
+		if err == nil {
+			local = c.LocalAddr().String()
+		}
+		return c, err
+	}
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("http://" + addr + "/tlsinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := "false HTTP/2.0 " + local; string(b) != want {
+		t.Fatalf("/tlsinfo over h2c answered %q, want %q", b, want)
+	}
+	mu.Lock()
+	if len(protos) != 1 || protos[0] != ProtocolH2C {
+		t.Errorf("the balancer saw %q, want one h2c connection", protos)
+	}
+	mu.Unlock()
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Log("no curl here; the Go client alone was used")
+		return
+	}
+	out, err := exec.Command("curl", "-sS", "--max-time", "10", "--http2-prior-knowledge", "-w", " %{http_version}", "http://"+addr+"/tlsinfo").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "false HTTP/2.0 ") || !strings.HasSuffix(string(out), " 2") {
+		t.Fatalf("curl --http2-prior-knowledge: %q, %v", out, err)
 	}
 }
