@@ -31,7 +31,11 @@ import (
 	"testing"
 	"time"
 
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
 	"github.com/coder/websocket"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
 )
 
 // The test binary is its own worker: a primary started by a test
@@ -364,6 +368,18 @@ func testApp() http.Handler {
 			}
 		}
 	})
+	// gRPC (HTTP/2 with content type application/grpc) goes to a gRPC
+	// server with the standard health service: the way a program mounts
+	// gRPC beside its HTTP handlers on one port.
+	grpcServer := grpc.NewServer()
+	healthpb.RegisterHealthServer(grpcServer, health.NewServer())
+	grpcMux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+			grpcServer.ServeHTTP(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 	// /tlsinfo answers "<tls> <proto> <remote addr>": whether r.TLS is
 	// set, the protocol, and the client's address as the handler sees it.
 	mux.HandleFunc("/tlsinfo", func(w http.ResponseWriter, r *http.Request) {
@@ -387,7 +403,7 @@ func testApp() http.Handler {
 		}
 		fmt.Fprint(w, "forged")
 	})
-	return mux
+	return grpcMux
 }
 
 // exeSize is the size of this process's binary when first asked.

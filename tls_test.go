@@ -16,6 +16,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 )
 
 // Issue 12: HTTPS in the workers. With WithServer given a TLSConfig, the
@@ -214,5 +219,28 @@ func TestH2CThroughPrimary(t *testing.T) {
 	out, err := exec.Command("curl", "-sS", "--max-time", "10", "--http2-prior-knowledge", "-w", " %{http_version}", "http://"+addr+"/tlsinfo").CombinedOutput()
 	if err != nil || !strings.HasPrefix(string(out), "false HTTP/2.0 ") || !strings.HasSuffix(string(out), " 2") {
 		t.Fatalf("curl --http2-prior-knowledge: %q, %v", out, err)
+	}
+}
+
+// Issue 12: a real gRPC client (google.golang.org/grpc) calls the standard
+// health service that the test app mounts beside its HTTP handlers, over
+// h2c through the primary, in both modes.
+func TestGRPCThroughPrimary(t *testing.T) {
+	s := startTest(t, WithWorkerEnv(envTestServer+"=h2c"))
+	conn, err := grpc.NewClient("passthrough:///"+s.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := range 3 {
+		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			t.Fatalf("health check %d: %v", i, err)
+		}
+		if resp.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health check %d: %v, want SERVING", i, resp.Status)
+		}
 	}
 }
