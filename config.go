@@ -115,6 +115,11 @@ func WithListener(l net.Listener) Option {
 			c.errs = append(c.errs, fmt.Errorf("%w: WithListener: nil %T", ErrInvalidOption, l))
 			return
 		}
+		// crypto/tls's listener type is unexported: its name is the test.
+		if reflect.TypeOf(l).String() == "*tls.listener" {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithListener: a TLS listener (tls.NewListener): the primary passes TLS through and the workers terminate it; give the plain listener, and the certificates with WithServer(&http.Server{TLSConfig: ...})", ErrInvalidOption))
+			return
+		}
 		c.listener = l
 	})
 }

@@ -297,6 +297,9 @@ func TestConfigInvalidOptions(t *testing.T) {
 		{name: "drain delay of MaxInt64", opts: []Option{WithDrainDelay(math.MaxInt64)}, want: []string{"WithDrainDelay"}},
 		{name: "inspection timeout over a day", opts: []Option{WithInspectionTimeout(maxDuration + 1)}, want: []string{"WithInspectionTimeout"}},
 
+		// Issue 12: a TLS listener would hide the ClientHello from the
+		// primary and take TLS from the workers; point to WithServer.
+		{name: "TLS listener", opts: []Option{WithListener(tls.NewListener(fakeListenerOn(40000), &tls.Config{}))}, want: []string{"WithListener", "WithServer"}},
 		// Issue 12: a TLSConfig without a certificate cannot serve HTTPS.
 		{name: "server with TLSConfig without certificate", opts: []Option{WithServer(&http.Server{TLSConfig: &tls.Config{}})}, want: []string{"WithServer", "TLSConfig"}},
 	}

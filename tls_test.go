@@ -101,6 +101,15 @@ func TestHTTPSInWorkers(t *testing.T) {
 			}
 		})
 	}
+	t.Run("curl --http2", func(t *testing.T) {
+		if _, err := exec.LookPath("curl"); err != nil {
+			t.Skip("no curl here (.ci/run installs it)")
+		}
+		out, err := exec.Command("curl", "-sSk", "--max-time", "10", "--http2", "-w", " %{http_version}", "https://"+addr+"/tlsinfo").CombinedOutput()
+		if err != nil || !strings.HasPrefix(string(out), "true HTTP/2.0 ") || !strings.HasSuffix(string(out), " 2") {
+			t.Fatalf("curl --http2: %q, %v", out, err)
+		}
+	})
 	t.Run("plain HTTP to the HTTPS server", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		fmt.Fprint(c, "GET /tlsinfo HTTP/1.1\r\nHost: test\r\n\r\n")
