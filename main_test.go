@@ -368,18 +368,12 @@ func testApp() http.Handler {
 			}
 		}
 	})
-	// gRPC (HTTP/2 with content type application/grpc) goes to a gRPC
-	// server with the standard health service: the way a program mounts
-	// gRPC beside its HTTP handlers on one port.
+	// gRPC's health service, mounted on the mux by its path, as a program
+	// serves gRPC beside its HTTP handlers on one port (HTTP/2 only: h2c or
+	// HTTPS).
 	grpcServer := grpc.NewServer()
 	healthpb.RegisterHealthServer(grpcServer, health.NewServer())
-	grpcMux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
-			grpcServer.ServeHTTP(w, r)
-			return
-		}
-		mux.ServeHTTP(w, r)
-	})
+	mux.Handle("/grpc.health.v1.Health/", grpcServer)
 	// /tlsinfo answers "<tls> <proto> <remote addr>": whether r.TLS is
 	// set, the protocol, and the client's address as the handler sees it.
 	mux.HandleFunc("/tlsinfo", func(w http.ResponseWriter, r *http.Request) {
@@ -403,7 +397,7 @@ func testApp() http.Handler {
 		}
 		fmt.Fprint(w, "forged")
 	})
-	return grpcMux
+	return mux
 }
 
 // exeSize is the size of this process's binary when first asked.
