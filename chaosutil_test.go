@@ -64,22 +64,6 @@ func activeTotal(s *Server) (n int64) {
 	return n
 }
 
-// waitIdle waits until the primary forwards no connection.
-func waitIdle(t *testing.T, s *Server, timeout time.Duration) {
-	t.Helper()
-	waitFor(t, timeout, "no forwarded connection left", func() bool { return activeTotal(s) == 0 })
-}
-
-// assertServing fails the test if the primary has stopped on its own.
-func assertServing(t *testing.T, s *Server) {
-	t.Helper()
-	select {
-	case <-s.p.life.done:
-		t.Fatalf("the primary stopped: %v", s.p.life.err)
-	default:
-	}
-}
-
 // ---------------------------------------------------------------------------
 // Routing the chaos tests can see.
 

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -60,9 +59,6 @@ func copyToClient(client net.Conn, worker *net.TCPConn, halfOpen bool) int64 {
 	endCopy(client, worker, err, halfOpen)
 	return n
 }
-
-// copyBufs holds copyStream's buffers, in use only while data moves.
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
 // endCopy ends one direction: src has been read to EOF (err nil) or failed.
 func endCopy(dst, src net.Conn, err error, halfOpen bool) {

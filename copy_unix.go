@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -85,3 +86,6 @@ func copyStream(dst, src net.Conn, fin *atomic.Bool) (int64, error) {
 		}
 	}
 }
+
+// copyBufs holds copyStream's buffers, in use only while data moves.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}

@@ -137,3 +137,19 @@ func warmBaseline(t *testing.T, s *Server, req chaosReq, n int) usage {
 	waitIdle(t, s, 10*time.Second)
 	return measureUsage()
 }
+
+// waitIdle waits until the primary forwards no connection.
+func waitIdle(t *testing.T, s *Server, timeout time.Duration) {
+	t.Helper()
+	waitFor(t, timeout, "no forwarded connection left", func() bool { return activeTotal(s) == 0 })
+}
+
+// assertServing fails the test if the primary has stopped on its own.
+func assertServing(t *testing.T, s *Server) {
+	t.Helper()
+	select {
+	case <-s.p.life.done:
+		t.Fatalf("the primary stopped: %v", s.p.life.err)
+	default:
+	}
+}
