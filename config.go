@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"runtime"
 	"strconv"
@@ -83,6 +85,11 @@ type config struct {
 	maxRequestsJitter uint64
 	maxMemory         uint64
 	handoff           bool
+	pidFile           string
+	socketName        string // WithActivatedSocket
+	// inherited is the public socket this process inherits instead of
+	// binding (socket activation, or an Upgrade); nil to bind addr.
+	inherited *passedSocket
 
 	// onExit, when set (tests only), sees every worker exit.
 	onExit func(slot, pid int, err error)
@@ -121,6 +128,43 @@ func WithListener(l net.Listener) Option {
 			return
 		}
 		c.listener = l
+	})
+}
+
+// WithPIDFile makes the primary write its pid to path once it serves
+// (atomically: a temporary file in the same directory, renamed), and
+// remove the file when it stops. On [Server.Upgrade] the new primary
+// rewrites it before the old one stops, and the old one leaves it alone,
+// so that scripts and systemctl reload always find the primary that
+// serves. A relative path is taken from the working directory at Start.
+func WithPIDFile(path string) Option {
+	return optionFunc(func(c *config) {
+		if path == "" {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithPIDFile(%q): empty path", ErrInvalidOption, path))
+			return
+		}
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithPIDFile(%q): %v", ErrInvalidOption, path, err))
+			return
+		}
+		c.pidFile = abs
+	})
+}
+
+// WithActivatedSocket chooses, under systemd socket activation, which of
+// the sockets systemd passes the primary serves: the one named name
+// (FileDescriptorName= in the .socket unit, LISTEN_FDNAMES). It is needed
+// only when the unit passes more than one socket. Without socket
+// activation the option does nothing, so the same binary also runs by hand
+// on its WithAddr address.
+func WithActivatedSocket(name string) Option {
+	return optionFunc(func(c *config) {
+		if name == "" || strings.ContainsAny(name, ":\x00") {
+			c.errs = append(c.errs, fmt.Errorf("%w: WithActivatedSocket(%q): a socket name is not empty and has no ':'", ErrInvalidOption, name))
+			return
+		}
+		c.socketName = name
 	})
 }
 
@@ -461,6 +505,15 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 	if c.balancer == nil {
 		c.balancer = RoundRobin()
 	}
+	// An explicit WithListener wins over socket activation, as WithAddr
+	// wins over PORT; an Upgrade's socket wins over everything.
+	if c.listener == nil || getenv(envUpgradeFrom) != "" {
+		inh, err := inheritedFromEnv(getenv, os.Getpid(), c.socketName)
+		if err != nil {
+			c.errs = append(c.errs, err)
+		}
+		c.inherited = inh
+	}
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
@@ -488,7 +541,9 @@ func (c *config) validate() error {
 		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
 	}
 	publicPort := -1
-	if c.listener == nil {
+	if c.inherited != nil {
+		// The address is systemd's or the predecessor's: not known yet.
+	} else if c.listener == nil {
 		_, port, err := net.SplitHostPort(c.addr)
 		if err != nil {
 			bad("WithAddr(%q) (or PORT/LISTEN_HOST): %v", c.addr, err)

@@ -7,8 +7,11 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
+	"reflect"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -148,6 +151,43 @@ func TestConfigNilOptions(t *testing.T) {
 	}
 	if c.listener != l || c.logger != log {
 		t.Errorf("a nil argument replaced an earlier option: listener %v, logger %p", c.listener, c.logger)
+	}
+}
+
+// ownPID is LISTEN_PID naming this process.
+var ownPID = strconv.Itoa(os.Getpid())
+
+// Socket activation and Upgrade pick the inherited descriptor from the
+// environment; LISTEN_* for another process, or none, bind the address.
+func TestConfigInheritedSocket(t *testing.T) {
+	tests := []struct {
+		name string
+		env  map[string]string
+		opts []Option
+		want *passedSocket
+	}{
+		{name: "none", want: nil},
+		{name: "LISTEN_PID of another process", env: map[string]string{"LISTEN_PID": "1", "LISTEN_FDS": "1"}, want: nil},
+		{name: "one socket", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
+			want: &passedSocket{fd: 3, from: "systemd socket activation", readyFD: -1}},
+		{name: "chosen by name", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "3", "LISTEN_FDNAMES": "a:web:b"},
+			opts: []Option{WithActivatedSocket("web")}, want: &passedSocket{fd: 4, from: "systemd socket activation", readyFD: -1}},
+		{name: "name without activation binds the address", opts: []Option{WithActivatedSocket("web")}, want: nil},
+		{name: "WithListener wins over activation", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
+			opts: []Option{WithListener(fakeListenerOn(40001))}, want: nil},
+		{name: "upgrade", env: map[string]string{envUpgradeFrom: "42", "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
+			want: &passedSocket{fd: 3, from: "upgrade from pid 42", readyFD: 4}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := newConfig(func(k string) string { return tt.env[k] }, tt.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(c.inherited, tt.want) {
+				t.Errorf("inherited %+v, want %+v", c.inherited, tt.want)
+			}
+		})
 	}
 }
 
@@ -294,6 +334,20 @@ func TestConfigInvalidOptions(t *testing.T) {
 		{name: "heartbeat over a day", opts: []Option{WithHeartbeat(maxDuration+1, 2*maxDuration)}, want: []string{"WithHeartbeat"}},
 		{name: "shutdown timeout of MaxInt64", opts: []Option{WithShutdownTimeout(math.MaxInt64)}, want: []string{"WithShutdownTimeout"}},
 		{name: "start timeout over a day", opts: []Option{WithStartTimeout(maxDuration + 1)}, want: []string{"WithStartTimeout"}},
+
+		{name: "empty PID file path", opts: []Option{WithPIDFile("")}, want: []string{"WithPIDFile"}},
+		{name: "empty socket name", opts: []Option{WithActivatedSocket("")}, want: []string{"WithActivatedSocket"}},
+		{name: "socket name with a colon", opts: []Option{WithActivatedSocket("a:b")}, want: []string{"WithActivatedSocket"}},
+		{name: "LISTEN_FDS not a number", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "x"}, want: []string{"LISTEN_FDS", `"x"`}},
+		{name: "LISTEN_FDS zero", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "0"}, want: []string{"LISTEN_FDS"}},
+		{name: "LISTEN_FDS huge", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "99999999999999999999"}, want: []string{"LISTEN_FDS"}},
+		{name: "two activated sockets, no name", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"},
+			want: []string{"2 sockets", "WithActivatedSocket"}},
+		{name: "activated socket name not passed", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"},
+			opts: []Option{WithActivatedSocket("c")}, want: []string{`WithActivatedSocket("c")`, "no socket of that name"}},
+		{name: "activated socket name beyond LISTEN_FDS", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "a:b"},
+			opts: []Option{WithActivatedSocket("b")}, want: []string{`WithActivatedSocket("b")`}},
+		{name: "upgrade from a bad pid", env: map[string]string{envUpgradeFrom: "-3"}, want: []string{envUpgradeFrom}},
 		{name: "drain delay of MaxInt64", opts: []Option{WithDrainDelay(math.MaxInt64)}, want: []string{"WithDrainDelay"}},
 		{name: "inspection timeout over a day", opts: []Option{WithInspectionTimeout(maxDuration + 1)}, want: []string{"WithInspectionTimeout"}},
 

@@ -14,4 +14,6 @@ func inheritedPipe(int, string) (*os.File, error) { return nil, ErrNotSupported 
 
 func inheritedSocket(int) (*net.UnixConn, error) { return nil, ErrNotSupported }
 
+func passedListener(int, string) (net.Listener, error) { return nil, ErrNotSupported }
+
 func hasUnread(*net.TCPConn) bool { return false }

@@ -6,21 +6,32 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
 
-// In a worker, the descriptors inherited from the primary (the status and
-// control pipes, with the per-run secret, and the hand-off socket) are
-// made close-on-exec when this package is initialised: before main, and
-// before every package that imports defuss, so that a process that code
-// starts before Start does not inherit them. Only in a worker: this is the
-// one thing defuss does before Start.
+// The descriptors a process inherits from defuss (in a worker, the status
+// and control pipes, with the per-run secret, and the hand-off socket; in
+// a primary started by Upgrade, the public socket and the ready pipe) and
+// those systemd passes by socket activation are made close-on-exec when
+// this package is initialised: before main, and before every package that
+// imports defuss, so that a process that code starts before Start does not
+// inherit them. This is the one thing defuss does before Start.
 func init() {
-	if os.Getenv(envSlot) == "" {
-		return
+	var fds []int
+	switch {
+	case os.Getenv(envSlot) != "":
+		fds = []int{fdStatus, fdControl, fdHandoff}
+	case os.Getenv(envUpgradeFrom) != "":
+		fds = []int{fdUpgradeLn, fdUpgradeRdy}
+	case os.Getenv(envListenPID) == strconv.Itoa(os.Getpid()):
+		n, _ := strconv.Atoi(os.Getenv(envListenFDs))
+		for fd := fdListenStart; fd < fdListenStart+min(n, maxListenFDs); fd++ {
+			fds = append(fds, fd)
+		}
 	}
-	for _, fd := range [...]int{fdStatus, fdControl, fdHandoff} {
+	for _, fd := range fds {
 		var st unix.Stat_t
 		if unix.Fstat(fd, &st) == nil && (uint32(st.Mode)&unix.S_IFMT == unix.S_IFIFO || uint32(st.Mode)&unix.S_IFMT == unix.S_IFSOCK) {
 			unix.CloseOnExec(fd)
@@ -76,6 +87,25 @@ func inheritedSocket(fd int) (*net.UnixConn, error) {
 		return nil, fmt.Errorf("fd %d is not a Unix socket", fd)
 	}
 	return uc, nil
+}
+
+// passedListener returns the listening socket passed at fd (by systemd,
+// or by the primary that Upgrade replaces), and closes fd: the listener
+// holds a close-on-exec copy of it.
+func passedListener(fd int, from string) (net.Listener, error) {
+	if err := checkInherited(fd, unix.S_IFSOCK); err != nil {
+		return nil, fmt.Errorf("defuss: %s: %w", from, err)
+	}
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && v == 0 {
+		return nil, fmt.Errorf("defuss: %s: fd %d is a socket that does not listen", from, fd)
+	}
+	f := os.NewFile(uintptr(fd), "defuss-listener")
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("defuss: %s: fd %d: %w", from, fd, err)
+	}
+	return ln, nil
 }
 
 // hasUnread reports whether bytes have arrived on c that nobody has read

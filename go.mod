@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	github.com/coder/websocket v1.8.15
+	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/pires/go-proxyproto v0.15.0
 	github.com/shirou/gopsutil/v4 v4.26.10
 	go.opentelemetry.io/otel v1.47.0

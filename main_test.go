@@ -193,7 +193,8 @@ func testPrimaryMain() int {
 	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
 	trusted := false
-	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s"
+	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s;
+	// pidfile=/path;start=2s;socket=name;badsuccessor"
 	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
@@ -205,6 +206,18 @@ func testPrimaryMain() int {
 		case "drain":
 			d, _ := time.ParseDuration(v)
 			opts = append(opts, WithDrainDelay(d))
+		case "pidfile":
+			opts = append(opts, WithPIDFile(v))
+		case "start":
+			d, _ := time.ParseDuration(v)
+			opts = append(opts, WithStartTimeout(d))
+		case "socket":
+			opts = append(opts, WithActivatedSocket(v))
+		case "badsuccessor":
+			// The new primary of an upgrade fails its Start.
+			if os.Getenv(envUpgradeFrom) != "" {
+				opts = append(opts, WithWorkers(-1))
+			}
 		}
 	}
 	if handoffMode && !trusted {
@@ -241,6 +254,11 @@ func testApp() http.Handler {
 	// when the worker started (a rolling restart test appends to a copy).
 	mux.HandleFunc("/version", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, exeSize())
+	})
+	// /env?k=NAME answers whether the variable is set, and its value.
+	mux.HandleFunc("/env", func(w http.ResponseWriter, r *http.Request) {
+		v, ok := os.LookupEnv(r.URL.Query().Get("k"))
+		fmt.Fprintf(w, "%v %s", ok, v)
 	})
 	mux.HandleFunc("/args", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, strings.Join(os.Args, "\x00"))
@@ -600,7 +618,14 @@ type primaryProc struct {
 // ends it kills the primary and fails if a worker outlives it by 2s.
 func startPrimaryProcess(t *testing.T, n int, stderr *os.File, env ...string) *primaryProc {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	return startPrimaryCmd(t, exec.Command(os.Args[0], "-test.run=^$"), n, stderr, env...)
+}
+
+// startPrimaryCmd is startPrimaryProcess with the command given: another
+// copy of the test binary, or a wrapper (systemd-socket-activate) that
+// execs it.
+func startPrimaryCmd(t *testing.T, cmd *exec.Cmd, n int, stderr *os.File, env ...string) *primaryProc {
+	t.Helper()
 	cmd.Env = append(append(os.Environ(), envTestPrimary+"="+strconv.Itoa(n), "GORACE=atexit_sleep_ms=0"), env...)
 	r, w, err := os.Pipe()
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -53,6 +54,10 @@ type primary struct {
 	replaceTok  chan struct{} // held while one worker of the pool is being replaced
 	restartMu   sync.Mutex    // one Restart at a time
 	scaleMu     sync.Mutex    // one Scale at a time
+	upgradeMu   sync.Mutex    // held by the one Upgrade that runs
+	upgraded    atomic.Bool   // a new primary took over: stop without STOPPING=1 or a drain delay
+	notify      *notifier
+	ready       *os.File // started by Upgrade: the pipe to the old primary, until Start returns
 	stopSignals func()
 }
 
@@ -105,15 +110,30 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 		return nil, fmt.Errorf("defuss: make secret: %w", err)
 	}
 	p.spawn = p.spawnExec
+	p.notify = newNotifier(p.log)
 	p.bufs.New = func() any { b := make([]byte, proxyRoom+c.maxHeaderBytes); return &b }
 	p.reqs.New = func() any { return new(Request) }
 	p.tel = newTelemetry(c.meterProvider, p.pool.snapshot)
 	return p, nil
 }
 
-// startPrimary is Start in the primary: listen, spawn the workers, wait
-// until every one is ready, then serve.
-func startPrimary(c *config) (*Server, error) {
+// startPrimary is Start in the primary: listen (or take the socket
+// systemd or the old primary of an upgrade passed), spawn the workers,
+// wait until every one is ready, announce it, then serve.
+func startPrimary(c *config) (_ *Server, err error) {
+	var ready *os.File
+	if in := c.inherited; in != nil && in.readyFD >= 0 {
+		// The old primary of an upgrade waits on this pipe: "ok", or why not.
+		if ready, err = inheritedPipe(in.readyFD, "defuss-ready"); err != nil {
+			return nil, fmt.Errorf("defuss: %s: ready pipe: %w", in.from, err)
+		}
+		defer func() {
+			if err != nil {
+				fmt.Fprintf(ready, "error: %s\n", strings.ReplaceAll(err.Error(), "\n", "; "))
+			}
+			ready.Close()
+		}()
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("defuss: find own binary: %w", err)
@@ -121,24 +141,27 @@ func startPrimary(c *config) (*Server, error) {
 	if c.executable != "" {
 		exe = c.executable
 	}
-	ln := c.listener
-	if ln == nil {
-		if ln, err = net.Listen("tcp", c.addr); err != nil {
-			return nil, fmt.Errorf("defuss: listen: %w", err)
-		}
+	ln, err := c.listen()
+	if err != nil {
+		return nil, err
 	}
 	p, err := newPrimary(c, ln, exe)
 	if err != nil {
 		ln.Close()
 		return nil, err
 	}
+	p.ready = ready
 	sigs := p.notifySignals()
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
 	startup := make(chan error, c.workers)
 	for _, s := range p.pool.list() {
 		p.goSupervise(s, startup)
 	}
-	if err := p.awaitStartup(c.workers, startup, sigs); err != nil {
+	err = p.awaitStartup(c.workers, startup, sigs)
+	if err == nil {
+		err = p.announce()
+	}
+	if err != nil {
 		p.forceShutdown()
 		p.supervisors.Wait()
 		close(p.acceptDone)
@@ -152,8 +175,49 @@ func startPrimary(c *config) (*Server, error) {
 		}
 	}()
 	go p.run(sigs)
+	if ready != nil {
+		p.notify.takeOver(p.pool.snapshot())
+	} else {
+		p.notify.ready(p.pool.snapshot())
+	}
 	p.log.Info("serving", "addr", ln.Addr().String(), "workers", c.workers)
 	return &Server{p: p}, nil
+}
+
+// listen returns the public listener: the inherited socket, WithListener's,
+// or a new one on the address.
+func (c *config) listen() (net.Listener, error) {
+	if in := c.inherited; in != nil {
+		if c.listener != nil {
+			c.listener.Close() // an Upgrade's socket wins; see newConfig
+		}
+		return passedListener(in.fd, in.from)
+	}
+	if c.listener != nil {
+		return c.listener, nil
+	}
+	ln, err := net.Listen("tcp", c.addr)
+	if err != nil {
+		return nil, fmt.Errorf("defuss: listen: %w", err)
+	}
+	return ln, nil
+}
+
+// announce says that the workers are ready, before the accept loop
+// starts: it writes the PID file, and reports to the old primary of an
+// upgrade, which then stops accepting.
+func (p *primary) announce() error {
+	if p.cfg.pidFile != "" {
+		if err := writePIDFile(p.cfg.pidFile); err != nil {
+			return err
+		}
+	}
+	if p.ready != nil {
+		if _, err := p.ready.WriteString("ok\n"); err != nil {
+			return fmt.Errorf("defuss: %s: report ready: %w (the old primary gave up)", p.cfg.inherited.from, err)
+		}
+	}
+	return nil
 }
 
 // notifySignals starts listening for the signals the primary acts on,
@@ -163,7 +227,7 @@ func (p *primary) notifySignals() <-chan os.Signal {
 		return nil
 	}
 	ch := make(chan os.Signal, 2)
-	notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, sigRestart, sigScaleUp, sigScaleDown)
+	notifySignals(ch, syscall.SIGINT, syscall.SIGTERM, sigRestart, sigScaleUp, sigScaleDown, sigUpgrade)
 	pipe := catchSIGPIPE()
 	p.stopSignals = func() { stopSignals(ch); stopSignals(pipe) }
 	return ch
@@ -192,7 +256,7 @@ func (p *primary) awaitStartup(n int, startup <-chan error, sigs <-chan os.Signa
 		case sig := <-sigs:
 			if sig == syscall.SIGINT || sig == syscall.SIGTERM {
 				return ErrInterrupted
-			} // SIGHUP: the workers start from the binary on disk anyway
+			} // SIGHUP: the workers start from the binary on disk anyway; SIGUSR2 waits until serving
 		}
 	}
 	return nil
@@ -208,6 +272,9 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	var ops sync.WaitGroup
 	p.awaitStop(sigs, &ops)
 	p.life.draining.Store(true)
+	if !p.upgraded.Load() {
+		p.notify.stopping()
+	}
 	p.drainDelay(sigs, &ops)
 	p.beginShutdown()
 	p.awaitWorkers(sigs, &ops)
@@ -247,7 +314,7 @@ func (p *primary) awaitStop(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 // answers 503, unless a second stop signal comes.
 func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 	d := p.cfg.drainDelay
-	if d <= 0 || p.life.err != nil || p.stopping() {
+	if d <= 0 || p.life.err != nil || p.stopping() || p.upgraded.Load() {
 		return
 	}
 	p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
@@ -319,7 +386,8 @@ func (p *primary) endConnections() {
 }
 
 // onSignal handles a signal and reports whether it asks to stop. SIGHUP
-// starts a rolling restart, SIGTTIN and SIGTTOU scale by one, in ops.
+// starts a rolling restart, SIGUSR2 an upgrade, SIGTTIN and SIGTTOU scale
+// by one, in ops.
 func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 	var op func() error
 	switch sig {
@@ -329,6 +397,8 @@ func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 		op = func() error { return p.scaleBy(1) }
 	case sigScaleDown:
 		op = func() error { return p.scaleBy(-1) }
+	case sigUpgrade:
+		op = func() error { p.upgrade(context.Background()); return nil } // it logs its outcome
 	default:
 		return true
 	}
@@ -347,11 +417,14 @@ func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 }
 
 // unhook undoes what startPrimary set up besides the workers and the
-// connections: the signal handlers, the telemetry callback and the fixed
-// worker ports.
+// connections: the signal handlers, the telemetry callback, the fixed
+// worker ports and the PID file (unless it names a new primary).
 func (p *primary) unhook() {
 	if p.stopSignals != nil {
 		p.stopSignals()
+	}
+	if p.cfg.pidFile != "" {
+		removePIDFile(p.cfg.pidFile)
 	}
 	p.tel.close()
 	p.fixedMu.Lock()

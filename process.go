@@ -321,8 +321,8 @@ func (p *primary) workerEnv(i int) []string {
 	env := make([]string, 0, len(os.Environ())+len(p.cfg.workerEnv)+2)
 	procsSet := false
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, envSlot+"=") {
-			continue
+		if strings.HasPrefix(kv, envSlot+"=") || isInheritEnv(kv) || strings.HasPrefix(kv, envNotifySocket+"=") {
+			continue // the primary's own
 		}
 		procsSet = procsSet || strings.HasPrefix(kv, "GOMAXPROCS=")
 		env = append(env, kv)

@@ -9,6 +9,12 @@ import (
 func (p *primary) restart(ctx context.Context) error {
 	p.restartMu.Lock()
 	defer p.restartMu.Unlock()
+	p.notify.reloading("restarting workers")
+	defer func() {
+		if !p.stopping() {
+			p.notify.ready(p.pool.snapshot())
+		}
+	}()
 	slots := p.pool.list()
 	p.log.Info("rolling restart", "workers", len(slots))
 	for _, s := range slots {

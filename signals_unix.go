@@ -10,4 +10,5 @@ const (
 	sigRestart   = syscall.SIGHUP  // Server.Restart
 	sigScaleUp   = syscall.SIGTTIN // Server.Scale by +1
 	sigScaleDown = syscall.SIGTTOU // Server.Scale by -1
+	sigUpgrade   = syscall.SIGUSR2 // Server.Upgrade
 )
