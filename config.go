@@ -288,8 +288,9 @@ func WithWorkerEnv(env ...string) Option {
 // WithSignalHandling sets whether Start handles signals (true, the
 // default): in the primary, the first SIGINT or SIGTERM starts a graceful
 // shutdown and a second one stops at once, SIGHUP starts [Server.Restart],
-// and SIGTTIN and SIGTTOU [Server.Scale] by one; a worker catches SIGINT
-// and SIGTERM from the moment it starts and leaves the drain to its
+// SIGUSR2 [Server.Upgrade], and SIGTTIN and SIGTTOU [Server.Scale] by one
+// (these four are ignored while Start waits for the workers); a worker
+// catches SIGINT and SIGTERM from the moment it starts and leaves the drain to its
 // primary (systemd's KillMode=control-group and docker signal every
 // process at once), and stops at once if its primary dies; in every
 // process, SIGPIPE is caught, so that writing a log line to a closed

@@ -169,14 +169,14 @@ func TestConfigInheritedSocket(t *testing.T) {
 		{name: "none", want: nil},
 		{name: "LISTEN_PID of another process", env: map[string]string{"LISTEN_PID": "1", "LISTEN_FDS": "1"}, want: nil},
 		{name: "one socket", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
-			want: &passedSocket{fd: 3, from: "systemd socket activation", readyFD: -1}},
+			want: &passedSocket{fd: 3, from: "systemd socket activation"}},
 		{name: "chosen by name", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "3", "LISTEN_FDNAMES": "a:web:b"},
-			opts: []Option{WithActivatedSocket("web")}, want: &passedSocket{fd: 4, from: "systemd socket activation", readyFD: -1}},
+			opts: []Option{WithActivatedSocket("web")}, want: &passedSocket{fd: 4, from: "systemd socket activation"}},
 		{name: "name without activation binds the address", opts: []Option{WithActivatedSocket("web")}, want: nil},
 		{name: "WithListener wins over activation", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
 			opts: []Option{WithListener(fakeListenerOn(40001))}, want: nil},
 		{name: "upgrade", env: map[string]string{envUpgradeFrom: "42", "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
-			want: &passedSocket{fd: 3, from: "upgrade from pid 42", readyFD: 4}},
+			want: &passedSocket{fd: 3, from: "upgrade from pid 42"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

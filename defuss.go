@@ -20,7 +20,8 @@ var (
 	// start workers (Windows).
 	ErrNotSupported = errors.New("defuss: not supported on this platform")
 	// ErrInvalidOption is wrapped by every error Start returns for a bad
-	// option or a bad argument; the message names the option.
+	// option, a bad argument, or a bad value of an environment variable it
+	// reads (PORT, LISTEN_FDS); the message names it.
 	ErrInvalidOption = errors.New("defuss: invalid option")
 	// ErrWorkerStart is wrapped by the error that Start, Restart or Scale
 	// returns when a new worker fails before it reports ready (it exits,
@@ -79,13 +80,13 @@ func Start(handler http.Handler, opts ...Option) (*Server, error) {
 	if handler == nil {
 		err = errors.Join(fmt.Errorf("%w: handler is nil (and no WithServer with a Handler)", ErrInvalidOption), err)
 	}
-	if err != nil {
-		return nil, err
-	}
 	if IsWorker() {
+		if err != nil {
+			return nil, err
+		}
 		return startWorker(handler, c)
 	}
-	return startPrimary(c)
+	return startPrimary(c, err)
 }
 
 // A Server is a running primary or worker.

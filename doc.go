@@ -36,7 +36,9 @@
 // [WithServer]) and report readiness and heartbeats (CPU, RSS, Go heap,
 // connections) to the primary over an inherited pipe. The primary replaces
 // workers that die, with exponential backoff, replaces them one at a time
-// on [Server.Restart] or SIGHUP, and on SIGINT/SIGTERM or [Server.Shutdown]
+// on [Server.Restart] or SIGHUP, replaces itself and its workers with the
+// binary on disk on [Server.Upgrade] or SIGUSR2 (passing the listening
+// socket on, so no connection is refused), and on SIGINT/SIGTERM or [Server.Shutdown]
 // stops accepting, lets in-flight requests finish, and kills what is left
 // after the shutdown timeout. A draining worker keeps serving hijacked
 // connections (WebSockets) until they end, answers further requests on

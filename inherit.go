@@ -40,8 +40,6 @@ const maxListenFDs = 1024
 type passedSocket struct {
 	fd   int
 	from string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
-	// readyFD is the pipe to the predecessor (Upgrade), or -1.
-	readyFD int
 }
 
 // inheritedFromEnv reads which socket this process inherits, if any: an
@@ -55,7 +53,7 @@ func inheritedFromEnv(getenv func(string) string, pid int, name string) (*passed
 		if err != nil || from <= 0 {
 			return nil, fmt.Errorf("%w: %s=%q: not a process id", ErrInvalidOption, envUpgradeFrom, v)
 		}
-		return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v, readyFD: fdUpgradeRdy}, nil
+		return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v}, nil
 	}
 	v := getenv(envListenPID)
 	if v == "" {
@@ -80,7 +78,7 @@ func inheritedFromEnv(getenv func(string) string, pid int, name string) (*passed
 	case n > 1:
 		return nil, fmt.Errorf("%w: socket activation: systemd passed %d sockets (%s=%q); choose one with WithActivatedSocket(name)", ErrInvalidOption, n, envListenFDNames, getenv(envListenFDNames))
 	}
-	return &passedSocket{fd: fdListenStart + i, from: "systemd socket activation", readyFD: -1}, nil
+	return &passedSocket{fd: fdListenStart + i, from: "systemd socket activation"}, nil
 }
 
 // isInheritEnv reports whether kv, an environment entry, passes

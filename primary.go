@@ -119,13 +119,15 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 
 // startPrimary is Start in the primary: listen (or take the socket
 // systemd or the old primary of an upgrade passed), spawn the workers,
-// wait until every one is ready, announce it, then serve.
-func startPrimary(c *config) (_ *Server, err error) {
+// wait until every one is ready, announce it, then serve. cfgErr is what
+// was wrong with the options: started by Upgrade, the primary tells its
+// predecessor that too.
+func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 	var ready *os.File
-	if in := c.inherited; in != nil && in.readyFD >= 0 {
+	if v := os.Getenv(envUpgradeFrom); v != "" {
 		// The old primary of an upgrade waits on this pipe: "ok", or why not.
-		if ready, err = inheritedPipe(in.readyFD, "defuss-ready"); err != nil {
-			return nil, fmt.Errorf("defuss: %s: ready pipe: %w", in.from, err)
+		if ready, err = inheritedPipe(fdUpgradeRdy, "defuss-ready"); err != nil {
+			return nil, errors.Join(cfgErr, fmt.Errorf("defuss: upgrade from pid %s: ready pipe: %w", v, err))
 		}
 		defer func() {
 			if err != nil {
@@ -133,6 +135,9 @@ func startPrimary(c *config) (_ *Server, err error) {
 			}
 			ready.Close()
 		}()
+	}
+	if cfgErr != nil {
+		return nil, cfgErr
 	}
 	exe, err := os.Executable()
 	if err != nil {
