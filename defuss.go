@@ -37,8 +37,11 @@ var (
 	// ErrShuttingDown is returned by Restart and Scale when they are
 	// refused or cut short because the server is shutting down.
 	ErrShuttingDown = errors.New("defuss: server is shutting down")
-	// ErrNotPrimary is returned by Restart and Scale in a worker: they
-	// exist only in the primary.
+	// ErrUpgradeInProgress is returned by Upgrade while another upgrade of
+	// the same server runs: upgrades are refused, not queued.
+	ErrUpgradeInProgress = errors.New("defuss: an upgrade is already in progress")
+	// ErrNotPrimary is returned by Restart, Scale and Upgrade in a worker:
+	// they exist only in the primary.
 	ErrNotPrimary = errors.New("defuss: not the primary")
 )
 

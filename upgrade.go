@@ -11,10 +11,6 @@ import (
 	"time"
 )
 
-// ErrUpgradeInProgress is returned by Upgrade while another upgrade of the
-// same server runs: upgrades are refused, not queued.
-var ErrUpgradeInProgress = errors.New("defuss: an upgrade is already in progress")
-
 // Upgrade replaces the whole server, the primary included, with the binary
 // on disk, without refusing or dropping a connection. It starts a new
 // primary from that binary with this one's arguments and environment, and
@@ -151,24 +147,7 @@ func (s *successor) await(ctx context.Context, timeout time.Duration, stop, drai
 	var fail error
 	select {
 	case r := <-reports:
-		s.ready.Close()
-		if r.line == "ok" {
-			s.proc.Release()
-			return r.line, nil
-		}
-		if r.line != "" {
-			s.proc.Kill()
-			s.proc.Wait()
-			return r.line, nil
-		}
-		// EOF without a report: it has exited (or closed the pipe).
-		s.proc.Kill()
-		st, err := s.proc.Wait()
-		how := "exited"
-		if err == nil {
-			how = st.String()
-		}
-		return "", fmt.Errorf("%w: upgrade: new primary (pid %d) ended before it was ready (%s)", ErrWorkerStart, s.pid, how)
+		return s.settle(r.line)
 	case <-t.C:
 		fail = fmt.Errorf("%w: upgrade: new primary (pid %d) not ready within the start timeout (%v); killed", ErrWorkerStart, s.pid, timeout)
 	case <-ctx.Done():
@@ -178,9 +157,37 @@ func (s *successor) await(ctx context.Context, timeout time.Duration, stop, drai
 	case <-drain:
 		fail = ErrShuttingDown
 	}
+	select {
+	case r := <-reports: // it reported at the same moment: its report wins
+		if r.line == "ok" {
+			return s.settle(r.line)
+		}
+	default:
+	}
 	s.proc.Kill()
 	s.proc.Wait()
 	s.ready.Close() // ends the reader even if a child of the successor holds the pipe
 	<-reports
 	return "", fail
+}
+
+// settle acts on the successor's report: on "ok" it is left to run on
+// its own; on anything else it is killed and reaped.
+func (s *successor) settle(line string) (string, error) {
+	s.ready.Close()
+	if line == "ok" {
+		s.proc.Release()
+		return line, nil
+	}
+	s.proc.Kill()
+	st, err := s.proc.Wait()
+	if line != "" {
+		return line, nil
+	}
+	// EOF without a report: it has exited (or closed the pipe).
+	how := "exited"
+	if err == nil {
+		how = st.String()
+	}
+	return "", fmt.Errorf("%w: upgrade: new primary (pid %d) ended before it was ready (%s)", ErrWorkerStart, s.pid, how)
 }
