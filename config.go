@@ -509,7 +509,7 @@ func newConfig(getenv func(string) string, opts ...Option) (*config, error) {
 	// An explicit WithListener wins over socket activation, as WithAddr
 	// wins over PORT; an Upgrade's socket wins over everything.
 	if c.listener == nil || getenv(envUpgradeFrom) != "" {
-		inh, err := inheritedFromEnv(getenv, os.Getpid(), c.socketName)
+		inh, err := inheritedFromEnv(getenv, os.Getpid(), os.Getppid(), c.socketName)
 		if err != nil {
 			c.errs = append(c.errs, err)
 		}

@@ -154,8 +154,8 @@ func TestConfigNilOptions(t *testing.T) {
 	}
 }
 
-// ownPID is LISTEN_PID naming this process.
-var ownPID = strconv.Itoa(os.Getpid())
+// ownPID is LISTEN_PID naming this process; parentPID is its parent's.
+var ownPID, parentPID = strconv.Itoa(os.Getpid()), strconv.Itoa(os.Getppid())
 
 // Socket activation and Upgrade pick the inherited descriptor from the
 // environment; LISTEN_* for another process, or none, bind the address.
@@ -175,8 +175,10 @@ func TestConfigInheritedSocket(t *testing.T) {
 		{name: "name without activation binds the address", opts: []Option{WithActivatedSocket("web")}, want: nil},
 		{name: "WithListener wins over activation", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
 			opts: []Option{WithListener(fakeListenerOn(40001))}, want: nil},
-		{name: "upgrade", env: map[string]string{envUpgradeFrom: "42", "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
-			want: &passedSocket{fd: 3, from: "upgrade from pid 42"}},
+		{name: "upgrade", env: map[string]string{envUpgradeFrom: parentPID, "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
+			want: &passedSocket{fd: 3, from: "upgrade from pid " + parentPID, upgrade: true}},
+		// A child of the new primary inherits the variable: not its own.
+		{name: "upgrade variable naming another parent", env: map[string]string{envUpgradeFrom: "1"}, want: nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

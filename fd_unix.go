@@ -23,7 +23,7 @@ func init() {
 	switch {
 	case os.Getenv(envSlot) != "":
 		fds = []int{fdStatus, fdControl, fdHandoff}
-	case os.Getenv(envUpgradeFrom) != "":
+	case upgradeChild():
 		fds = []int{fdUpgradeLn, fdUpgradeRdy}
 	case os.Getenv(envListenPID) == strconv.Itoa(os.Getpid()):
 		n, _ := strconv.Atoi(os.Getenv(envListenFDs))

@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"fmt"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,8 +20,8 @@ const (
 	envListenFDNames = "LISTEN_FDNAMES"
 	envNotifySocket  = "NOTIFY_SOCKET"
 	// envUpgradeFrom marks a primary started by Upgrade and names the pid
-	// of its predecessor: fd 3 is the public listening socket, fd 4 the
-	// pipe on which it reports ready.
+	// of its predecessor, its parent: fd 3 is the public listening socket,
+	// fd 4 a stream socket to the predecessor.
 	envUpgradeFrom = "DEFUSS_UPGRADE_FROM"
 )
 
@@ -38,22 +39,28 @@ const maxListenFDs = 1024
 // A passedSocket is where the public socket comes from when the
 // primary does not bind it.
 type passedSocket struct {
-	fd   int
-	from string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
+	fd      int
+	from    string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
+	upgrade bool   // from an Upgrade: the old primary waits on fd 4
 }
 
 // inheritedFromEnv reads which socket this process inherits, if any: an
-// Upgrade's (envUpgradeFrom) first, then systemd's when LISTEN_PID is pid.
+// Upgrade's first, when envUpgradeFrom names ppid, the parent (the
+// variable stays in the new primary's environment, and a child it starts
+// must not take it for its own); then systemd's when LISTEN_PID is pid.
 // name is WithActivatedSocket's. It returns nil when there is none, and an
 // error wrapping ErrInvalidOption for an environment that names this
 // process but makes no sense.
-func inheritedFromEnv(getenv func(string) string, pid int, name string) (*passedSocket, error) {
+func inheritedFromEnv(getenv func(string) string, pid, ppid int, name string) (*passedSocket, error) {
 	if v := getenv(envUpgradeFrom); v != "" {
 		from, err := strconv.Atoi(v)
 		if err != nil || from <= 0 {
 			return nil, fmt.Errorf("%w: %s=%q: not a process id", ErrInvalidOption, envUpgradeFrom, v)
 		}
-		return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v}, nil
+		if from == ppid {
+			return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v, upgrade: true}, nil
+		}
+		// Inherited by a process that user code started: not for it.
 	}
 	v := getenv(envListenPID)
 	if v == "" {
@@ -91,4 +98,10 @@ func isInheritEnv(kv string) bool {
 		}
 	}
 	return false
+}
+
+// upgradeChild reports whether this process is the new primary of an
+// Upgrade: envUpgradeFrom names its parent.
+func upgradeChild() bool {
+	return os.Getenv(envUpgradeFrom) == strconv.Itoa(os.Getppid())
 }

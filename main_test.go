@@ -194,7 +194,7 @@ func testPrimaryMain() int {
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
 	trusted := false
 	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s;
-	// pidfile=/path;start=2s;socket=name;badsuccessor"
+	// pidfile=/path;start=2s;socket=name;badsuccessor=/path"
 	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
@@ -214,8 +214,9 @@ func testPrimaryMain() int {
 		case "socket":
 			opts = append(opts, WithActivatedSocket(v))
 		case "badsuccessor":
-			// The new primary of an upgrade fails its Start.
-			if os.Getenv(envUpgradeFrom) != "" {
+			// badsuccessor=/path: while the file exists, the new primary
+			// of an upgrade fails its Start.
+			if _, err := os.Stat(v); err == nil && os.Getenv(envUpgradeFrom) != "" {
 				opts = append(opts, WithWorkers(-1))
 			}
 		}
@@ -635,6 +636,9 @@ func startPrimaryCmd(t *testing.T, cmd *exec.Cmd, n int, stderr *os.File, env ..
 		stderr = os.Stderr
 	}
 	cmd.Stdout, cmd.Stderr = w, stderr
+	// Its own process group, which the new primary of an upgrade shares:
+	// the cleanup kills the group, whatever the test got to.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -642,7 +646,7 @@ func startPrimaryCmd(t *testing.T, cmd *exec.Cmd, n int, stderr *os.File, env ..
 	p := &primaryProc{cmd: cmd, stdout: r, exited: make(chan struct{})}
 	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 	t.Cleanup(func() {
-		cmd.Process.Kill()
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-p.exited
 		r.Close()
 		deadline := time.Now().Add(2 * time.Second)

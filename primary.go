@@ -1,6 +1,7 @@
 package defuss
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -57,14 +58,14 @@ type primary struct {
 	upgradeMu   sync.Mutex    // held by the one Upgrade that runs
 	upgraded    atomic.Bool   // a new primary took over: stop without STOPPING=1 or a drain delay
 	notify      *notifier
-	ready       *os.File // started by Upgrade: the pipe to the old primary, until Start returns
+	pred        *net.UnixConn // started by Upgrade: to the old primary, until Start returns
 	stopSignals func()
 }
 
 // lifecycle is how the primary ends. Each channel is closed once, and the
 // close is the broadcast.
 type lifecycle struct {
-	stopReq   chan struct{} // Shutdown was called
+	stopReq   chan struct{} // a stop has begun: Shutdown, a stop signal, a fatal error, or an upgrade's hand-over
 	drain     chan struct{} // the listener is closed and the workers drain
 	force     chan struct{} // kill the workers and close every connection now
 	done      chan struct{} // everything has stopped; err is set
@@ -123,17 +124,18 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 // was wrong with the options: started by Upgrade, the primary tells its
 // predecessor that too.
 func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
-	var ready *os.File
-	if v := os.Getenv(envUpgradeFrom); v != "" {
-		// The old primary of an upgrade waits on this pipe: "ok", or why not.
-		if ready, err = inheritedPipe(fdUpgradeRdy, "defuss-ready"); err != nil {
-			return nil, errors.Join(cfgErr, fmt.Errorf("defuss: upgrade from pid %s: ready pipe: %w", v, err))
+	var pred *net.UnixConn // started by Upgrade: to the old primary
+	if upgradeChild() {
+		// The old primary waits on this socket: "ok", or why not.
+		if pred, err = inheritedSocket(fdUpgradeRdy); err != nil {
+			return nil, errors.Join(cfgErr, fmt.Errorf("defuss: upgrade from pid %d: fd %d: %w", os.Getppid(), fdUpgradeRdy, err))
 		}
 		defer func() {
 			if err != nil {
-				fmt.Fprintf(ready, "error: %s\n", strings.ReplaceAll(err.Error(), "\n", "; "))
+				pred.SetWriteDeadline(time.Now().Add(time.Second))
+				fmt.Fprintf(pred, "error: %s\n", strings.ReplaceAll(err.Error(), "\n", "; "))
 			}
-			ready.Close()
+			pred.Close()
 		}()
 	}
 	if cfgErr != nil {
@@ -155,7 +157,7 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 		ln.Close()
 		return nil, err
 	}
-	p.ready = ready
+	p.pred = pred
 	sigs := p.notifySignals()
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
 	startup := make(chan error, c.workers)
@@ -180,7 +182,7 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 		}
 	}()
 	go p.run(sigs)
-	if ready != nil {
+	if pred != nil {
 		p.notify.takeOver(p.pool.snapshot())
 	} else {
 		p.notify.ready(p.pool.snapshot())
@@ -209,18 +211,32 @@ func (c *config) listen() (net.Listener, error) {
 }
 
 // announce says that the workers are ready, before the accept loop
-// starts: it writes the PID file, and reports to the old primary of an
-// upgrade, which then stops accepting.
+// starts. Started by Upgrade, the primary first reports ready to the old
+// one and waits for its "go": until then it must accept nothing, as the
+// old one may still kill it. Then it writes the PID file.
 func (p *primary) announce() error {
-	if p.cfg.pidFile != "" {
-		if err := writePIDFile(p.cfg.pidFile); err != nil {
+	if p.pred != nil {
+		if err := p.awaitGo(); err != nil {
 			return err
 		}
 	}
-	if p.ready != nil {
-		if _, err := p.ready.WriteString("ok\n"); err != nil {
-			return fmt.Errorf("defuss: %s: report ready: %w (the old primary gave up)", p.cfg.inherited.from, err)
-		}
+	if p.cfg.pidFile != "" {
+		return writePIDFile(p.cfg.pidFile)
+	}
+	return nil
+}
+
+// awaitGo reports ready to the old primary of an upgrade and waits for
+// its answer, within the time that one waits for the report.
+func (p *primary) awaitGo() error {
+	p.pred.SetDeadline(time.Now().Add(p.cfg.startTimeout + upgradeGrace))
+	_, err := p.pred.Write([]byte("ok\n"))
+	var line string
+	if err == nil {
+		line, err = bufio.NewReader(p.pred).ReadString('\n')
+	}
+	if line != "go\n" {
+		return fmt.Errorf("defuss: upgrade from pid %d: the old primary did not hand over (it stopped, or gave up): %v", os.Getppid(), err)
 	}
 	return nil
 }
@@ -275,14 +291,17 @@ func (p *primary) awaitStartup(n int, startup <-chan error, sigs <-chan os.Signa
 // stop.
 func (p *primary) run(sigs <-chan os.Signal) {
 	var ops sync.WaitGroup
-	p.awaitStop(sigs, &ops)
+	// signalled: a stop signal has come; the next one stops at once. A
+	// stop that began otherwise (Shutdown, an upgrade's hand-over) is
+	// not forced by the first signal after it.
+	signalled := p.awaitStop(sigs, &ops)
 	p.life.draining.Store(true)
 	if !p.upgraded.Load() {
 		p.notify.stopping()
 	}
-	p.drainDelay(sigs, &ops)
+	p.drainDelay(sigs, &ops, &signalled)
 	p.beginShutdown()
-	p.awaitWorkers(sigs, &ops)
+	p.awaitWorkers(sigs, &ops, &signalled)
 	p.endConnections()
 	ops.Wait()
 	if p.life.err == nil && p.pool.noneLeft() {
@@ -294,30 +313,43 @@ func (p *primary) run(sigs <-chan os.Signal) {
 }
 
 // awaitStop serves until a stop signal, a Shutdown call or a fatal error.
-func (p *primary) awaitStop(sigs <-chan os.Signal, ops *sync.WaitGroup) {
+// Whatever the reason, the stop counts as requested from then on.
+func (p *primary) awaitStop(sigs <-chan os.Signal, ops *sync.WaitGroup) (bySignal bool) {
+	defer p.requestStop()
 	for {
 		select {
 		case sig := <-sigs:
 			if p.onSignal(sig, ops) {
 				p.log.Info("signal received; shutting down gracefully (send another to stop at once)", "signal", sig.String())
-				return
+				return true
 			}
 		case <-p.life.stopReq:
 			p.log.Info("shutting down gracefully")
-			return
+			return false
 		case <-p.life.drain:
-			return
+			return false
 		case err := <-p.life.fatal:
 			p.life.err = err
 			p.log.Error("stopping", "err", err)
-			return
+			return false
 		}
 	}
 }
 
+// secondStop reports whether a stop signal, sig being one, is the second:
+// the first one after a stop that began without a signal only counts.
+func (p *primary) secondStop(sig os.Signal, signalled *bool) bool {
+	if *signalled {
+		return true
+	}
+	*signalled = true
+	p.log.Info("signal received; already shutting down gracefully (send another to stop at once)", "signal", sig.String())
+	return false
+}
+
 // drainDelay keeps serving for WithDrainDelay while the health path
 // answers 503, unless a second stop signal comes.
-func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup) {
+func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup, signalled *bool) {
 	d := p.cfg.drainDelay
 	if d <= 0 || p.life.err != nil || p.stopping() || p.upgraded.Load() {
 		return
@@ -330,7 +362,7 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 		case <-t.C:
 			return
 		case sig := <-sigs:
-			if p.onSignal(sig, ops) {
+			if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
 				p.log.Warn("second signal; stopping now")
 				p.forceShutdown()
 				return
@@ -344,7 +376,7 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 // awaitWorkers waits until every supervisor has ended: the workers have
 // drained, or were killed at the shutdown timeout. It forces the stop on a
 // second signal, and a second after the shutdown timeout.
-func (p *primary) awaitWorkers(sigs <-chan os.Signal, ops *sync.WaitGroup) {
+func (p *primary) awaitWorkers(sigs <-chan os.Signal, ops *sync.WaitGroup, signalled *bool) {
 	deadline := time.NewTimer(p.cfg.shutdownTimeout + time.Second) // workers are killed at shutdownTimeout
 	defer deadline.Stop()
 	workersDone := make(chan struct{})
@@ -357,7 +389,7 @@ func (p *primary) awaitWorkers(sigs <-chan os.Signal, ops *sync.WaitGroup) {
 		case <-workersDone:
 			return
 		case sig := <-sigs:
-			if p.onSignal(sig, ops) {
+			if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
 				p.log.Warn("second signal; stopping now")
 				p.forceShutdown()
 			}
@@ -407,7 +439,8 @@ func (p *primary) onSignal(sig os.Signal, ops *sync.WaitGroup) (stop bool) {
 	default:
 		return true
 	}
-	if p.stopping() {
+	if p.stopRequested() {
+		p.log.Info("signal ignored: shutting down", "signal", sig.String()) // a shutdown wins
 		return false
 	}
 	p.log.Info("signal received", "signal", sig.String())
@@ -508,7 +541,18 @@ func (p *primary) fail(err error) {
 	}
 }
 
-// stopping reports whether a shutdown has begun.
+// stopRequested reports whether a stop has begun, during the drain delay
+// too.
+func (p *primary) stopRequested() bool {
+	select {
+	case <-p.life.stopReq:
+		return true
+	default:
+		return false
+	}
+}
+
+// stopping reports whether a shutdown has begun: the listener is closed.
 func (p *primary) stopping() bool {
 	select {
 	case <-p.life.drain:

@@ -9,10 +9,12 @@ import (
 )
 
 // children lists the pids whose parent is this process, from /proc.
-func children() []int {
+func children() []int { return childrenOf(os.Getpid()) }
+
+// childrenOf lists the pids whose parent is me, from /proc.
+func childrenOf(me int) []int {
 	ents, _ := os.ReadDir("/proc")
 	var kids []int
-	me := os.Getpid()
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {

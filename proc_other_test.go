@@ -13,14 +13,16 @@ import (
 // reads /proc instead.
 
 // children lists the pids whose parent is this process, zombies included.
-func children() []int {
+func children() []int { return childrenOf(os.Getpid()) }
+
+// childrenOf lists the pids whose parent is me, zombies included.
+func childrenOf(me int) []int {
 	ps := exec.Command("ps", "-A", "-o", "pid=,ppid=")
 	out, err := ps.Output()
 	if err != nil {
 		return nil
 	}
 	var kids []int
-	me := os.Getpid()
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
 		if len(f) != 2 {

@@ -62,10 +62,11 @@ func (n *notifier) stopping() {
 	n.send(daemon.SdNotifyStopping + "\nSTATUS=shutting down")
 }
 
-// keep says an upgrade failed and this process stays the main one.
+// keep says an upgrade failed and this process serves on: the reload
+// is over.
 func (n *notifier) keep(why string) {
 	why = strings.ReplaceAll(why, "\n", " ")
-	n.send("MAINPID=" + strconv.Itoa(os.Getpid()) + "\n" + daemon.SdNotifyReady + "\nSTATUS=upgrade failed: " + why)
+	n.send(daemon.SdNotifyReady + "\nSTATUS=upgrade failed: " + why)
 }
 
 func status(v *poolView) string {

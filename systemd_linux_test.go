@@ -232,7 +232,7 @@ func (n *notifySocket) expect(t *testing.T, want string, pid int) {
 }
 
 // Issue 13: sd_notify over a real datagram socket, across start, a rolling
-// restart, an upgrade and a stop: exactly these messages, in this order,
+// restart, a failed upgrade, an upgrade and a stop: exactly these messages, in this order,
 // each from the process that should send it (the new primary announces
 // itself with MAINPID=), and none from a worker.
 func TestSDNotify(t *testing.T) {
@@ -250,6 +250,22 @@ func TestSDNotify(t *testing.T) {
 	ns.expect(t, "RELOADING=1\nMONOTONIC_USEC=N\nSTATUS=restarting workers", old)
 	ns.expect(t, "READY=1\nSTATUS=2 of 2 workers ready", old)
 
+	// A failed upgrade ends the reload with READY=1 and says why.
+	if err := os.WriteFile(app+".new", []byte("#!/bin/sh\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(app+".new", app); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGUSR2)
+	ns.expect(t, "RELOADING=1\nMONOTONIC_USEC=N\nSTATUS=upgrading: starting a new primary", old)
+	got, from := ns.next(t, time.Minute)
+	failed := regexp.MustCompile(`^READY=1\nSTATUS=upgrade failed: defuss: worker failed to start: upgrade: new primary \(pid [0-9]+\) ended before it was ready \(exit status 3\)$`)
+	if !failed.MatchString(got) || from != old {
+		t.Fatalf("sd_notify after a failed upgrade: %q from pid %d", got, from)
+	}
+
+	copyBinary(t, app, "v2")
 	p.cmd.Process.Signal(syscall.SIGUSR2)
 	ns.expect(t, "RELOADING=1\nMONOTONIC_USEC=N\nSTATUS=upgrading: starting a new primary", old)
 	newPID, _, _ := successorOf(t, p, "")
@@ -261,7 +277,7 @@ func TestSDNotify(t *testing.T) {
 	syscall.Kill(newPID, syscall.SIGTERM)
 	ns.expect(t, "STOPPING=1\nSTATUS=shutting down", newPID)
 	waitFor(t, 15*time.Second, "the new primary's exit", func() bool { return !alive(newPID) })
-	if got, from := ns.next(t, 0); got != "" {
+	if got, from := ns.next(t, 200*time.Millisecond); got != "" {
 		t.Errorf("unexpected message after the stop: %q from pid %d", got, from)
 	}
 }

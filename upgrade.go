@@ -1,12 +1,14 @@
 package defuss
 
 import (
-	"bytes"
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -26,16 +28,25 @@ import (
 // this one exits, as the service's main process ([WithPIDFile], sd_notify
 // MAINPID=).
 //
-// If the new primary fails (it cannot be started, exits, or does not
-// report ready within the start timeout, [WithStartTimeout], which covers
-// its workers' start), it is killed, this server keeps serving as before,
-// and Upgrade returns an error wrapping [ErrWorkerStart] that says why. If
-// ctx ends first, the new primary is killed and ctx.Err() returned.
-// Upgrade refuses a second upgrade while one runs ([ErrUpgradeInProgress]),
-// an upgrade during shutdown ([ErrShuttingDown]), and a server whose
-// listener came from [WithListener] ([ErrNotSupported]: the new primary
-// could not take it over). SIGUSR2 (with signal handling on) calls
-// Upgrade, as it does for nginx and gunicorn. In a worker, Upgrade
+// The hand-over is two-phase: the new primary reports ready, and accepts,
+// writes the PID file and tells systemd MAINPID= only once this one
+// answers "go". Until then it has accepted nothing, so a failed upgrade
+// loses nothing. If the new primary fails (it cannot be started, exits, or
+// does not report ready within the start timeout, [WithStartTimeout], plus
+// [upgradeGrace] for its own start), it is killed, this server keeps
+// serving as before, and Upgrade returns an error wrapping
+// [ErrWorkerStart] that says why. If ctx ends or a shutdown begins first,
+// the new primary is killed and ctx.Err() or [ErrShuttingDown] returned.
+//
+// Upgrade refuses a second upgrade while one runs
+// ([ErrUpgradeInProgress]), an upgrade once a shutdown has begun (also
+// during the drain delay) or after an upgrade ([ErrShuttingDown]), and,
+// with [ErrNotSupported], a server whose listener came from
+// [WithListener] (the caller's code would bind it again) or that has
+// fixed worker ports ([WithBaseWorkerPort]: this primary holds them until
+// it exits). The new primary starts with [WithWorkers]'s count: a Scale
+// done at run time is not carried over. SIGUSR2 (with signal handling on)
+// calls Upgrade, as it does for nginx and gunicorn. In a worker, Upgrade
 // returns [ErrNotPrimary].
 func (s *Server) Upgrade(ctx context.Context) error {
 	if s.p == nil {
@@ -59,33 +70,43 @@ func (p *primary) upgrade(ctx context.Context) error {
 }
 
 func (p *primary) tryUpgrade(ctx context.Context) error {
-	if p.stopping() {
-		return ErrShuttingDown
-	}
-	if p.cfg.listener != nil && p.cfg.inherited == nil {
-		return fmt.Errorf("%w: Upgrade: the listener came from WithListener, and a new primary cannot take it over; listen with WithAddr or socket activation", ErrNotSupported)
-	}
 	if !p.upgradeMu.TryLock() {
-		return ErrUpgradeInProgress
+		return ErrUpgradeInProgress // that one tells the service manager how it ends
 	}
 	defer p.upgradeMu.Unlock()
-	began := time.Now()
+	if p.stopRequested() || p.upgraded.Load() {
+		return ErrShuttingDown
+	}
 	p.notify.reloading("upgrading: starting a new primary")
+	err := p.handOver(ctx)
+	if err != nil {
+		p.notify.keep(err.Error())
+	}
+	return err
+}
+
+// upgradeGrace is what the new primary of an upgrade gets on top of the
+// start timeout, for its exec and the program's code before Start: its
+// workers get the whole start timeout each, and when one fails, the new
+// primary's report of why should arrive before this one gives up.
+const upgradeGrace = 3 * time.Second
+
+// handOver starts the new primary, waits for its report, and on "ok"
+// tells it to go and begins this one's shutdown.
+func (p *primary) handOver(ctx context.Context) error {
+	switch {
+	case p.cfg.listener != nil && p.cfg.inherited == nil:
+		return fmt.Errorf("%w: Upgrade: the listener came from WithListener, and a new primary cannot take it over; listen with WithAddr or socket activation", ErrNotSupported)
+	case p.cfg.baseWorkerPort > 0:
+		return fmt.Errorf("%w: Upgrade with WithBaseWorkerPort: this primary holds the workers' ports until it exits, so a new primary's workers could not bind them; use Restart", ErrNotSupported)
+	}
+	began := time.Now()
 	succ, err := p.startSuccessor()
 	if err != nil {
-		err = fmt.Errorf("%w: upgrade: start a new primary from %s: %w", ErrWorkerStart, p.exe, err)
-		p.keepServing(err)
-		return err
+		return fmt.Errorf("%w: upgrade: start a new primary from %s: %w", ErrWorkerStart, p.exe, err)
 	}
 	p.log.Info("upgrade: new primary started; waiting until it is ready", "new_pid", succ.pid)
-	line, err := succ.await(ctx, p.cfg.startTimeout, p.life.stopReq, p.life.drain)
-	if err != nil {
-		p.keepServing(err)
-		return err
-	}
-	if line != "ok" {
-		err = fmt.Errorf("%w: upgrade: new primary (pid %d): %s", ErrWorkerStart, succ.pid, strings.TrimPrefix(line, "error: "))
-		p.keepServing(err)
+	if err := succ.await(ctx, p.cfg.startTimeout+upgradeGrace, p.life.stopReq); err != nil {
 		return err
 	}
 	p.upgraded.Store(true)
@@ -94,23 +115,12 @@ func (p *primary) tryUpgrade(ctx context.Context) error {
 	return nil
 }
 
-// keepServing undoes what a failed upgrade may have changed outside this
-// process: the service manager's main pid and the PID file.
-func (p *primary) keepServing(err error) {
-	p.notify.keep(err.Error())
-	if p.cfg.pidFile != "" {
-		if err := writePIDFile(p.cfg.pidFile); err != nil {
-			p.log.Error("cannot rewrite the PID file after a failed upgrade", "err", err)
-		}
-	}
-}
-
 // A successor is the new primary of an upgrade, from its start until it
-// reports ready or is killed.
+// takes over or is killed.
 type successor struct {
-	pid   int
-	proc  *os.Process
-	ready *os.File // the read end of its ready pipe
+	pid  int
+	proc *os.Process
+	conn *net.UnixConn // to it: it reports "ok" or "error: why", and is told "go"
 }
 
 // successorEnv is the environment of the new primary: this process's,
@@ -123,71 +133,76 @@ func successorEnv() []string {
 			env = append(env, kv)
 		}
 	}
-	return append(env, envUpgradeFrom+"="+fmt.Sprint(os.Getpid()))
+	return append(env, envUpgradeFrom+"="+strconv.Itoa(os.Getpid()))
 }
 
-// await waits for the successor's report on its ready pipe: "ok", or
-// "error: why" when its Start failed. On anything else (it exits, the
-// start timeout passes, ctx ends, a shutdown begins) it kills the
-// successor and returns an error. On "ok" the successor is left to run on
-// its own.
-func (s *successor) await(ctx context.Context, timeout time.Duration, stop, drain <-chan struct{}) (string, error) {
-	type report struct {
-		line string
-		err  error
-	}
-	reports := make(chan report, 1)
+// await waits for the successor's report and, on "ok", tells it to go:
+// from then on it runs on its own. On anything else (it reports an error,
+// exits, the timeout passes, ctx ends, a stop begins) it kills the
+// successor, which has accepted nothing yet, reaps it, and returns why.
+func (s *successor) await(ctx context.Context, timeout time.Duration, stop <-chan struct{}) error {
+	reports := make(chan string, 1)
 	go func() {
-		b, err := io.ReadAll(io.LimitReader(s.ready, 4096))
-		line, _, _ := bytes.Cut(b, []byte("\n"))
-		reports <- report{string(line), err}
+		line, _ := bufio.NewReader(io.LimitReader(s.conn, 4096)).ReadString('\n')
+		reports <- strings.TrimSuffix(line, "\n")
 	}()
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	var fail error
+	reported := false
 	select {
-	case r := <-reports:
-		return s.settle(r.line)
+	case line := <-reports:
+		reported = true
+		if fail = s.settle(ctx, line, stop); fail == nil {
+			return nil
+		}
 	case <-t.C:
-		fail = fmt.Errorf("%w: upgrade: new primary (pid %d) not ready within the start timeout (%v); killed", ErrWorkerStart, s.pid, timeout)
+		fail = fmt.Errorf("%w: upgrade: new primary (pid %d) not ready within the start timeout and %v; killed", ErrWorkerStart, s.pid, upgradeGrace)
 	case <-ctx.Done():
 		fail = fmt.Errorf("defuss: upgrade: %w", ctx.Err())
 	case <-stop:
 		fail = ErrShuttingDown
-	case <-drain:
-		fail = ErrShuttingDown
-	}
-	select {
-	case r := <-reports: // it reported at the same moment: its report wins
-		if r.line == "ok" {
-			return s.settle(r.line)
-		}
-	default:
 	}
 	s.proc.Kill()
-	s.proc.Wait()
-	s.ready.Close() // ends the reader even if a child of the successor holds the pipe
-	<-reports
-	return "", fail
+	st, werr := s.proc.Wait()
+	s.conn.Close() // ends the reader even if a child of the successor holds its end
+	if !reported {
+		<-reports
+	}
+	if errors.Is(fail, errEnded) {
+		how := "exited"
+		if werr == nil {
+			how = st.String()
+		}
+		fail = fmt.Errorf("%w: upgrade: new primary (pid %d) ended before it was ready (%s)", ErrWorkerStart, s.pid, how)
+	}
+	return fail
 }
 
-// settle acts on the successor's report: on "ok" it is left to run on
-// its own; on anything else it is killed and reaped.
-func (s *successor) settle(line string) (string, error) {
-	s.ready.Close()
-	if line == "ok" {
-		s.proc.Release()
-		return line, nil
+// errEnded: the successor closed its end without a report.
+var errEnded = errors.New("ended")
+
+// settle acts on the successor's report. On "ok", unless ctx has ended or
+// a stop has begun meanwhile, it answers "go" and releases the process.
+func (s *successor) settle(ctx context.Context, line string, stop <-chan struct{}) error {
+	switch {
+	case line == "":
+		return errEnded
+	case line != "ok":
+		return fmt.Errorf("%w: upgrade: new primary (pid %d): %s", ErrWorkerStart, s.pid, strings.TrimPrefix(line, "error: "))
+	case ctx.Err() != nil:
+		return fmt.Errorf("defuss: upgrade: %w", ctx.Err())
 	}
-	s.proc.Kill()
-	st, err := s.proc.Wait()
-	if line != "" {
-		return line, nil
+	select {
+	case <-stop:
+		return ErrShuttingDown
+	default:
 	}
-	// EOF without a report: it has exited (or closed the pipe).
-	how := "exited"
-	if err == nil {
-		how = st.String()
+	s.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	if _, err := s.conn.Write([]byte("go\n")); err != nil {
+		return fmt.Errorf("%w: upgrade: new primary (pid %d) was ready, then gone: %v", ErrWorkerStart, s.pid, err)
 	}
-	return "", fmt.Errorf("%w: upgrade: new primary (pid %d) ended before it was ready (%s)", ErrWorkerStart, s.pid, how)
+	s.conn.Close()
+	s.proc.Release()
+	return nil
 }

@@ -215,38 +215,44 @@ func TestUpgradeUnderLoadOntoNewBinary(t *testing.T) {
 }
 
 // Issue 13: a new binary whose primary fails its Start. The old server
-// keeps serving with its pids and PID file unchanged, logs why, and a
-// later upgrade onto a good binary still works.
+// keeps serving with its pids and PID file unchanged, logs why, leaves no
+// process of the failed one, and a later upgrade onto a good binary works.
 func TestUpgradeFailingSuccessorKeepsServing(t *testing.T) {
 	dir := t.TempDir()
-	app, pidFile := filepath.Join(dir, "app"), filepath.Join(dir, "defuss.pid")
+	app, pidFile, flag := filepath.Join(dir, "app"), filepath.Join(dir, "defuss.pid"), filepath.Join(dir, "fail")
 	copyBinary(t, app, "")
+	if err := os.WriteFile(flag, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	stderr, err := os.Create(filepath.Join(dir, "stderr"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer stderr.Close()
-	old := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 2, stderr, envTestPrimaryOpts+"=pidfile="+pidFile+";badsuccessor")
+	old := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 2, stderr, envTestPrimaryOpts+"=pidfile="+pidFile+";badsuccessor="+flag)
+	oldPID := old.cmd.Process.Pid
 	if err := old.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
+	var failed string // the old primary's log line
 	waitFor(t, 30*time.Second, "the failed upgrade logged", func() bool {
 		b, _ := os.ReadFile(stderr.Name())
-		return strings.Contains(string(b), "upgrade failed")
-	})
-	b, _ := os.ReadFile(stderr.Name())
-	var failed string // the old primary's log line
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.Contains(line, "upgrade failed") {
-			failed = line
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, "upgrade failed") {
+				failed = line
+			}
 		}
-	}
+		return failed != ""
+	})
 	if !strings.Contains(failed, "WithWorkers(-1)") || !strings.Contains(failed, ErrWorkerStart.Error()) {
 		t.Errorf("the old primary's log does not say why the upgrade failed: %s", failed)
 	}
 	t.Logf("the old primary logged: %s", failed)
-	if b, _ := os.ReadFile(pidFile); strings.TrimSpace(string(b)) != strconv.Itoa(old.cmd.Process.Pid) {
-		t.Errorf("PID file says %q after a failed upgrade, want %d", b, old.cmd.Process.Pid)
+	if b, _ := os.ReadFile(pidFile); strings.TrimSpace(string(b)) != strconv.Itoa(oldPID) {
+		t.Errorf("PID file says %q after a failed upgrade, want %d", b, oldPID)
+	}
+	if kids := childrenOf(oldPID); !slices.Equal(sorted(kids), sorted(old.pids)) {
+		t.Errorf("the old primary's children after the failed upgrade: %v, want its workers %v", kids, old.pids)
 	}
 	for i := range 20 {
 		if _, body := get(t, old.addr, "/pid"); !slices.Contains(old.pids, atoi(body)) {
@@ -257,6 +263,55 @@ func TestUpgradeFailingSuccessorKeepsServing(t *testing.T) {
 	case <-old.exited:
 		t.Fatalf("old primary exited: %v", old.waitErr)
 	default:
+	}
+
+	// The binary is fixed: the next upgrade goes through.
+	os.Remove(flag)
+	if err := old.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	newPID, _, workers := successorOf(t, old, pidFile)
+	if err := old.wait(); err != nil {
+		t.Errorf("old primary after the second upgrade: %v, want exit 0", err)
+	}
+	if _, body := get(t, old.addr, "/pid"); newPID == oldPID || !slices.Contains(workers, atoi(body)) {
+		t.Errorf("after the second upgrade: primary %d, served by %s, new workers %v", newPID, body, workers)
+	}
+}
+
+// Issue 13: a stop wins over an upgrade. SIGUSR2 during the drain delay
+// of a SIGTERM is ignored: the primary drains and exits 0, and no new
+// primary is left (nothing else holds its stdout when it exits).
+func TestUpgradeSignalDuringShutdownIgnored(t *testing.T) {
+	dir := t.TempDir()
+	app := filepath.Join(dir, "app")
+	copyBinary(t, app, "")
+	stderr, err := os.Create(filepath.Join(dir, "stderr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	p := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 2, stderr, envTestPrimaryOpts+"=drain=2s", "DEFUSS_TEST_PRIMARY_DEBUG=1")
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 10*time.Second, "the drain delay", func() bool {
+		b, _ := os.ReadFile(stderr.Name())
+		return strings.Contains(string(b), "drain delay")
+	})
+	p.cmd.Process.Signal(syscall.SIGUSR2)
+	p.stdout.SetReadDeadline(time.Now().Add(30 * time.Second))
+	rest, err := io.ReadAll(p.stdout) // EOF once every holder of stdout has exited
+	if err != nil {
+		t.Fatalf("stdout: %v after %q", err, rest)
+	}
+	if string(rest) != "stopped\n" {
+		t.Errorf("stdout after the ready line: %q, want only the old primary's \"stopped\"", rest)
+	}
+	if err := p.wait(); err != nil {
+		t.Errorf("primary: %v, want exit 0", err)
+	}
+	b, _ := os.ReadFile(stderr.Name())
+	if !strings.Contains(string(b), "signal ignored: shutting down") || strings.Contains(string(b), "new primary started") {
+		t.Errorf("log of SIGUSR2 during the drain delay:\n%s", b)
 	}
 }
 
@@ -273,12 +328,13 @@ func TestUpgradeBrokenBinary(t *testing.T) {
 		{"exits", "#!/bin/sh\necho broken build >&2\nexit 3\n", "exit status 3"},
 		{"not an executable", "\x7fELF garbage", "exec format error"},
 		{"hangs", "#!/bin/sh\nexec sleep 60\n", "not ready within the start timeout"},
+		{"answers garbage", "#!/bin/sh\necho nonsense >&4\nexec sleep 60\n", "new primary (pid"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			app := filepath.Join(t.TempDir(), "app")
 			copyBinary(t, app, "")
-			s := startTest(t, WithStartTimeout(2*time.Second), optionFunc(func(c *config) { c.executable = app }))
+			s := startTest(t, WithStartTimeout(5*time.Second), optionFunc(func(c *config) { c.executable = app }))
 			before := s.Workers()
 			kids := children()
 			if err := os.WriteFile(app+".new", []byte(tc.script), 0o755); err != nil {
@@ -310,8 +366,8 @@ func TestUpgradeBrokenBinary(t *testing.T) {
 func sorted(s []int) []int { s = slices.Clone(s); slices.Sort(s); return s }
 
 // Issue 13: what Upgrade refuses, at once and with a clear error: a second
-// upgrade while one runs, an upgrade during shutdown; and what ends one
-// early (ctx).
+// upgrade while one runs, an upgrade after shutdown; and what ends one
+// early: ctx, a shutdown.
 func TestUpgradeRefusals(t *testing.T) {
 	app := filepath.Join(t.TempDir(), "app")
 	if err := os.WriteFile(app, []byte("#!/bin/sh\nexec sleep 60\n"), 0o755); err != nil {
@@ -334,11 +390,28 @@ func TestUpgradeRefusals(t *testing.T) {
 	if n := len(children()); n != 2 {
 		t.Errorf("%d children after the cancelled upgrade, want the 2 workers", n)
 	}
+
+	// A shutdown that begins while an upgrade waits wins: the new primary
+	// is killed.
+	go func() { first <- s.Upgrade(context.Background()) }()
+	waitFor(t, 5*time.Second, "the next upgrade's new primary started", func() bool { return len(children()) == 3 })
 	if err := s.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	if err := <-first; !errors.Is(err, ErrShuttingDown) {
+		t.Errorf("Upgrade cut short by Shutdown: %v, want ErrShuttingDown", err)
+	}
 	if err := s.Upgrade(context.Background()); !errors.Is(err, ErrShuttingDown) {
 		t.Errorf("Upgrade after Shutdown: %v, want ErrShuttingDown", err)
+	}
+}
+
+// Issue 13: fixed worker ports are held by the old primary until it exits,
+// so a new primary's workers could not bind them: Upgrade refuses.
+func TestUpgradeRefusesFixedWorkerPorts(t *testing.T) {
+	s := startTest(t, WithBaseWorkerPort(freePorts(t, 2)))
+	if err := s.Upgrade(context.Background()); !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "WithBaseWorkerPort") {
+		t.Errorf("Upgrade with WithBaseWorkerPort: %v, want ErrNotSupported naming the option", err)
 	}
 }
 

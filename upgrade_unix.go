@@ -4,6 +4,7 @@ package defuss
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"syscall"
 
@@ -13,7 +14,7 @@ import (
 // startSuccessor starts the new primary of an upgrade: the binary on disk
 // with this process's arguments, environment (successorEnv), working
 // directory, stdin, stdout and stderr; the public listening socket as fd
-// 3 and the write end of its ready pipe as fd 4. It is a child of this
+// 3 and its end of a socket pair (upgradePair) as fd 4. It is a child of this
 // process, but nothing ties its life to this one: no parent-death signal,
 // the same process group.
 //
@@ -31,12 +32,12 @@ func (p *primary) startSuccessor() (*successor, error) {
 	if err != nil {
 		return nil, err
 	}
-	readyR, readyW, err := os.Pipe()
+	ours, theirs, err := upgradePair()
 	if err != nil {
 		return nil, err
 	}
-	defer readyW.Close()
-	files := []uintptr{stdFD(0), stdFD(1), stdFD(2), 0, readyW.Fd()}
+	defer theirs.Close()
+	files := []uintptr{stdFD(0), stdFD(1), stdFD(2), 0, theirs.Fd()}
 	attr := &syscall.ProcAttr{Env: successorEnv(), Files: files}
 	var pid int
 	var startErr error
@@ -48,16 +49,40 @@ func (p *primary) startSuccessor() (*successor, error) {
 		err = startErr
 	}
 	if err != nil {
-		readyR.Close()
+		ours.Close()
 		return nil, err
 	}
 	proc, err := os.FindProcess(pid)
 	if err != nil { // not on Unix; for completeness
 		syscall.Kill(pid, syscall.SIGKILL)
-		readyR.Close()
+		ours.Close()
 		return nil, err
 	}
-	return &successor{pid: pid, proc: proc, ready: readyR}, nil
+	return &successor{pid: pid, proc: proc, conn: ours}, nil
+}
+
+// upgradePair makes the stream socket pair between a primary and the new
+// primary of its upgrade, both ends close-on-exec (under ForkLock, as not
+// every system has SOCK_CLOEXEC).
+func upgradePair() (*net.UnixConn, *os.File, error) {
+	syscall.ForkLock.RLock()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err == nil {
+		syscall.CloseOnExec(fds[0])
+		syscall.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "defuss-upgrade")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		syscall.Close(fds[1])
+		return nil, nil, err
+	}
+	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-upgrade-successor"), nil
 }
 
 // stdFD returns fd, one of 0, 1 and 2, to pass as it is, or -1 (closed in
