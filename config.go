@@ -364,8 +364,10 @@ func WithMaxMemory(bytes int64) Option {
 // all. The primary copies no byte, so this is the fastest mode; but it no
 // longer sees a connection's bytes or its end (workers report closes for
 // the connection counts), so defuss.connection.duration and
-// defuss.connection.bytes are not recorded. It cannot be combined with
-// WithTrustedProxies, whose headers the primary must consume. Connections
+// defuss.connection.bytes are not recorded. A PROXY header from a
+// load balancer that [WithTrustedProxies] trusts is checked by the
+// primary, as in splice mode, and consumed by the worker, whose
+// r.RemoteAddr is then the client address it carries. Connections
 // that are not *net.TCPConn (from a [WithListener] that wraps them, such
 // as a TLS listener) have no descriptor to pass: they are spliced, and
 // the primary logs a warning once. The default is false: splice.
@@ -532,9 +534,6 @@ func (c *config) validate() error {
 	}
 	if c.maxRequestsJitter > math.MaxInt64-c.maxRequests {
 		bad("WithMaxRequests(%d, %d): the limit plus its jitter must fit in an int64", c.maxRequests, c.maxRequestsJitter)
-	}
-	if c.handoff && len(c.trusted) > 0 {
-		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
 	}
 	if s := c.server; s != nil && s.TLSConfig != nil && len(s.TLSConfig.Certificates) == 0 &&
 		s.TLSConfig.GetCertificate == nil && s.TLSConfig.GetConfigForClient == nil {

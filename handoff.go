@@ -1,19 +1,107 @@
 package defuss
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 )
 
-// handTo passes c's descriptor to process pr. The connection counts as
-// open in pr before it is sent, so that a close the worker reports at once
-// finds it there.
-func handTo(pr *process, c *net.TCPConn) error {
+// Hand-off messages. Each descriptor the primary passes travels in a
+// message of its own (SOCK_SEQPACKET, or SOCK_DGRAM), whose bytes tell the
+// worker how to serve it. The first byte is the message's version:
+//
+//	1  the descriptor alone. Primaries before version 2 sent only this;
+//	   it still carries a fixed port's listening socket.
+//	2  proxied u16, the length of the PROXY header from a trusted load
+//	   balancer at the start of the stream, which the worker consumes
+//	   before serving; if proxied > 0, then family u8 (4 or 6), the
+//	   client's address (4 or 16 bytes) and port u16, which the handler
+//	   gets as r.RemoteAddr.
+//
+// A worker of an earlier version reads the first byte only, ignores it,
+// and serves the connection as it arrived: a PROXY header it was not told
+// about reaches net/http as bytes (a 400), and is never trusted. So does a
+// PROXY header in a version 1 message, or with proxied 0.
+const (
+	handoffV1     byte = 1
+	handoffV2     byte = 2
+	handoffMsgMax      = 1 + 2 + 1 + 16 + 2
+)
+
+// handoffMsg is a decoded hand-off message.
+type handoffMsg struct {
+	version byte
+	proxied int            // version 2: bytes of PROXY header to consume before serving
+	client  netip.AddrPort // version 2 with proxied > 0: the client's address
+}
+
+// appendHandoff appends the encoding of m.
+func appendHandoff(b []byte, m handoffMsg) []byte {
+	b = append(b, m.version)
+	if m.version == handoffV1 {
+		return b
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(m.proxied))
+	if m.proxied == 0 {
+		return b
+	}
+	if a := m.client.Addr(); a.Is4() {
+		a4 := a.As4()
+		b = append(append(b, 4), a4[:]...)
+	} else {
+		a16 := a.As16()
+		b = append(append(b, 6), a16[:]...)
+	}
+	return binary.BigEndian.AppendUint16(b, m.client.Port())
+}
+
+// decodeHandoff decodes and validates a hand-off message.
+func decodeHandoff(b []byte) (handoffMsg, error) {
+	var m handoffMsg
+	if len(b) == 0 {
+		return m, fmt.Errorf("%w: empty hand-off message", errFrame)
+	}
+	switch m.version = b[0]; {
+	case m.version == handoffV1 && len(b) == 1:
+		return m, nil
+	case m.version != handoffV2 || len(b) < 3:
+		return m, fmt.Errorf("%w: hand-off message version %d, %d bytes", errFrame, b[0], len(b))
+	}
+	m.proxied = int(binary.BigEndian.Uint16(b[1:]))
+	rest := b[3:]
+	if m.proxied == 0 {
+		if len(rest) != 0 {
+			return m, fmt.Errorf("%w: hand-off message of %d bytes without a PROXY header", errFrame, len(b))
+		}
+		return m, nil
+	}
+	if m.proxied > proxyV2Max {
+		return m, fmt.Errorf("%w: PROXY header of %d bytes in a hand-off message", errFrame, m.proxied)
+	}
+	var a netip.Addr
+	switch {
+	case len(rest) == 1+4+2 && rest[0] == 4:
+		a = netip.AddrFrom4([4]byte(rest[1:]))
+	case len(rest) == 1+16+2 && rest[0] == 6:
+		a = netip.AddrFrom16([16]byte(rest[1:]))
+	default:
+		return m, fmt.Errorf("%w: hand-off message with a client address of %d bytes", errFrame, len(rest))
+	}
+	m.client = netip.AddrPortFrom(a, binary.BigEndian.Uint16(rest[len(rest)-2:]))
+	return m, nil
+}
+
+// handTo passes c's descriptor to process pr, with the hand-off message
+// msg. The connection counts as open in pr before it is sent, so that a
+// close the worker reports at once finds it there.
+func handTo(pr *process, c *net.TCPConn, msg []byte) error {
 	pr.open.Add(1)
-	if err := sendConn(pr.handoffSock, c); err != nil {
+	if err := sendConn(pr.handoffSock, c, msg); err != nil {
 		pr.open.Add(-1)
 		return err
 	}

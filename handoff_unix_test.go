@@ -3,6 +3,7 @@
 package defuss
 
 import (
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -25,7 +26,7 @@ func TestSendConnToFullQueueTimesOut(t *testing.T) {
 	failed := make(chan error, 1)
 	go func() {
 		for {
-			if err := sendConn(ours, server.(*net.TCPConn)); err != nil {
+			if err := sendConn(ours, server.(*net.TCPConn), []byte{handoffV1}); err != nil {
 				failed <- err
 				return
 			}
@@ -38,5 +39,51 @@ func TestSendConnToFullQueueTimesOut(t *testing.T) {
 		ours.Close() // unblock the sender
 		<-failed
 		t.Fatal("sendConn still blocked on a full hand-off queue after 10s")
+	}
+}
+
+// Issue 14: a worker consumes exactly the PROXY header the primary
+// announced, which is in the socket already, and nothing that is not one:
+// it never waits for the bytes, and never strips a request.
+func TestConsumeProxyHeader(t *testing.T) {
+	const header = "PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\n"
+	const head = "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+	for _, tc := range []struct {
+		name, sent string
+		n          int
+		ok         bool
+	}{
+		{"the header announced", header + head, len(header), true},
+		{"a request announced as a header", head, len(header), false},
+		{"a header announced one byte short", header + head, len(header) - 1, false},
+		{"a header announced one byte long", header + head, len(header) + 1, false},
+		{"more bytes announced than are there", header[:20], len(header), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := tcpPair(t)
+			client.Write([]byte(tc.sent))
+			// The bytes are in the server's queue once it can peek them
+			// all, as they are when the primary hands the socket off.
+			b := make([]byte, len(tc.sent))
+			if n, _, _, err := peekHead(server.(*net.TCPConn), b, 5*time.Second, false); err != nil || n != len(tc.sent) {
+				t.Fatalf("peek: %d bytes, %v", n, err)
+			}
+			start := time.Now()
+			err := consumeProxyHeader(server.(*net.TCPConn), tc.n)
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("took %v: it must not wait for bytes", d)
+			}
+			if (err == nil) != tc.ok {
+				t.Fatalf("consumeProxyHeader(%d) = %v, want ok %v", tc.n, err, tc.ok)
+			}
+			if !tc.ok {
+				return
+			}
+			server.SetReadDeadline(time.Now().Add(5 * time.Second))
+			rest := make([]byte, len(head))
+			if _, err := io.ReadFull(server, rest); err != nil || string(rest) != head {
+				t.Fatalf("after the header: %q, %v; want the request", rest, err)
+			}
+		})
 	}
 }

@@ -192,14 +192,12 @@ func testPrimaryMain() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
-	trusted := false
 	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s"
 	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
 		case "trusted":
 			opts = append(opts, WithTrustedProxies(v))
-			trusted = true
 		case "health":
 			opts = append(opts, WithHealthPath(v))
 		case "drain":
@@ -207,7 +205,7 @@ func testPrimaryMain() int {
 			opts = append(opts, WithDrainDelay(d))
 		}
 	}
-	if handoffMode && !trusted {
+	if handoffMode {
 		opts = append(opts, WithHandoff(true))
 	}
 	s, err := Start(testApp(), opts...)

@@ -92,7 +92,8 @@ func (p *primary) admit(c net.Conn) (ok, full bool) {
 
 // serveConn routes one client connection and relays it.
 //
-// The pooled buffer holds proxyRoom spare bytes, then what was sniffed: an
+// The pooled buffer holds proxyRoom spare bytes (for the PROXY header to
+// the worker, or the hand-off message), then what was sniffed: an
 // optional PROXY header from a trusted load balancer, then the request
 // head.
 func (p *primary) serveConn(c net.Conn) {
@@ -167,9 +168,13 @@ func (p *primary) route(c net.Conn) *relay {
 	switch {
 	case health:
 	case handoff:
-		w = p.offer(req, tc, nil)
+		// The worker consumes the trusted PROXY header, if any, itself,
+		// and serves the client address it carries. The message goes in
+		// the buffer's spare room, which hand-off leaves unused.
+		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
+		w = p.offer(req, tc, msg, nil)
 	default:
-		w = p.offer(req, nil, &wc)
+		w = p.offer(req, nil, nil, &wc)
 	}
 	doneRouting()
 	req.reset()
@@ -208,7 +213,7 @@ func (p *primary) route(c net.Conn) *relay {
 // without reading (hand-off mode), until it holds a complete request head,
 // buf is full, the client stops sending or the inspection timeout passes.
 // It returns how many bytes buf holds, the length of the trusted PROXY
-// header at its start (splice mode), and the client's address. ok is false
+// header at its start, and the client's address. ok is false
 // when the connection is to be closed: the client left without sending
 // anything, its connection failed, or it sent a PROXY header that is not
 // to be trusted.
@@ -217,7 +222,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	var outcome string
 	var err error
 	if handoff {
-		n, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout)
+		n, hdr, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	} else {
 		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	}
@@ -244,11 +249,12 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 }
 
 // offer picks a worker for req and gives it the connection: with c set
-// (hand-off mode) it passes c's descriptor to the worker; otherwise (splice
-// mode) it dials the worker and sets *wc. A worker that fails is skipped for the next candidate, since it has
+// (hand-off mode) it passes c's descriptor to the worker in the hand-off
+// message msg; otherwise (splice mode) it dials the worker and sets *wc.
+// A worker that fails is skipped for the next candidate, since it has
 // not received a byte. offer returns the worker that took the connection,
 // whose slot's connection count now includes it, or nil.
-func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerInfo {
+func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, wc **net.TCPConn) *WorkerInfo {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -268,7 +274,7 @@ func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerI
 		s.conns.Add(1)
 		var err error
 		if c != nil {
-			err = handTo(w.proc, c)
+			err = handTo(w.proc, c, msg)
 		} else {
 			*wc, err = p.dial(w.Addr)
 		}

@@ -381,7 +381,7 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 	m, opt := newMetrics(t)
 	p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
 	var conn *net.TCPConn
-	w := p.offer(&Request{}, nil, &conn)
+	w := p.offer(&Request{}, nil, nil, &conn)
 	if w == nil {
 		t.Fatal("connect gave up although worker 1 accepts")
 	}

@@ -368,6 +368,7 @@ type workerConn struct {
 	*net.TCPConn
 	w         *worker
 	handed    bool
+	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
 	once      sync.Once
 	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
 }
@@ -393,6 +394,15 @@ func (c *workerConn) Read(b []byte) (int, error) {
 		c.idleSince.Store(0)
 	}
 	return n, err
+}
+
+// RemoteAddr is the client's address: the one a trusted load balancer's
+// PROXY header gave, for a connection handed off behind one.
+func (c *workerConn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.TCPConn.RemoteAddr()
 }
 
 func (c *workerConn) Close() error {
