@@ -361,10 +361,12 @@ func WithMaxMemory(bytes int64) Option {
 // (MSG_PEEK), picks a worker, and passes the connection's descriptor to it
 // over a Unix socket (SCM_RIGHTS); the worker then serves the client
 // directly, and r.RemoteAddr is the client's address with no header at
-// all. The primary copies no byte, so this is the fastest mode; but it no
-// longer sees a connection's bytes or its end (workers report closes for
-// the connection counts), so defuss.connection.duration and
-// defuss.connection.bytes are not recorded. A PROXY header from a
+// all. The primary copies no byte, so this is the fastest mode. It does
+// not see a connection's bytes or its end itself: the worker reports each
+// close, with the connection's duration and bytes, for the connection
+// counts and for defuss.connection.duration and defuss.connection.bytes
+// (a connection whose worker dies before it reports the close is taken
+// out of the counts, without a duration or bytes). A PROXY header from a
 // load balancer that [WithTrustedProxies] trusts is checked by the
 // primary, as in splice mode, and consumed by the worker, whose
 // r.RemoteAddr is then the client address it carries. Connections

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Hand-off messages. Each descriptor the primary passes travels in a
@@ -21,7 +22,10 @@ import (
 //	   balancer at the start of the stream, which the worker consumes
 //	   before serving; if proxied > 0, then family u8 (4 or 6), the
 //	   client's address (4 or 16 bytes) and port u16, which the handler
-//	   gets as r.RemoteAddr.
+//	   gets as r.RemoteAddr. The worker reports the close of such a
+//	   connection with its duration and bytes (see frameClosed), which a
+//	   primary that sends version 2 decodes; of a version 1 connection, by
+//	   count alone.
 //
 // A worker of an earlier version reads the first byte only, ignores it,
 // and serves the connection as it arrived: a PROXY header it was not told
@@ -116,32 +120,86 @@ func (w *worker) serveHandoff() {
 	}
 }
 
-// reportCloses tells the primary, in batches, how many handed-off
-// connections have closed, so that its connection counts stay exact.
+// reportCloses tells the primary, in batches, which handed-off
+// connections have closed, so that its connection counts stay exact and
+// it can record their durations and bytes. When the worker stops it
+// reports the closes that stopping made.
 func (w *worker) reportCloses() {
 	defer w.wg.Done()
+	var batch closeBatch
 	for {
 		select {
 		case <-w.kick:
-			if n := w.handedClosed.Swap(0); n > 0 {
-				if err := w.send(&message{kind: frameClosed, closed: int(n)}); err != nil {
-					return
-				}
+			if err := w.flushCloses(&batch); err != nil {
+				return
 			}
 		case <-w.done:
+			w.flushCloses(&batch)
 			return
 		}
 	}
 }
 
-// handedClose counts one closed handed-off connection and wakes the
-// reporter.
-func (w *worker) handedClose() {
-	w.handedClosed.Add(1)
+// maxPendingCloses bounds the closes with stats that wait for the
+// reporter (when the primary reads its pipe too slowly); past it, a close
+// is reported by count alone, without its duration and bytes.
+const maxPendingCloses = 1 << 16
+
+// closeLog holds the closes of handed-off connections not yet reported.
+type closeLog struct {
+	mu    sync.Mutex
+	batch closeBatch
+}
+
+// closeBatch is closes to report: count of them by count alone, and the
+// others with their durations and bytes.
+type closeBatch struct {
+	count     int
+	durations []time.Duration
+	in, out   uint64
+}
+
+// handedClose records the close of a handed-off connection (nil: one that
+// could not be served) and wakes the reporter.
+func (w *worker) handedClose(c *workerConn) {
+	l := &w.closes
+	l.mu.Lock()
+	if c != nil && c.stats && len(l.batch.durations) < maxPendingCloses {
+		l.batch.durations = append(l.batch.durations, time.Since(c.since))
+		l.batch.in += uint64(c.in.Load())
+		l.batch.out += uint64(c.out.Load())
+	} else {
+		l.batch.count++
+	}
+	l.mu.Unlock()
 	select {
 	case w.kick <- struct{}{}:
 	default:
 	}
+}
+
+// flushCloses sends the closes recorded so far, taking them into batch
+// (whose memory it reuses).
+func (w *worker) flushCloses(batch *closeBatch) error {
+	l := &w.closes
+	l.mu.Lock()
+	*batch, l.batch = l.batch, closeBatch{durations: batch.durations[:0]}
+	l.mu.Unlock()
+	if batch.count > 0 {
+		if err := w.send(&message{kind: frameClosed, closed: batch.count}); err != nil {
+			return err
+		}
+	}
+	in, out := batch.in, batch.out // sent with the first frame
+	for ds := batch.durations; len(ds) > 0; {
+		n := min(len(ds), maxClosedStats)
+		m := &message{kind: frameClosed, closed: n, durations: ds[:n], bytesIn: in, bytesOut: out}
+		if err := w.send(m); err != nil {
+			return err
+		}
+		ds, in, out = ds[n:], 0, 0
+	}
+	return nil
 }
 
 // handoffListener yields the connections whose descriptors arrive on the

@@ -3,8 +3,12 @@ package defuss
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net/netip"
+	"os"
+	"slices"
 	"testing"
+	"time"
 )
 
 // The hand-off messages a primary sends, as the worker decodes them.
@@ -92,4 +96,84 @@ func FuzzDecodeHandoff(f *testing.F) {
 			t.Fatalf("%+v: a PROXY header without a client address", m)
 		}
 	})
+}
+
+// Issue 14: a worker reports the closes of connections from a version 1
+// primary by count alone, which that primary decodes, and the others with
+// their durations and bytes, in frames of at most maxClosedStats, the
+// bytes in the first; past maxPendingCloses waiting, by count alone.
+func TestWorkerCloseReports(t *testing.T) {
+	r, wr, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer wr.Close()
+	w := &worker{slot: 1, status: wr, kick: make(chan struct{}, 1)}
+	frames := make(chan []message, 1)
+	go func() {
+		var ms []message
+		buf := make([]byte, maxFramePayload)
+		for {
+			typ, p, err := readFrame(r, buf)
+			if err != nil {
+				frames <- ms
+				return
+			}
+			m, err := decodeMessage(typ, p)
+			if err != nil {
+				t.Errorf("decode: %v", err)
+			}
+			ms = append(ms, m)
+		}
+	}()
+	closeConn := func(stats bool, in, out int64) {
+		c := &workerConn{handed: true, stats: stats, since: time.Now()}
+		c.in.Store(in)
+		c.out.Store(out)
+		w.handedClose(c)
+	}
+	closeConn(false, 5, 5) // from a version 1 primary
+	w.handedClose(nil)     // not served
+	const withStats = 2*maxClosedStats + 3
+	for range withStats {
+		closeConn(true, 10, 1000)
+	}
+	var batch closeBatch
+	if err := w.flushCloses(&batch); err != nil {
+		t.Fatal(err)
+	}
+	for range maxPendingCloses + 1 {
+		closeConn(true, 1, 1)
+	}
+	if err := w.flushCloses(&batch); err != nil {
+		t.Fatal(err)
+	}
+	wr.Close()
+	ms := <-frames
+
+	var got []string
+	var in, out uint64
+	closes := 0
+	for _, m := range ms {
+		if m.kind != frameClosed || len(m.durations) != 0 && len(m.durations) != m.closed {
+			t.Fatalf("frame %+v", m)
+		}
+		got = append(got, fmt.Sprintf("%d/%d", m.closed, len(m.durations)))
+		in, out, closes = in+m.bytesIn, out+m.bytesOut, closes+m.closed
+		if m.bytesIn != 0 && m.bytesIn != withStats*10 && m.bytesIn != maxPendingCloses {
+			t.Errorf("bytes in %d: want all of a flush's in its first frame", m.bytesIn)
+		}
+	}
+	want := []string{"2/0", "124/124", "124/124", "3/3", "1/0"}
+	for range maxPendingCloses / maxClosedStats {
+		want = append(want, "124/124")
+	}
+	want = append(want, fmt.Sprintf("%d/%d", maxPendingCloses%maxClosedStats, maxPendingCloses%maxClosedStats))
+	if !slices.Equal(got, want) {
+		t.Errorf("frames (closed/durations) %v,\nwant %v", got, want)
+	}
+	if closes != 2+withStats+maxPendingCloses+1 || in != withStats*10+maxPendingCloses || out != withStats*1000+maxPendingCloses {
+		t.Errorf("%d closes, %d bytes in, %d out", closes, in, out)
+	}
 }

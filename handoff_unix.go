@@ -211,15 +211,21 @@ func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Lo
 		if c != nil {
 			c.Close()
 		}
-		l.w.handedClose()
+		l.w.handedClose(nil)
 		return
 	}
-	hc := l.w.track(tc, true)
-	if merr == nil && m.proxied > 0 {
-		if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
-			hc.remote = net.TCPAddrFromAddrPort(m.client)
+	hc := &workerConn{TCPConn: tc, w: l.w, handed: true}
+	if merr == nil {
+		// A primary that sends version 2 messages records each
+		// connection's duration and bytes from its close report.
+		hc.stats, hc.since = m.version == handoffV2, time.Now()
+		if m.proxied > 0 {
+			if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
+				hc.remote = net.TCPAddrFromAddrPort(m.client)
+			}
 		}
 	}
+	l.w.trackConn(hc) // from here on, its close is reported
 	if merr != nil {
 		log.Error("handed-off connection closed", "err", merr)
 		hc.Close()
