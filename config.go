@@ -314,9 +314,8 @@ func WithDrainDelay(d time.Duration) Option {
 // as it is accepted, before anything is read, and counted in
 // defuss.connections.refused. Zero, the default, means no cap (the
 // process's file descriptor limit still applies). In hand-off mode
-// ([WithHandoff]) the primary holds a connection only while it peeks at
-// the head, so the cap counts only those, not the connections workers
-// serve.
+// ([WithHandoff]) the cap counts the connections the workers hold as
+// well, from the hand-off until the worker reports the close (or exits).
 func WithMaxConnections(n int) Option {
 	return optionFunc(func(c *config) {
 		if n < 0 {

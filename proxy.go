@@ -97,15 +97,18 @@ func (p *primary) admit(c net.Conn) (ok, full bool) {
 // optional PROXY header from a trusted load balancer, then the request
 // head.
 func (p *primary) serveConn(c net.Conn) {
-	r := p.route(c)
-	if r == nil {
+	r, handed := p.route(c)
+	switch {
+	case handed:
+		p.conns.handedOff(c) // a worker holds it now, until it reports it closed
+	case r == nil:
 		p.conns.untrack(c)
-		return
+	default:
+		// Relay in a goroutine of its own, whose stack starts small:
+		// routing (dialing above all) grew this one's, and an idle
+		// connection would keep it for its whole life.
+		go r.run()
 	}
-	// Relay in a goroutine of its own, whose stack starts small: routing
-	// (dialing above all) grew this one's, and an idle connection would
-	// keep it for its whole life.
-	go r.run()
 }
 
 // relay is a routed connection, spliced to its worker until both
@@ -131,10 +134,10 @@ func (r *relay) run() {
 }
 
 // route inspects c, parses what it has sent and gives it to a worker. In
-// splice mode it returns c connected to its worker; it returns nil when c
-// was answered here, refused, or handed off (hand-off mode: the worker
-// serves c itself now).
-func (p *primary) route(c net.Conn) *relay {
+// splice mode it returns c connected to its worker; in hand-off mode it
+// reports handed once a worker serves c itself. It returns neither when c
+// was answered here or refused.
+func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 	routing := true // counted in p.gate.routing until a worker took it or it was refused
 	doneRouting := func() {
 		if routing {
@@ -156,7 +159,7 @@ func (p *primary) route(c net.Conn) *relay {
 	n, hdr, client, ok := p.inspect(c, buf, handoff)
 	if !ok {
 		p.bufs.Put(bp)
-		return nil
+		return nil, false
 	}
 	req := p.reqs.Get().(*Request)
 	parseRequest(req, buf[hdr:n])
@@ -189,9 +192,9 @@ func (p *primary) route(c net.Conn) *relay {
 		case w == nil:
 			p.refuseUnavailable(c, isHTTP)
 		}
-		return nil
+		return nil, w != nil
 	}
-	r := &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
+	r = &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
 	p.conns.routed(c, wc, w.Index, w.PID)
 	// The worker gets the PROXY header and the head in one write: the
 	// header goes right in front of the head, in the buffer's spare room.
@@ -206,7 +209,7 @@ func (p *primary) route(c net.Conn) *relay {
 		wc.Close()
 		c.Close()
 	}
-	return r
+	return r, false
 }
 
 // inspect reads the start of c into buf (splice mode), or peeks at it

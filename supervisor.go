@@ -273,6 +273,7 @@ func (sv *supervisor) onClosed(pr *process, m *message) {
 		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker)
 		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient)
 	}
+	p.conns.closedHanded(n)
 	s.conns.Add(-n)
 	p.tel.active.Add(bg, -n, s.attrs.worker)
 }
@@ -338,6 +339,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 	if n := pr.open.Swap(0); n != 0 {
 		// Handed-off connections the worker had not reported closed died
 		// with it.
+		p.conns.closedHanded(n)
 		s.conns.Add(-n)
 		p.tel.active.Add(bg, -n, s.attrs.worker)
 	}

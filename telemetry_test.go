@@ -337,15 +337,17 @@ func TestStatusHandler(t *testing.T) {
 // sent version 1 hand-off messages) and the count with durations and
 // bytes, which it records for the worker's slot. A report of more closes
 // than connections handed is a bad frame and changes nothing; a worker's
-// exit takes the rest out of the counts.
+// exit takes the rest out of the counts, WithMaxConnections's included.
 func TestSupervisorCloseReports(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		m, opt := newMetrics(t)
 		sv := superviseFake(t, opt)
 		f := sv.startReady()
-		// Five connections handed off, counted as offer counts them.
+		// Five connections handed off, counted as offer and serveConn
+		// count them.
 		f.pr.open.Add(5)
 		sv.s.conns.Add(5)
+		sv.p.conns.handed.Add(5)
 		sv.p.tel.active.Add(bg, 5, sv.s.attrs.worker)
 		closed := func(msg message) {
 			msg.kind, msg.slot, msg.pid = frameClosed, 0, f.pr.pid
@@ -355,8 +357,8 @@ func TestSupervisorCloseReports(t *testing.T) {
 		closed(message{closed: 2})
 		closed(message{closed: 2, durations: []time.Duration{time.Second, 3 * time.Second}, bytesIn: 100, bytesOut: 2000})
 		closed(message{closed: 2}) // one more than are open
-		if n, open := sv.s.conns.Load(), f.pr.open.Load(); n != 1 || open != 1 {
-			t.Errorf("slot counts %d connections, process %d; want 1 and 1", n, open)
+		if n, open, held := sv.s.conns.Load(), f.pr.open.Load(), sv.p.conns.handed.Load(); n != 1 || open != 1 || held != 1 {
+			t.Errorf("slot counts %d connections, process %d, connection table %d; want 1, 1 and 1", n, open, held)
 		}
 		ms := m.collect()
 		dur := points(t, ms, "defuss.connection.duration", "s")["defuss.worker.index=0"]
@@ -375,8 +377,8 @@ func TestSupervisorCloseReports(t *testing.T) {
 		}
 		f.exit(errors.New("exit status 1"))
 		synctest.Wait()
-		if n := sv.s.conns.Load(); n != 0 {
-			t.Errorf("after the worker's exit the slot counts %d connections, want 0", n)
+		if n, held := sv.s.conns.Load(), sv.p.conns.handed.Load(); n != 0 || held != 0 {
+			t.Errorf("after the worker's exit the slot counts %d connections, the connection table %d; want 0 and 0", n, held)
 		}
 		sv.next() // respawned
 	})
