@@ -200,7 +200,8 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 // deliver serves the connection whose descriptor fd arrived in the
 // hand-off message m (malformed if merr is set): it consumes the PROXY
 // header the message announces, and passes the connection to Accept. A
-// connection that cannot be served is closed, and its close reported.
+// connection that cannot be served is closed, and its close reported; it
+// counts as accepted, so that a drain does not wait for it.
 func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Logger) {
 	f := os.NewFile(uintptr(fd), "handed-off")
 	c, err := net.FileConn(f)
@@ -211,23 +212,25 @@ func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Lo
 		if c != nil {
 			c.Close()
 		}
+		l.accepted.Add(1)
 		l.w.handedClose(nil)
 		return
 	}
 	hc := &workerConn{TCPConn: tc, w: l.w, handed: true}
+	if merr == nil && m.proxied > 0 {
+		if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
+			hc.remote = net.TCPAddrFromAddrPort(m.client)
+		}
+	}
 	if merr == nil {
-		// A primary that sends version 2 messages records each
+		// A primary that sends version 2 messages records each served
 		// connection's duration and bytes from its close report.
 		hc.stats, hc.since = m.version == handoffV2, time.Now()
-		if m.proxied > 0 {
-			if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
-				hc.remote = net.TCPAddrFromAddrPort(m.client)
-			}
-		}
 	}
 	l.w.trackConn(hc) // from here on, its close is reported
 	if merr != nil {
 		log.Error("handed-off connection closed", "err", merr)
+		l.accepted.Add(1)
 		hc.Close()
 		return
 	}

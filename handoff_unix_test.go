@@ -4,9 +4,13 @@ package defuss
 
 import (
 	"io"
+	"log/slog"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Issue 11, point 15: a worker that stops reading its hand-off socket
@@ -83,6 +87,49 @@ func TestConsumeProxyHeader(t *testing.T) {
 			rest := make([]byte, len(head))
 			if _, err := io.ReadFull(server, rest); err != nil || string(rest) != head {
 				t.Fatalf("after the header: %q, %v; want the request", rest, err)
+			}
+		})
+	}
+}
+
+// A handed-off connection the worker cannot serve (a malformed hand-off
+// message, or a PROXY header announced that is not there) is closed, its
+// close reported, and it counts as accepted: a drain waits until the
+// worker has accepted every connection the primary handed it, and used to
+// wait its full two seconds for one of these.
+func TestDeliverUnservableCountsAsAccepted(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		msg  []byte
+	}{
+		{"malformed message", []byte{9}},
+		{"PROXY header announced, request sent", appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45,
+			client: netip.MustParseAddrPort("203.0.113.7:5555")})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &worker{open: make(map[*workerConn]struct{}), kick: make(chan struct{}, 1)}
+			l := &handoffListener{conns: make(chan net.Conn), done: make(chan struct{}), accepted: &w.accepted, w: w}
+			client, server := tcpPair(t)
+			client.Write([]byte("GET / HTTP/1.1\r\nHost: t\r\n\r\n"))
+			rc, err := server.(*net.TCPConn).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var fd int // a copy of the descriptor, as a hand-off brings one
+			rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, merr := decodeHandoff(tc.msg)
+			l.deliver(fd, m, merr, slog.New(slog.DiscardHandler)) // takes fd
+			if n := w.accepted.Load(); n != 1 {
+				t.Errorf("accepted %d, want 1", n)
+			}
+			if n := w.conns.Load(); n != 0 {
+				t.Errorf("%d connections open, want 0", n)
+			}
+			if w.closes.batch.count != 1 {
+				t.Errorf("closes to report: %+v, want 1 by count", w.closes.batch)
 			}
 		})
 	}

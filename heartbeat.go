@@ -70,12 +70,13 @@ const (
 )
 
 // A frameClosed reports handed-off connections closed. A worker sends the
-// count alone (the frame of workers before issue 14, and all that a
-// primary before it decodes) for connections that arrived in version 1
-// hand-off messages; for those that arrived in version 2 messages, whose
-// primary decodes both forms, it adds what the clients sent and what the
-// worker sent, in bytes, and each connection's life, from hand-off to
-// close, for defuss.connection.bytes and defuss.connection.duration.
+// count alone (all that workers of earlier versions send, and all that
+// primaries of earlier versions decode) for connections that arrived in
+// version 1 hand-off messages. For those that arrived in version 2
+// messages, whose primary decodes both forms, it adds what the clients
+// sent and what the worker sent, in bytes, and each connection's life,
+// from hand-off to close, for defuss.connection.bytes and
+// defuss.connection.duration.
 
 // errFrame is wrapped by every decoding error.
 var errFrame = errors.New("defuss: malformed frame")
