@@ -381,9 +381,6 @@ func TestConnectionFlood(t *testing.T) {
 	})
 
 	t.Run("capped", func(t *testing.T) {
-		if handoffMode {
-			t.Skip("in hand-off mode the cap counts only connections the primary is still peeking at")
-		}
 		limit, excess := 1000, 500
 		if testing.Short() {
 			limit, excess = 200, 100

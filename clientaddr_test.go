@@ -117,22 +117,64 @@ func TestDirectWorkerConnectionIsRefused(t *testing.T) {
 // Issue 4, point 3: the public listener takes PROXY v1/v2 headers only
 // from trusted networks and passes the address on; a header from anyone
 // else, a malformed one, or one that does not arrive in time closes the
-// connection and is counted.
+// connection and is counted. Issue 14: the same in hand-off mode, where
+// the primary checks the header from its peek and the worker consumes it.
 func TestTrustedProxies(t *testing.T) {
-	if handoffMode {
-		t.Skip("WithTrustedProxies is a splice-mode option (Start refuses it with WithHandoff)")
-	}
 	m, opt := newMetrics(t)
-	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"))
+	// An inspection timeout long enough for a header sent in pieces.
+	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"), WithInspectionTimeout(500*time.Millisecond))
 	addr := s.Addr().String()
 	dst := s.Addr().(*net.TCPAddr)
-	v2 := func(src *net.TCPAddr) []byte {
-		b, err := proxyproto.HeaderProxyFromAddrs(2, src, dst).Format()
+	v2 := func(src *net.TCPAddr, tlvs ...proxyproto.TLV) []byte {
+		h := proxyproto.HeaderProxyFromAddrs(2, src, dst)
+		if err := h.SetTLVs(tlvs); err != nil {
+			t.Fatal(err)
+		}
+		b, err := h.Format()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return b
 	}
+	format := func(h *proxyproto.Header) []byte {
+		b, err := h.Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	// served sends what in pieces, a few milliseconds apart, and checks
+	// that two requests on the connection (the first one in what) are
+	// served and see the client address want ("" = the connection's own):
+	// nothing of the header is left in front of the second.
+	served := func(t *testing.T, want string, what ...[]byte) {
+		t.Helper()
+		c := dialFrom(t, "127.0.0.2", addr)
+		if want == "" {
+			want = c.LocalAddr().String()
+		}
+		for i, b := range what {
+			if i > 0 {
+				time.Sleep(5 * time.Millisecond) // the input under test: a header in pieces
+			}
+			if _, err := c.Write(b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if got := remoteOf(t, string(body)); got != want {
+			t.Fatalf("worker saw %s, want %s", got, want)
+		}
+		if got := remoteOf(t, c.roundTrip(t, "/")); got != want {
+			t.Fatalf("second request: worker saw %s, want %s", got, want)
+		}
+	}
+	head := []byte("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+	withHead := func(h []byte) []byte { return append(bytes.Clone(h), head...) }
 	t.Run("v1 from a trusted proxy", func(t *testing.T) {
 		c := dialFrom(t, "127.0.0.2", addr)
 		c.Write([]byte("PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\n"))
@@ -143,22 +185,31 @@ func TestTrustedProxies(t *testing.T) {
 		}
 	})
 	t.Run("v2 IPv6 from a trusted proxy, with the head in the same write", func(t *testing.T) {
-		c := dialFrom(t, "127.0.0.2", addr)
-		c.Write(append(v2(&net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 443}), "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...))
-		resp, err := http.ReadResponse(c.r, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		if got := remoteOf(t, string(body)); got != "[2001:db8::1]:443" {
-			t.Fatalf("worker saw %s, want [2001:db8::1]:443", got)
-		}
+		served(t, "[2001:db8::1]:443", withHead(v2(&net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 443})))
+	})
+	t.Run("v2 with TLVs from a trusted proxy", func(t *testing.T) {
+		h := v2(&net.TCPAddr{IP: net.IPv4(198, 51, 100, 20), Port: 40000},
+			proxyproto.TLV{Type: proxyproto.PP2_TYPE_AUTHORITY, Value: []byte("shop.example.com")},
+			proxyproto.TLV{Type: proxyproto.PP2_TYPE_UNIQUE_ID, Value: []byte("0123456789abcdef")},
+			proxyproto.TLV{Type: 0xE1, Value: bytes.Repeat([]byte{0xAB}, 200)})
+		served(t, "198.51.100.20:40000", withHead(h))
+	})
+	t.Run("v2 LOCAL from a trusted proxy (its own health check)", func(t *testing.T) {
+		served(t, "", withHead(format(&proxyproto.Header{Version: 2, Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC})))
+	})
+	t.Run("v1 UNKNOWN from a trusted proxy", func(t *testing.T) {
+		served(t, "", withHead([]byte("PROXY UNKNOWN\r\n")))
+	})
+	t.Run("v1 in pieces", func(t *testing.T) {
+		served(t, "203.0.113.8:6666", []byte("PRO"), []byte("XY TCP4 203.0.113.8 127.0.0.1 6666 3000\r"), withHead([]byte("\n")))
+	})
+	t.Run("v2 in pieces: the signature, the length, the rest", func(t *testing.T) {
+		h := v2(&net.TCPAddr{IP: net.IPv4(198, 51, 100, 21), Port: 40001},
+			proxyproto.TLV{Type: proxyproto.PP2_TYPE_AUTHORITY, Value: []byte("shop.example.com")})
+		served(t, "198.51.100.21:40001", h[:12], h[12:16], h[16:20], withHead(h[20:]))
 	})
 	t.Run("no header from a trusted proxy", func(t *testing.T) {
-		c := dialFrom(t, "127.0.0.2", addr)
-		if got := remoteOf(t, c.roundTrip(t, "/")); got != c.LocalAddr().String() {
-			t.Fatalf("worker saw %s, want %s", got, c.LocalAddr())
-		}
+		served(t, "", head)
 	})
 	rejected := func(t *testing.T, from string, send []byte) {
 		t.Helper()
@@ -177,6 +228,14 @@ func TestTrustedProxies(t *testing.T) {
 	t.Run("malformed v1 from a trusted proxy", func(t *testing.T) {
 		rejected(t, "127.0.0.2", []byte("PROXY TCP4 not-an-address 127.0.0.1 5555 3000\r\nGET / HTTP/1.1\r\n\r\n"))
 	})
+	t.Run("v2 over UDP from a trusted proxy", func(t *testing.T) {
+		h := format(proxyproto.HeaderProxyFromAddrs(2, &net.UDPAddr{IP: net.IPv4(198, 51, 100, 2), Port: 53}, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 53}))
+		rejected(t, "127.0.0.2", withHead(h))
+	})
+	t.Run("v2 longer than any balancer sends, from a trusted proxy", func(t *testing.T) {
+		h := v2(&net.TCPAddr{IP: net.IPv4(198, 51, 100, 3), Port: 1}, proxyproto.TLV{Type: 0xE1, Value: make([]byte, 600)})
+		rejected(t, "127.0.0.2", withHead(h))
+	})
 	t.Run("header cut short, then silence", func(t *testing.T) {
 		start := time.Now()
 		rejected(t, "127.0.0.2", []byte("PROXY TCP4 203.0.113.7"))
@@ -185,8 +244,65 @@ func TestTrustedProxies(t *testing.T) {
 		}
 	})
 	got := points(t, m.collect(), "defuss.proxy_header.rejected", "{connection}")
-	if got["defuss.reason=untrusted"].value != 2 || got["defuss.reason=malformed"].value != 2 {
-		t.Errorf("proxy_header.rejected = %v, want 2 untrusted and 2 malformed", got)
+	if got["defuss.reason=untrusted"].value != 2 || got["defuss.reason=malformed"].value != 4 || len(got) != 2 {
+		t.Errorf("proxy_header.rejected = %v, want 2 untrusted and 4 malformed", got)
+	}
+}
+
+// Issue 14: a trusted load balancer's PROXY header and the byte cap. A
+// header that fits is used even when the head after it does not fit (the
+// worker reads the rest); one longer than the cap is refused as
+// malformed, in both modes.
+func TestTrustedProxyHeaderAndByteCap(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"), WithMaxHeaderBytes(64))
+	addr := s.Addr().String()
+	t.Run("header within the cap, head past it", func(t *testing.T) {
+		c := dialFrom(t, "127.0.0.2", addr)
+		c.Write([]byte("PROXY TCP4 203.0.113.9 127.0.0.1 7777 3000\r\n")) // 45 bytes
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: t\r\nX-Padding: " + strings.Repeat("p", 100) + "\r\n\r\n"))
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if got := remoteOf(t, string(body)); got != "203.0.113.9:7777" {
+			t.Fatalf("worker saw %s, want 203.0.113.9:7777", got)
+		}
+	})
+	t.Run("header longer than the cap", func(t *testing.T) {
+		h := proxyproto.HeaderProxyFromAddrs(2, &net.TCPAddr{IP: net.IPv4(198, 51, 100, 4), Port: 1}, s.Addr())
+		h.SetTLVs([]proxyproto.TLV{{Type: 0xE1, Value: make([]byte, 80)}})
+		b, err := h.Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := dialFrom(t, "127.0.0.2", addr)
+		c.Write(append(b, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...))
+		if got, _ := io.ReadAll(c.r); len(got) != 0 {
+			t.Fatalf("connection was served: %q", got)
+		}
+	})
+	got := points(t, m.collect(), "defuss.proxy_header.rejected", "{connection}")
+	if got["defuss.reason=malformed"].value != 1 || len(got) != 1 {
+		t.Errorf("proxy_header.rejected = %v, want 1 malformed", got)
+	}
+}
+
+// Issue 14: without WithTrustedProxies nobody's PROXY header is looked
+// for, trusted or stripped, in either mode: it reaches the worker's
+// net/http as the start of the request, which answers 400.
+func TestProxyHeaderNotTrustedReachesWorkerAsBytes(t *testing.T) {
+	s := startTest(t)
+	c := dialFrom(t, "127.0.0.2", s.Addr().String())
+	c.Write([]byte("PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n"))
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("status %d, want 400 from the worker's net/http", resp.StatusCode)
 	}
 }
 

@@ -359,9 +359,8 @@ func WithDrainDelay(d time.Duration) Option {
 // as it is accepted, before anything is read, and counted in
 // defuss.connections.refused. Zero, the default, means no cap (the
 // process's file descriptor limit still applies). In hand-off mode
-// ([WithHandoff]) the primary holds a connection only while it peeks at
-// the head, so the cap counts only those, not the connections workers
-// serve.
+// ([WithHandoff]) the cap counts the connections the workers hold as
+// well, from the hand-off until the worker reports the close (or exits).
 func WithMaxConnections(n int) Option {
 	return optionFunc(func(c *config) {
 		if n < 0 {
@@ -406,11 +405,15 @@ func WithMaxMemory(bytes int64) Option {
 // (MSG_PEEK), picks a worker, and passes the connection's descriptor to it
 // over a Unix socket (SCM_RIGHTS); the worker then serves the client
 // directly, and r.RemoteAddr is the client's address with no header at
-// all. The primary copies no byte, so this is the fastest mode; but it no
-// longer sees a connection's bytes or its end (workers report closes for
-// the connection counts), so defuss.connection.duration and
-// defuss.connection.bytes are not recorded. It cannot be combined with
-// WithTrustedProxies, whose headers the primary must consume. Connections
+// all. The primary copies no byte, so this is the fastest mode. It does
+// not see a connection's bytes or its end itself: the worker reports each
+// close, with the connection's duration and bytes, for the connection
+// counts and for defuss.connection.duration and defuss.connection.bytes
+// (a connection whose worker dies before it reports the close is taken
+// out of the counts, without a duration or bytes). A PROXY header from a
+// load balancer that [WithTrustedProxies] trusts is checked by the
+// primary, as in splice mode, and consumed by the worker, whose
+// r.RemoteAddr is then the client address it carries. Connections
 // that are not *net.TCPConn (from a [WithListener] that wraps them, such
 // as a TLS listener) have no descriptor to pass: they are spliced, and
 // the primary logs a warning once. The default is false: splice.
@@ -588,9 +591,6 @@ func (c *config) validate() error {
 	}
 	if c.maxRequestsJitter > math.MaxInt64-c.maxRequests {
 		bad("WithMaxRequests(%d, %d): the limit plus its jitter must fit in an int64", c.maxRequests, c.maxRequestsJitter)
-	}
-	if c.handoff && len(c.trusted) > 0 {
-		bad("WithHandoff(true) with WithTrustedProxies: a handed-off connection keeps its PROXY header, which only the primary can check; use splice mode behind a PROXY-speaking balancer")
 	}
 	if s := c.server; s != nil && s.TLSConfig != nil && len(s.TLSConfig.Certificates) == 0 &&
 		s.TLSConfig.GetCertificate == nil && s.TLSConfig.GetConfigForClient == nil {

@@ -8,12 +8,15 @@ import (
 )
 
 // connTable holds the primary's live client connections, so that shutdown
-// can wait for them and, past its deadline, close them.
+// can wait for them and, past its deadline, close them. It also counts
+// the connections handed off to workers that they have not reported
+// closed: WithMaxConnections caps both together.
 type connTable struct {
-	mu   sync.Mutex
-	live map[net.Conn]liveConn // nil once the table is closed
-	max  int                   // WithMaxConnections; 0 = no cap
-	wg   sync.WaitGroup        // one per tracked connection
+	mu     sync.Mutex
+	live   map[net.Conn]liveConn // nil once the table is closed
+	max    int                   // WithMaxConnections; 0 = no cap
+	wg     sync.WaitGroup        // one per tracked connection
+	handed atomic.Int64          // handed off and not reported closed; see handedOff
 }
 
 // liveConn is what the primary knows of a live client connection: once it
@@ -36,7 +39,7 @@ func (t *connTable) track(c net.Conn) (ok, full bool) {
 	if t.live == nil {
 		return false, false
 	}
-	if t.max > 0 && len(t.live) >= t.max {
+	if t.max > 0 && len(t.live)+int(t.handed.Load()) >= t.max {
 		return false, true
 	}
 	t.live[c] = liveConn{slot: -1}
@@ -62,6 +65,23 @@ func (t *connTable) untrack(c net.Conn) {
 	t.mu.Unlock()
 	t.wg.Done()
 }
+
+// handedOff closes the primary's copy of c, which a worker now serves,
+// and moves it from the live connections to the handed-off count in one
+// step. The worker's close report may come first (closedHanded): the count
+// is briefly -1 then, while c is still live, so that the sum stays exact.
+func (t *connTable) handedOff(c net.Conn) {
+	c.Close()
+	t.mu.Lock()
+	delete(t.live, c)
+	t.handed.Add(1)
+	t.mu.Unlock()
+	t.wg.Done()
+}
+
+// closedHanded takes n connections that workers report closed (or that
+// died with their worker) out of the handed-off count.
+func (t *connTable) closedHanded(n int64) { t.handed.Add(-n) }
 
 // closeAll closes every live connection and closes the table: track
 // refuses from now on.

@@ -1,6 +1,7 @@
 package defuss
 
 import (
+	"net"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -54,4 +55,38 @@ func TestQuiesceIgnoresLaterDial(t *testing.T) {
 			t.Fatal("quiesce waited for a dial that began after it")
 		}
 	})
+}
+
+// Issue 14: WithMaxConnections counts the connections handed off to
+// workers until they report them closed, exactly even when a worker's
+// report comes before the primary has moved the connection over.
+func TestConnTableCountsHandedOff(t *testing.T) {
+	tb := newConnTable(2)
+	conn := func() net.Conn {
+		c, peer := net.Pipe()
+		t.Cleanup(func() { peer.Close() })
+		return c
+	}
+	track := func(c net.Conn, want bool) {
+		t.Helper()
+		if ok, full := tb.track(c); ok != want || full == want {
+			t.Fatalf("track with %d live and %d handed off: ok %v, full %v; want ok %v", len(tb.live), tb.handed.Load(), ok, full, want)
+		}
+	}
+	a, b := conn(), conn()
+	track(a, true)
+	tb.handedOff(a) // a worker holds a
+	track(b, true)
+	track(conn(), false) // a held by its worker, b being routed: at the cap
+	tb.closedHanded(1)   // b's worker reports b closed before b is moved over
+	tb.handedOff(b)
+	c := conn()
+	track(c, true)       // b is gone: a and c
+	track(conn(), false) // at the cap again
+	tb.untrack(c)
+	tb.closedHanded(1) // a closes
+	if n := tb.handed.Load(); n != 0 || len(tb.live) != 0 {
+		t.Fatalf("%d handed off, %d live at the end; want none", n, len(tb.live))
+	}
+	tb.wait() // every tracked connection was let go of
 }

@@ -1,19 +1,111 @@
 package defuss
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
-// handTo passes c's descriptor to process pr. The connection counts as
-// open in pr before it is sent, so that a close the worker reports at once
-// finds it there.
-func handTo(pr *process, c *net.TCPConn) error {
+// Hand-off messages. Each descriptor the primary passes travels in a
+// message of its own (SOCK_SEQPACKET, or SOCK_DGRAM), whose bytes tell the
+// worker how to serve it. The first byte is the message's version:
+//
+//	1  the descriptor alone. Primaries before version 2 sent only this;
+//	   it still carries a fixed port's listening socket.
+//	2  proxied u16, the length of the PROXY header from a trusted load
+//	   balancer at the start of the stream, which the worker consumes
+//	   before serving; if proxied > 0, then family u8 (4 or 6), the
+//	   client's address (4 or 16 bytes) and port u16, which the handler
+//	   gets as r.RemoteAddr. The worker reports the close of such a
+//	   connection with its duration and bytes (see frameClosed), which a
+//	   primary that sends version 2 decodes; of a version 1 connection, by
+//	   count alone.
+//
+// A worker of an earlier version reads the first byte only, ignores it,
+// and serves the connection as it arrived: a PROXY header it was not told
+// about reaches net/http as bytes (a 400), and is never trusted. So does a
+// PROXY header in a version 1 message, or with proxied 0.
+const (
+	handoffV1     byte = 1
+	handoffV2     byte = 2
+	handoffMsgMax      = 1 + 2 + 1 + 16 + 2
+)
+
+// handoffMsg is a decoded hand-off message.
+type handoffMsg struct {
+	version byte
+	proxied int            // version 2: bytes of PROXY header to consume before serving
+	client  netip.AddrPort // version 2 with proxied > 0: the client's address
+}
+
+// appendHandoff appends the encoding of m.
+func appendHandoff(b []byte, m handoffMsg) []byte {
+	b = append(b, m.version)
+	if m.version == handoffV1 {
+		return b
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(m.proxied))
+	if m.proxied == 0 {
+		return b
+	}
+	if a := m.client.Addr(); a.Is4() {
+		a4 := a.As4()
+		b = append(append(b, 4), a4[:]...)
+	} else {
+		a16 := a.As16()
+		b = append(append(b, 6), a16[:]...)
+	}
+	return binary.BigEndian.AppendUint16(b, m.client.Port())
+}
+
+// decodeHandoff decodes and validates a hand-off message.
+func decodeHandoff(b []byte) (handoffMsg, error) {
+	var m handoffMsg
+	if len(b) == 0 {
+		return m, fmt.Errorf("%w: empty hand-off message", errFrame)
+	}
+	switch m.version = b[0]; {
+	case m.version == handoffV1 && len(b) == 1:
+		return m, nil
+	case m.version != handoffV2 || len(b) < 3:
+		return m, fmt.Errorf("%w: hand-off message version %d, %d bytes", errFrame, b[0], len(b))
+	}
+	m.proxied = int(binary.BigEndian.Uint16(b[1:]))
+	rest := b[3:]
+	if m.proxied == 0 {
+		if len(rest) != 0 {
+			return m, fmt.Errorf("%w: hand-off message of %d bytes without a PROXY header", errFrame, len(b))
+		}
+		return m, nil
+	}
+	if m.proxied > proxyV2Max {
+		return m, fmt.Errorf("%w: PROXY header of %d bytes in a hand-off message", errFrame, m.proxied)
+	}
+	var a netip.Addr
+	switch {
+	case len(rest) == 1+4+2 && rest[0] == 4:
+		a = netip.AddrFrom4([4]byte(rest[1:]))
+	case len(rest) == 1+16+2 && rest[0] == 6:
+		a = netip.AddrFrom16([16]byte(rest[1:]))
+	default:
+		return m, fmt.Errorf("%w: hand-off message with a client address of %d bytes", errFrame, len(rest))
+	}
+	m.client = netip.AddrPortFrom(a, binary.BigEndian.Uint16(rest[len(rest)-2:]))
+	return m, nil
+}
+
+// handTo passes c's descriptor to process pr, with the hand-off message
+// msg. The connection counts as open in pr before it is sent, so that a
+// close the worker reports at once finds it there.
+func handTo(pr *process, c *net.TCPConn, msg []byte) error {
 	pr.open.Add(1)
-	if err := sendConn(pr.handoffSock, c); err != nil {
+	if err := sendConn(pr.handoffSock, c, msg); err != nil {
 		pr.open.Add(-1)
 		return err
 	}
@@ -28,32 +120,86 @@ func (w *worker) serveHandoff() {
 	}
 }
 
-// reportCloses tells the primary, in batches, how many handed-off
-// connections have closed, so that its connection counts stay exact.
+// reportCloses tells the primary, in batches, which handed-off
+// connections have closed, so that its connection counts stay exact and
+// it can record their durations and bytes. When the worker stops it
+// reports the closes that stopping made.
 func (w *worker) reportCloses() {
 	defer w.wg.Done()
+	var batch closeBatch
 	for {
 		select {
 		case <-w.kick:
-			if n := w.handedClosed.Swap(0); n > 0 {
-				if err := w.send(&message{kind: frameClosed, closed: int(n)}); err != nil {
-					return
-				}
+			if err := w.flushCloses(&batch); err != nil {
+				return
 			}
 		case <-w.done:
+			w.flushCloses(&batch)
 			return
 		}
 	}
 }
 
-// handedClose counts one closed handed-off connection and wakes the
-// reporter.
-func (w *worker) handedClose() {
-	w.handedClosed.Add(1)
+// maxPendingCloses bounds the closes with stats that wait for the
+// reporter (when the primary reads its pipe too slowly); past it, a close
+// is reported by count alone, without its duration and bytes.
+const maxPendingCloses = 1 << 16
+
+// closeLog holds the closes of handed-off connections not yet reported.
+type closeLog struct {
+	mu    sync.Mutex
+	batch closeBatch
+}
+
+// closeBatch is closes to report: count of them by count alone, and the
+// others with their durations and bytes.
+type closeBatch struct {
+	count     int
+	durations []time.Duration
+	in, out   uint64
+}
+
+// handedClose records the close of a handed-off connection (nil: one that
+// could not be served) and wakes the reporter.
+func (w *worker) handedClose(c *workerConn) {
+	l := &w.closes
+	l.mu.Lock()
+	if c != nil && c.stats && len(l.batch.durations) < maxPendingCloses {
+		l.batch.durations = append(l.batch.durations, time.Since(c.since))
+		l.batch.in += uint64(c.in.Load())
+		l.batch.out += uint64(c.out.Load())
+	} else {
+		l.batch.count++
+	}
+	l.mu.Unlock()
 	select {
 	case w.kick <- struct{}{}:
 	default:
 	}
+}
+
+// flushCloses sends the closes recorded so far, taking them into batch
+// (whose memory it reuses).
+func (w *worker) flushCloses(batch *closeBatch) error {
+	l := &w.closes
+	l.mu.Lock()
+	*batch, l.batch = l.batch, closeBatch{durations: batch.durations[:0]}
+	l.mu.Unlock()
+	if batch.count > 0 {
+		if err := w.send(&message{kind: frameClosed, closed: batch.count}); err != nil {
+			return err
+		}
+	}
+	in, out := batch.in, batch.out // sent with the first frame
+	for ds := batch.durations; len(ds) > 0; {
+		n := min(len(ds), maxClosedStats)
+		m := &message{kind: frameClosed, closed: n, durations: ds[:n], bytesIn: in, bytesOut: out}
+		if err := w.send(m); err != nil {
+			return err
+		}
+		ds, in, out = ds[n:], 0, 0
+	}
+	return nil
 }
 
 // handoffListener yields the connections whose descriptors arrive on the

@@ -15,10 +15,10 @@ import (
 // ErrNotSupported before any of these could be called; they exist so that
 // the shared code builds.
 
-func sendConn(*net.UnixConn, *net.TCPConn) error { return ErrNotSupported }
+func sendConn(*net.UnixConn, *net.TCPConn, []byte) error { return ErrNotSupported }
 
-func peekHead(*net.TCPConn, []byte, time.Duration) (int, string, error) {
-	return 0, sniffEOF, ErrNotSupported
+func peekHead(*net.TCPConn, []byte, time.Duration, bool) (int, int, string, error) {
+	return 0, 0, sniffEOF, ErrNotSupported
 }
 
 func handoffPair() (*net.UnixConn, *os.File, error) { return nil, nil, ErrNotSupported }

@@ -5,6 +5,7 @@ package defuss
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -20,25 +21,32 @@ import (
 // goes to the next worker instead of blocking its goroutine.
 const handoffTimeout = time.Second
 
-// sendConn passes c's descriptor over uc (SCM_RIGHTS), waiting at most
-// handoffTimeout for room in the worker's queue.
-func sendConn(uc *net.UnixConn, c *net.TCPConn) error {
+// sendConn passes c's descriptor over uc (SCM_RIGHTS) in the hand-off
+// message msg, waiting at most handoffTimeout for room in the worker's
+// queue.
+func sendConn(uc *net.UnixConn, c *net.TCPConn, msg []byte) error {
 	// Concurrent sends share uc; each moves its deadline on, which only
 	// ever extends another's wait to at most handoffTimeout from now.
 	uc.SetWriteDeadline(time.Now().Add(handoffTimeout))
-	return sendFD(uc, c)
+	return sendFDWith(uc, c, msg)
 }
 
-// sendFD passes the descriptor of c (a connection or a listener) over uc
-// (SCM_RIGHTS), leaving its flags alone.
+// sendFD passes the descriptor of c (a listener) over uc (SCM_RIGHTS),
+// leaving its flags alone.
 func sendFD(uc *net.UnixConn, c syscall.Conn) error {
+	return sendFDWith(uc, c, []byte{handoffV1})
+}
+
+// sendFDWith passes the descriptor of c over uc (SCM_RIGHTS) in the
+// hand-off message msg, leaving its flags alone.
+func sendFDWith(uc *net.UnixConn, c syscall.Conn, msg []byte) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var werr error
 	err = rc.Control(func(fd uintptr) {
-		_, _, werr = uc.WriteMsgUnix([]byte{1}, unix.UnixRights(int(fd)), nil)
+		_, _, werr = uc.WriteMsgUnix(msg, unix.UnixRights(int(fd)), nil)
 	})
 	return errors.Join(err, werr)
 }
@@ -77,15 +85,22 @@ func receiveListener(uc *net.UnixConn, timeout time.Duration) (net.Listener, err
 
 // peekHead waits, as sniff does, for a complete head, a full buf, EOF or
 // the timeout, but with MSG_PEEK: the bytes stay in the socket for the
-// worker. It returns how many bytes it saw and why it stopped.
-func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, error) {
+// worker. With detectProxy, a PROXY header at the start is looked for
+// first, and the head after it. It returns what sniff returns: how many
+// bytes it saw, the length of the PROXY header at their start (0 if none,
+// -1 if one started but is malformed or did not arrive in time), why it
+// stopped, and the error that ended it early.
+func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return 0, sniffEOF, err
+		return 0, 0, sniffEOF, err
 	}
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
-	n, outcome := 0, sniffTimeout
+	if detectProxy {
+		hdr = proxyUnknown
+	}
+	outcome = sniffTimeout
 	var perr error
 	err = rc.Read(func(fd uintptr) bool {
 		m, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
@@ -99,27 +114,40 @@ func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration) (int, string, e
 			outcome = sniffEOF
 			return true
 		}
+		prev := n // a peek sees everything from the start again
 		n = m
+		if hdr == proxyUnknown {
+			if hdr = proxyHeaderLen(buf[:n]); hdr == proxyMalformed {
+				outcome = sniffComplete
+				return true
+			}
+		}
 		switch {
-		case headComplete(buf[:m], 0):
+		case hdr >= 0 && headComplete(buf[hdr:n], max(prev-hdr, 0)):
 			outcome = sniffComplete
-		case m == len(buf):
+		case n == len(buf):
 			outcome = sniffCap
 		default:
 			return false // wait for more bytes to arrive
 		}
 		return true
 	})
+	if hdr == proxyUnknown {
+		hdr = 0
+		if n > 0 {
+			hdr = -1 // a PROXY header began but did not finish in time, or in buf
+		}
+	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return n, sniffTimeout, nil
+		return n, hdr, sniffTimeout, nil
 	}
 	if err == nil {
 		err = perr
 	}
 	if err != nil {
-		return n, sniffEOF, err
+		return n, hdr, sniffEOF, err
 	}
-	return n, outcome, nil
+	return n, hdr, outcome, nil
 }
 
 // handoffPair returns the primary's end of a new hand-off socket pair and
@@ -140,13 +168,14 @@ func handoffPair() (*net.UnixConn, *os.File, error) {
 	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-handoff-worker"), nil
 }
 
-// receive reads descriptors from the hand-off socket until it closes.
+// receive reads descriptors, each in its hand-off message, from the
+// hand-off socket until it closes.
 func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 	defer wg.Done()
-	var b [1]byte
+	var b [handoffMsgMax + 1]byte // a byte to spare: a longer message is refused
 	oob := make([]byte, unix.CmsgSpace(4*4))
 	for {
-		_, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
+		n, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
 		if err != nil {
 			return // the primary is gone, or the worker stops
 		}
@@ -155,30 +184,94 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 			log.Error("hand-off message", "err", err)
 			continue
 		}
-		for _, m := range msgs {
-			fds, err := unix.ParseUnixRights(&m)
+		m, merr := decodeHandoff(b[:n])
+		for _, cm := range msgs {
+			fds, err := unix.ParseUnixRights(&cm)
 			if err != nil {
 				continue
 			}
 			for _, fd := range fds {
-				f := os.NewFile(uintptr(fd), "handed-off")
-				c, err := net.FileConn(f)
-				f.Close()
-				tc, ok := c.(*net.TCPConn)
-				if err != nil || !ok {
-					log.Error("handed-off connection is not TCP", "err", err)
-					if c != nil {
-						c.Close()
-					}
-					continue
-				}
-				hc := l.w.track(tc, true)
-				select {
-				case l.conns <- hc:
-				case <-l.done:
-					hc.Close()
-				}
+				l.deliver(fd, m, merr, log)
 			}
 		}
 	}
+}
+
+// deliver serves the connection whose descriptor fd arrived in the
+// hand-off message m (malformed if merr is set): it consumes the PROXY
+// header the message announces, and passes the connection to Accept. A
+// connection that cannot be served is closed, and its close reported; it
+// counts as accepted, so that a drain does not wait for it.
+func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Logger) {
+	f := os.NewFile(uintptr(fd), "handed-off")
+	c, err := net.FileConn(f)
+	f.Close()
+	tc, ok := c.(*net.TCPConn)
+	if err != nil || !ok {
+		log.Error("handed-off connection is not TCP", "err", err)
+		if c != nil {
+			c.Close()
+		}
+		l.accepted.Add(1)
+		l.w.handedClose(nil)
+		return
+	}
+	hc := &workerConn{TCPConn: tc, w: l.w, handed: true}
+	if merr == nil && m.proxied > 0 {
+		if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
+			hc.remote = net.TCPAddrFromAddrPort(m.client)
+		}
+	}
+	if merr == nil {
+		// A primary that sends version 2 messages records each served
+		// connection's duration and bytes from its close report.
+		hc.stats, hc.since = m.version == handoffV2, time.Now()
+	}
+	l.w.trackConn(hc) // from here on, its close is reported
+	if merr != nil {
+		log.Error("handed-off connection closed", "err", merr)
+		l.accepted.Add(1)
+		hc.Close()
+		return
+	}
+	select {
+	case l.conns <- hc:
+	case <-l.done:
+		hc.Close()
+	}
+}
+
+// consumeProxyHeader reads the n bytes of the PROXY header at the start
+// of c, which the primary has seen in c's receive queue, without waiting
+// for them, and checks that they are one PROXY header of exactly n bytes:
+// the worker strips nothing else.
+func consumeProxyHeader(c *net.TCPConn, n int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, n)
+	got := 0
+	var rerr error
+	err = rc.Control(func(fd uintptr) {
+		for got < n && rerr == nil {
+			m, _, err := unix.Recvfrom(int(fd), buf[got:], unix.MSG_DONTWAIT)
+			switch {
+			case err == unix.EINTR:
+			case err != nil:
+				rerr = os.NewSyscallError("recvfrom", err)
+			case m == 0:
+				rerr = io.ErrUnexpectedEOF
+			default:
+				got += m
+			}
+		}
+	})
+	if err = errors.Join(err, rerr); err != nil {
+		return fmt.Errorf("read the PROXY header the primary announced (%d of %d bytes): %w", got, n, err)
+	}
+	if proxyHeaderLen(buf) != n {
+		return fmt.Errorf("%w: the %d bytes announced as a PROXY header are not one", errFrame, n)
+	}
+	return nil
 }

@@ -3,9 +3,14 @@
 package defuss
 
 import (
+	"io"
+	"log/slog"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Issue 11, point 15: a worker that stops reading its hand-off socket
@@ -25,7 +30,7 @@ func TestSendConnToFullQueueTimesOut(t *testing.T) {
 	failed := make(chan error, 1)
 	go func() {
 		for {
-			if err := sendConn(ours, server.(*net.TCPConn)); err != nil {
+			if err := sendConn(ours, server.(*net.TCPConn), []byte{handoffV1}); err != nil {
 				failed <- err
 				return
 			}
@@ -38,5 +43,94 @@ func TestSendConnToFullQueueTimesOut(t *testing.T) {
 		ours.Close() // unblock the sender
 		<-failed
 		t.Fatal("sendConn still blocked on a full hand-off queue after 10s")
+	}
+}
+
+// Issue 14: a worker consumes exactly the PROXY header the primary
+// announced, which is in the socket already, and nothing that is not one:
+// it never waits for the bytes, and never strips a request.
+func TestConsumeProxyHeader(t *testing.T) {
+	const header = "PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\n"
+	const head = "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+	for _, tc := range []struct {
+		name, sent string
+		n          int
+		ok         bool
+	}{
+		{"the header announced", header + head, len(header), true},
+		{"a request announced as a header", head, len(header), false},
+		{"a header announced one byte short", header + head, len(header) - 1, false},
+		{"a header announced one byte long", header + head, len(header) + 1, false},
+		{"more bytes announced than are there", header[:20], len(header), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := tcpPair(t)
+			client.Write([]byte(tc.sent))
+			// The bytes are in the server's queue once it can peek them
+			// all, as they are when the primary hands the socket off.
+			b := make([]byte, len(tc.sent))
+			if n, _, _, err := peekHead(server.(*net.TCPConn), b, 5*time.Second, false); err != nil || n != len(tc.sent) {
+				t.Fatalf("peek: %d bytes, %v", n, err)
+			}
+			start := time.Now()
+			err := consumeProxyHeader(server.(*net.TCPConn), tc.n)
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("took %v: it must not wait for bytes", d)
+			}
+			if (err == nil) != tc.ok {
+				t.Fatalf("consumeProxyHeader(%d) = %v, want ok %v", tc.n, err, tc.ok)
+			}
+			if !tc.ok {
+				return
+			}
+			server.SetReadDeadline(time.Now().Add(5 * time.Second))
+			rest := make([]byte, len(head))
+			if _, err := io.ReadFull(server, rest); err != nil || string(rest) != head {
+				t.Fatalf("after the header: %q, %v; want the request", rest, err)
+			}
+		})
+	}
+}
+
+// A handed-off connection the worker cannot serve (a malformed hand-off
+// message, or a PROXY header announced that is not there) is closed, its
+// close reported, and it counts as accepted: a drain waits until the
+// worker has accepted every connection the primary handed it, and used to
+// wait its full two seconds for one of these.
+func TestDeliverUnservableCountsAsAccepted(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		msg  []byte
+	}{
+		{"malformed message", []byte{9}},
+		{"PROXY header announced, request sent", appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45,
+			client: netip.MustParseAddrPort("203.0.113.7:5555")})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &worker{open: make(map[*workerConn]struct{}), kick: make(chan struct{}, 1)}
+			l := &handoffListener{conns: make(chan net.Conn), done: make(chan struct{}), accepted: &w.accepted, w: w}
+			client, server := tcpPair(t)
+			client.Write([]byte("GET / HTTP/1.1\r\nHost: t\r\n\r\n"))
+			rc, err := server.(*net.TCPConn).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var fd int // a copy of the descriptor, as a hand-off brings one
+			rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, merr := decodeHandoff(tc.msg)
+			l.deliver(fd, m, merr, slog.New(slog.DiscardHandler)) // takes fd
+			if n := w.accepted.Load(); n != 1 {
+				t.Errorf("accepted %d, want 1", n)
+			}
+			if n := w.conns.Load(); n != 0 {
+				t.Errorf("%d connections open, want 0", n)
+			}
+			if w.closes.batch.count != 1 {
+				t.Errorf("closes to report: %+v, want 1 by count", w.closes.batch)
+			}
+		})
 	}
 }

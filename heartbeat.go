@@ -54,7 +54,7 @@ const (
 	frameStats    byte = 2 // slot u16, pid u32, stats
 	frameStopping byte = 3 // slot u16, pid u32
 	frameFailed   byte = 4 // slot u16, pid u32, message (UTF-8, ≤ maxFailMessage)
-	frameClosed   byte = 5 // slot u16, pid u32, count u32: handed-off connections closed
+	frameClosed   byte = 5 // slot u16, pid u32, count u32[, bytes in u64, bytes out u64, count × duration ns u64]: handed-off connections closed
 
 	// primary → worker
 	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], flags u8, host
@@ -63,7 +63,20 @@ const (
 	statsLen       = 8*8 + 4*2
 	maxFailMessage = 512
 	maxHostLen     = 255
+
+	// maxClosedStats is how many connections' durations a frameClosed
+	// carries at most.
+	maxClosedStats = (maxFramePayload - 6 - 4 - 16) / 8
 )
+
+// A frameClosed reports handed-off connections closed. A worker sends the
+// count alone (all that workers of earlier versions send, and all that
+// primaries of earlier versions decode) for connections that arrived in
+// version 1 hand-off messages. For those that arrived in version 2
+// messages, whose primary decodes both forms, it adds what the clients
+// sent and what the worker sent, in bytes, and each connection's life,
+// from hand-off to close, for defuss.connection.bytes and
+// defuss.connection.duration.
 
 // errFrame is wrapped by every decoding error.
 var errFrame = errors.New("defuss: malformed frame")
@@ -77,6 +90,12 @@ type message struct {
 	stats  Stats  // frameReady, frameStats
 	err    string // frameFailed
 	closed int    // frameClosed
+
+	// frameClosed with stats: each connection's life (closed of them), and
+	// the bytes the clients sent (in) and the worker sent (out).
+	durations []time.Duration
+	bytesIn   uint64
+	bytesOut  uint64
 }
 
 // command is a decoded frame from the primary.
@@ -141,6 +160,13 @@ func appendMessage(b []byte, m *message) []byte {
 			b = appendStats(b, &m.stats)
 		case frameClosed:
 			b = binary.BigEndian.AppendUint32(b, uint32(m.closed))
+			if len(m.durations) > 0 { // closed == len(durations)
+				b = binary.BigEndian.AppendUint64(b, m.bytesIn)
+				b = binary.BigEndian.AppendUint64(b, m.bytesOut)
+				for _, d := range m.durations {
+					b = binary.BigEndian.AppendUint64(b, uint64(d))
+				}
+			}
 		case frameFailed:
 			msg := strings.ToValidUTF8(m.err, "\uFFFD")
 			if len(msg) > maxFailMessage {
@@ -184,6 +210,9 @@ func decodeMessage(typ byte, p []byte) (message, error) {
 	case frameStopping:
 	case frameClosed:
 		want += 4
+		if len(p) > want { // with stats: bytes in and out, a duration per connection
+			want += 16 + 8*min(int(binary.BigEndian.Uint32(p[6:])), maxClosedStats+1)
+		}
 	case frameFailed:
 		if len(p) > want+maxFailMessage {
 			return m, fmt.Errorf("%w: failure message of %d bytes", errFrame, len(p)-want)
@@ -216,6 +245,24 @@ func decodeMessage(typ byte, p []byte) (message, error) {
 	case frameClosed:
 		if m.closed = int(binary.BigEndian.Uint32(p)); m.closed <= 0 || m.closed > math.MaxInt32 {
 			return m, fmt.Errorf("%w: closed count %d", errFrame, m.closed)
+		}
+		if p = p[4:]; len(p) == 0 {
+			return m, nil // the count alone
+		}
+		if m.closed > maxClosedStats {
+			return m, fmt.Errorf("%w: %d closes with stats, over %d", errFrame, m.closed, maxClosedStats)
+		}
+		m.bytesIn, m.bytesOut = binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])
+		if m.bytesIn > math.MaxInt64 || m.bytesOut > math.MaxInt64 {
+			return m, fmt.Errorf("%w: closed connections' bytes out of range", errFrame)
+		}
+		m.durations = make([]time.Duration, m.closed)
+		for i := range m.durations {
+			d := binary.BigEndian.Uint64(p[16+8*i:])
+			if d > math.MaxInt64 {
+				return m, fmt.Errorf("%w: closed connection's duration out of range", errFrame)
+			}
+			m.durations[i] = time.Duration(d)
 		}
 	case frameFailed:
 		if !utf8.Valid(p) {

@@ -8,6 +8,8 @@ import (
 	"io"
 	"math"
 	"os"
+	"reflect"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -100,11 +102,12 @@ func equalStats(a, b Stats) bool {
 }
 
 func equalMessage(a, b message) bool {
-	if !equalStats(a.stats, b.stats) {
+	if !equalStats(a.stats, b.stats) || !slices.Equal(a.durations, b.durations) {
 		return false
 	}
 	a.stats, b.stats = Stats{}, Stats{}
-	return a == b
+	a.durations, b.durations = nil, nil
+	return reflect.DeepEqual(a, b)
 }
 
 // errDecodePanic is returned by decodeMessageSafe and decodeCommandSafe
@@ -195,6 +198,23 @@ func TestHeartbeatMessageRoundTrip(t *testing.T) {
 			name: "stopping",
 			in:   message{kind: frameStopping, slot: 5, pid: 31337},
 			want: message{kind: frameStopping, slot: 5, pid: 31337},
+		},
+		{
+			// What workers before issue 14 send, and what a worker sends
+			// a primary before it (version 1 hand-off messages).
+			name: "closed, by count alone",
+			in:   message{kind: frameClosed, slot: 1, pid: 77, closed: 3},
+			want: message{kind: frameClosed, slot: 1, pid: 77, closed: 3},
+		},
+		{
+			name: "closed with stats",
+			in:   message{kind: frameClosed, slot: 1, pid: 77, closed: 2, durations: []time.Duration{1500 * time.Microsecond, time.Hour}, bytesIn: 123, bytesOut: 45678},
+			want: message{kind: frameClosed, slot: 1, pid: 77, closed: 2, durations: []time.Duration{1500 * time.Microsecond, time.Hour}, bytesIn: 123, bytesOut: 45678},
+		},
+		{
+			name: "closed with stats, a full frame at the largest values",
+			in:   message{kind: frameClosed, slot: 1, pid: 77, closed: maxClosedStats, durations: slices.Repeat([]time.Duration{math.MaxInt64}, maxClosedStats), bytesIn: math.MaxInt64, bytesOut: math.MaxInt64},
+			want: message{kind: frameClosed, slot: 1, pid: 77, closed: maxClosedStats, durations: slices.Repeat([]time.Duration{math.MaxInt64}, maxClosedStats), bytesIn: math.MaxInt64, bytesOut: math.MaxInt64},
 		},
 		{
 			name: "failed",
@@ -338,6 +358,10 @@ func TestDecodeMessageMalformed(t *testing.T) {
 	_, stats := messagePayload(t, message{kind: frameStats, slot: 1, pid: 1234, stats: fixtureStats()})
 	_, stopping := messagePayload(t, message{kind: frameStopping, slot: 1, pid: 1234})
 	_, failed := messagePayload(t, message{kind: frameFailed, slot: 1, pid: 1234, err: "boom"})
+	_, closed := messagePayload(t, message{kind: frameClosed, slot: 1, pid: 1234, closed: 2})
+	_, closedStats := messagePayload(t, message{kind: frameClosed, slot: 1, pid: 1234, closed: 2,
+		durations: []time.Duration{time.Second, time.Minute}, bytesIn: 10, bytesOut: 20})
+	const closedOffCount, closedOffIn, closedOffOut, closedOffDurations = 6, 10, 18, 26
 	setU32 := func(off int, v uint32) func([]byte) {
 		return func(p []byte) { binary.BigEndian.PutUint32(p[off:], v) }
 	}
@@ -394,6 +418,21 @@ func TestDecodeMessageMalformed(t *testing.T) {
 		{"goroutines over MaxInt32", frameStats, patched(stats, setU32(statsOffGoroutines, math.MaxInt32+1))},
 		{"active connections over MaxInt32", frameStats, patched(stats, setU32(statsOffActive, math.MaxUint32))},
 		{"uptime overflows a Duration", frameStats, patched(stats, setU64(statsOffUptime, math.MaxInt64/uint64(time.Millisecond)+1))},
+
+		{"closed with no count", frameClosed, closed[:6]},
+		{"closed one byte short", frameClosed, closed[:len(closed)-1]},
+		{"closed with a count of 0", frameClosed, patched(closed, setU32(closedOffCount, 0))},
+		{"closed with a count over MaxInt32", frameClosed, patched(closed, setU32(closedOffCount, math.MaxInt32+1))},
+		{"closed with one byte of stats", frameClosed, append(bytes.Clone(closed), 0)},
+		{"closed with stats one duration short", frameClosed, closedStats[:len(closedStats)-8]},
+		{"closed with stats one byte short", frameClosed, closedStats[:len(closedStats)-1]},
+		{"closed with stats one byte long", frameClosed, append(bytes.Clone(closedStats), 0)},
+		{"closed with stats and a count of 0", frameClosed, patched(closedStats[:closedOffDurations], setU32(closedOffCount, 0))},
+		{"closed with stats for more connections than a frame holds", frameClosed,
+			patched(append(bytes.Clone(closedStats[:closedOffDurations]), make([]byte, 8*(maxClosedStats+1))...), setU32(closedOffCount, maxClosedStats+1))},
+		{"closed with bytes in over MaxInt64", frameClosed, patched(closedStats, setU64(closedOffIn, math.MaxInt64+1))},
+		{"closed with bytes out over MaxInt64", frameClosed, patched(closedStats, setU64(closedOffOut, math.MaxUint64))},
+		{"closed with a duration over MaxInt64", frameClosed, patched(closedStats, setU64(closedOffDurations+8, math.MaxInt64+1))},
 
 		{"failed with non-UTF-8 message", frameFailed, append(bytes.Clone(failed[:6]), 'o', 'k', 0xff)},
 		{"failed with truncated rune", frameFailed, append(bytes.Clone(failed[:6]), "é"[0])},
@@ -558,6 +597,10 @@ func seedMessages() []message {
 		{kind: frameStats, slot: math.MaxUint16, pid: math.MaxInt32, stats: fixtureMaxStats()},
 		// A graceful stop.
 		{kind: frameStopping, slot: 2, pid: 4244},
+		// Handed-off connections closed: by count alone, and with their
+		// bytes and durations (issue 14).
+		{kind: frameClosed, slot: 1, pid: 4243, closed: 7},
+		{kind: frameClosed, slot: 1, pid: 4243, closed: 3, durations: []time.Duration{850 * time.Microsecond, 2 * time.Second, 90 * time.Minute}, bytesIn: 1 << 20, bytesOut: 3 << 30},
 		// A start-up failure, ASCII and with multi-byte runes.
 		{kind: frameFailed, slot: 3, pid: 4245, err: "listen tcp 127.0.0.1:40003: bind: address already in use"},
 		{kind: frameFailed, slot: 3, pid: 4245, err: "open /srv/données/😀: permission denied"},

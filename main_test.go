@@ -192,7 +192,6 @@ func testPrimaryMain() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	opts := []Option{WithAddr("127.0.0.1:0"), WithWorkers(n), WithLogger(log),
 		WithHeartbeat(100*time.Millisecond, 3*time.Second), WithShutdownTimeout(5 * time.Second)}
-	trusted := false
 	// DEFUSS_TEST_PRIMARY_OPTS: "trusted=CIDR;health=/path;drain=1s;
 	// pidfile=/path;start=2s;socket=name;badsuccessor=/path"
 	for _, kv := range strings.Split(os.Getenv(envTestPrimaryOpts), ";") {
@@ -200,7 +199,6 @@ func testPrimaryMain() int {
 		switch k {
 		case "trusted":
 			opts = append(opts, WithTrustedProxies(v))
-			trusted = true
 		case "health":
 			opts = append(opts, WithHealthPath(v))
 		case "drain":
@@ -221,7 +219,7 @@ func testPrimaryMain() int {
 			}
 		}
 	}
-	if handoffMode && !trusted {
+	if handoffMode {
 		opts = append(opts, WithHandoff(true))
 	}
 	s, err := Start(testApp(), opts...)

@@ -92,19 +92,23 @@ func (p *primary) admit(c net.Conn) (ok, full bool) {
 
 // serveConn routes one client connection and relays it.
 //
-// The pooled buffer holds proxyRoom spare bytes, then what was sniffed: an
+// The pooled buffer holds proxyRoom spare bytes (for the PROXY header to
+// the worker, or the hand-off message), then what was sniffed: an
 // optional PROXY header from a trusted load balancer, then the request
 // head.
 func (p *primary) serveConn(c net.Conn) {
-	r := p.route(c)
-	if r == nil {
+	r, handed := p.route(c)
+	switch {
+	case handed:
+		p.conns.handedOff(c) // a worker holds it now, until it reports it closed
+	case r == nil:
 		p.conns.untrack(c)
-		return
+	default:
+		// Relay in a goroutine of its own, whose stack starts small:
+		// routing (dialing above all) grew this one's, and an idle
+		// connection would keep it for its whole life.
+		go r.run()
 	}
-	// Relay in a goroutine of its own, whose stack starts small: routing
-	// (dialing above all) grew this one's, and an idle connection would
-	// keep it for its whole life.
-	go r.run()
 }
 
 // relay is a routed connection, spliced to its worker until both
@@ -130,10 +134,10 @@ func (r *relay) run() {
 }
 
 // route inspects c, parses what it has sent and gives it to a worker. In
-// splice mode it returns c connected to its worker; it returns nil when c
-// was answered here, refused, or handed off (hand-off mode: the worker
-// serves c itself now).
-func (p *primary) route(c net.Conn) *relay {
+// splice mode it returns c connected to its worker; in hand-off mode it
+// reports handed once a worker serves c itself. It returns neither when c
+// was answered here or refused.
+func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 	routing := true // counted in p.gate.routing until a worker took it or it was refused
 	doneRouting := func() {
 		if routing {
@@ -155,7 +159,7 @@ func (p *primary) route(c net.Conn) *relay {
 	n, hdr, client, ok := p.inspect(c, buf, handoff)
 	if !ok {
 		p.bufs.Put(bp)
-		return nil
+		return nil, false
 	}
 	req := p.reqs.Get().(*Request)
 	parseRequest(req, buf[hdr:n])
@@ -167,9 +171,13 @@ func (p *primary) route(c net.Conn) *relay {
 	switch {
 	case health:
 	case handoff:
-		w = p.offer(req, tc, nil)
+		// The worker consumes the trusted PROXY header, if any, itself,
+		// and serves the client address it carries. The message goes in
+		// the buffer's spare room, which hand-off leaves unused.
+		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
+		w = p.offer(req, tc, msg, nil)
 	default:
-		w = p.offer(req, nil, &wc)
+		w = p.offer(req, nil, nil, &wc)
 	}
 	doneRouting()
 	req.reset()
@@ -184,9 +192,9 @@ func (p *primary) route(c net.Conn) *relay {
 		case w == nil:
 			p.refuseUnavailable(c, isHTTP)
 		}
-		return nil
+		return nil, w != nil
 	}
-	r := &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
+	r = &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
 	p.conns.routed(c, wc, w.Index, w.PID)
 	// The worker gets the PROXY header and the head in one write: the
 	// header goes right in front of the head, in the buffer's spare room.
@@ -201,14 +209,14 @@ func (p *primary) route(c net.Conn) *relay {
 		wc.Close()
 		c.Close()
 	}
-	return r
+	return r, false
 }
 
 // inspect reads the start of c into buf (splice mode), or peeks at it
 // without reading (hand-off mode), until it holds a complete request head,
 // buf is full, the client stops sending or the inspection timeout passes.
 // It returns how many bytes buf holds, the length of the trusted PROXY
-// header at its start (splice mode), and the client's address. ok is false
+// header at its start, and the client's address. ok is false
 // when the connection is to be closed: the client left without sending
 // anything, its connection failed, or it sent a PROXY header that is not
 // to be trusted.
@@ -217,7 +225,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	var outcome string
 	var err error
 	if handoff {
-		n, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout)
+		n, hdr, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	} else {
 		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	}
@@ -244,11 +252,12 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 }
 
 // offer picks a worker for req and gives it the connection: with c set
-// (hand-off mode) it passes c's descriptor to the worker; otherwise (splice
-// mode) it dials the worker and sets *wc. A worker that fails is skipped for the next candidate, since it has
+// (hand-off mode) it passes c's descriptor to the worker in the hand-off
+// message msg; otherwise (splice mode) it dials the worker and sets *wc.
+// A worker that fails is skipped for the next candidate, since it has
 // not received a byte. offer returns the worker that took the connection,
 // whose slot's connection count now includes it, or nil.
-func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerInfo {
+func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, wc **net.TCPConn) *WorkerInfo {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -268,7 +277,7 @@ func (p *primary) offer(req *Request, c *net.TCPConn, wc **net.TCPConn) *WorkerI
 		s.conns.Add(1)
 		var err error
 		if c != nil {
-			err = handTo(w.proc, c)
+			err = handTo(w.proc, c, msg)
 		} else {
 			*wc, err = p.dial(w.Addr)
 		}

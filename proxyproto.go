@@ -19,11 +19,12 @@ import (
 var proxyV2Sig = [12]byte{0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A}
 
 const (
-	proxyRoom      = 128  // room for the outgoing header: 16 + 36 (IPv6) + 3 + secretLen
-	tlvSecret      = 0xE0 // PP2_TYPE_MIN_CUSTOM
-	proxyV1Max     = 107  // longest v1 line, CRLF included
-	proxyUnknown   = -2   // proxyHeaderLen: more bytes needed to tell
-	proxyMalformed = -1   // proxyHeaderLen: a PROXY header that cannot be valid
+	proxyRoom      = 128      // room for the outgoing header: 16 + 36 (IPv6) + 3 + secretLen
+	tlvSecret      = 0xE0     // PP2_TYPE_MIN_CUSTOM
+	proxyV1Max     = 107      // longest v1 line, CRLF included
+	proxyV2Max     = 16 + 512 // longest v2 header accepted: far more than any address block and TLVs a balancer sends
+	proxyUnknown   = -2       // proxyHeaderLen: more bytes needed to tell
+	proxyMalformed = -1       // proxyHeaderLen: a PROXY header that cannot be valid
 )
 
 // appendProxyV2 appends a v2 header for a TCP connection from src to dst
@@ -77,8 +78,8 @@ func proxyHeaderLen(b []byte) int {
 			return proxyMalformed
 		}
 		n := 16 + int(binary.BigEndian.Uint16(b[14:16]))
-		if n > 16+512 {
-			return proxyMalformed // far more than any address block and TLVs a balancer sends
+		if n > proxyV2Max {
+			return proxyMalformed
 		}
 		if len(b) < n {
 			return proxyUnknown

@@ -207,7 +207,7 @@ func (sv *supervisor) onFrame(pr *process, ev frameEvent) {
 	case frameFailed:
 		pr.failMsg = m.err
 	case frameClosed:
-		sv.onClosed(pr, int64(m.closed))
+		sv.onClosed(pr, m)
 	}
 }
 
@@ -253,9 +253,12 @@ func (sv *supervisor) onStats(pr *process, m *message, now time.Time) {
 	sv.checkLimits(pr, &m.stats)
 }
 
-// onClosed counts n handed-off connections that pr reports closed.
-func (sv *supervisor) onClosed(pr *process, n int64) {
+// onClosed counts the handed-off connections that pr reports closed, and
+// records their durations and bytes when the report has them (as splice
+// mode records them when a relay ends), before they leave the counts.
+func (sv *supervisor) onClosed(pr *process, m *message) {
 	p, s := sv.p, sv.s
+	n := int64(m.closed)
 	if pr.open.Add(-n) < 0 {
 		pr.open.Add(n) // more closes than connections: not trusted
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
@@ -263,6 +266,14 @@ func (sv *supervisor) onClosed(pr *process, n int64) {
 		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
 		return
 	}
+	if len(m.durations) > 0 {
+		for _, d := range m.durations {
+			p.tel.duration.Record(bg, d.Seconds(), s.attrs.worker)
+		}
+		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker)
+		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient)
+	}
+	p.conns.closedHanded(n)
 	s.conns.Add(-n)
 	p.tel.active.Add(bg, -n, s.attrs.worker)
 }
@@ -328,6 +339,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 	if n := pr.open.Swap(0); n != 0 {
 		// Handed-off connections the worker had not reported closed died
 		// with it.
+		p.conns.closedHanded(n)
 		s.conns.Add(-n)
 		p.tel.active.Add(bg, -n, s.attrs.worker)
 	}

@@ -91,10 +91,10 @@ func newTelemetry(mp metric.MeterProvider, view func() *poolView) *telemetry {
 		metric.WithDescription("Client connections being forwarded to a worker."))
 	check(err)
 	t.duration, err = m.Float64Histogram("defuss.connection.duration", metric.WithUnit("s"),
-		metric.WithDescription("Lifetime of forwarded connections, from routing to close."))
+		metric.WithDescription("Lifetime of forwarded connections, from routing (hand-off mode: the hand-off) to close."))
 	check(err)
 	t.bytes, err = m.Int64Counter("defuss.connection.bytes", metric.WithUnit("By"),
-		metric.WithDescription("Bytes forwarded, by direction, counted when a direction ends."))
+		metric.WithDescription("Bytes forwarded, by direction, counted when a direction ends (hand-off mode: bytes the worker read and wrote, counted when the connection closes)."))
 	check(err)
 	t.sniff, err = m.Float64Histogram("defuss.sniff.duration", metric.WithUnit("s"),
 		metric.WithDescription("Time spent reading the request head before routing, by outcome."))

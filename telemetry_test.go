@@ -3,14 +3,18 @@
 package defuss
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -145,16 +149,9 @@ func TestMetricsAfterTraffic(t *testing.T) {
 			t.Errorf("connections.active for worker %d = %+v (present %v), want 0", i, p, ok)
 		}
 	}
-	if handoffMode {
-		// The primary does not see a handed-off connection's bytes or end.
-		for _, name := range []string{"defuss.connection.duration", "defuss.connection.bytes"} {
-			if _, ok := ms[name]; ok {
-				t.Errorf("%s reported in hand-off mode", name)
-			}
-		}
-	} else {
-		checkSpliceMetrics(t, ms, conns, len(body)+requests*30)
-	}
+	// Splice mode records each connection's duration and bytes when its
+	// relay ends, hand-off mode when the worker's close report arrives.
+	checkConnectionMetrics(t, ms, conns, len(body)+requests*30)
 	checkPoolMetrics(t, ms, conns)
 	// A crash is counted as a restart of that worker, with its reason.
 	victim := s.Workers()[1].PID
@@ -168,9 +165,8 @@ func TestMetricsAfterTraffic(t *testing.T) {
 	}
 }
 
-// checkSpliceMetrics checks what only splice mode records: each
-// connection's duration and bytes.
-func checkSpliceMetrics(t *testing.T, ms map[string]metricdata.Metrics, conns int, upMin int) {
+// checkConnectionMetrics checks each connection's duration and bytes.
+func checkConnectionMetrics(t *testing.T, ms map[string]metricdata.Metrics, conns int, upMin int) {
 	t.Helper()
 	dur := points(t, ms, "defuss.connection.duration", "s")
 	if total(dur) != float64(conns) || len(dur) != 2 {
@@ -193,6 +189,71 @@ func checkSpliceMetrics(t *testing.T, ms map[string]metricdata.Metrics, conns in
 	}
 	if up < float64(upMin) || down < float64(conns*40) {
 		t.Errorf("bytes forwarded up %v, down %v: too few for the traffic sent", up, down)
+	}
+}
+
+// Issue 14: defuss.connection.bytes counts exactly what the client and
+// the worker sent (a trusted PROXY header not included), and
+// defuss.connection.duration has one point per connection, for a plain
+// request, one behind a PROXY header and an upgraded connection that
+// echoes 256 KiB; the same numbers in both modes, which measure them in
+// different processes.
+func TestConnectionMetricsExact(t *testing.T) {
+	m, opt := newMetrics(t)
+	s := startTest(t, opt, WithTrustedProxies("127.0.0.2/32"))
+	addr := s.Addr().String()
+	var in, out int64 // what the clients sent and received, headers of the proxy not included
+	roundTrip := func(from string, header, req string) {
+		c := dialFrom(t, from, addr)
+		c.Write([]byte(header + req))
+		got, err := io.ReadAll(c.r)
+		if err != nil || !strings.HasPrefix(string(got), "HTTP/1.1 200 ") {
+			t.Fatalf("response %q, %v", got, err)
+		}
+		c.Close()
+		in, out = in+int64(len(req)), out+int64(len(got))
+	}
+	roundTrip("127.0.0.1", "", "GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	roundTrip("127.0.0.2", "PROXY TCP4 203.0.113.7 127.0.0.1 5555 3000\r\n", "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+
+	c := dialRaw(t, addr)
+	c.Write([]byte(upgradeHead))
+	head := 0
+	for line := ""; line != "\r\n"; head += len(line) {
+		var err error
+		if line, err = c.r.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+	}
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 16<<10)
+	echoThrough(t, c, payload)
+	c.Close()
+	in, out = in+int64(len(upgradeHead)+len(payload)), out+int64(head+len(payload))
+
+	var ms map[string]metricdata.Metrics
+	waitFor(t, 10*time.Second, "three connections recorded", func() bool {
+		ms = m.collect()
+		_, ok := ms["defuss.connection.duration"]
+		return ok && total(points(t, ms, "defuss.connection.duration", "s")) == 3
+	})
+	var sum float64
+	for _, p := range points(t, ms, "defuss.connection.duration", "s") {
+		sum += p.sum
+	}
+	if sum <= 0 {
+		t.Errorf("connection.duration sums to %v, want > 0", sum)
+	}
+	var up, down float64
+	for k, p := range points(t, ms, "defuss.connection.bytes", "By") {
+		switch {
+		case strings.Contains(k, "defuss.direction=client_to_worker"):
+			up += p.value
+		case strings.Contains(k, "defuss.direction=worker_to_client"):
+			down += p.value
+		}
+	}
+	if up != float64(in) || down != float64(out) {
+		t.Errorf("connection.bytes client_to_worker %v, worker_to_client %v; want exactly %d and %d", up, down, in, out)
 	}
 }
 
@@ -269,4 +330,56 @@ func TestStatusHandler(t *testing.T) {
 			t.Errorf("worker %d in status: %+v", i, w)
 		}
 	}
+}
+
+// Issue 14: the primary takes both forms of a worker's close report: the
+// count alone (from a worker of an earlier version, or one whose primary
+// sent version 1 hand-off messages) and the count with durations and
+// bytes, which it records for the worker's slot. A report of more closes
+// than connections handed is a bad frame and changes nothing; a worker's
+// exit takes the rest out of the counts, WithMaxConnections's included.
+func TestSupervisorCloseReports(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m, opt := newMetrics(t)
+		sv := superviseFake(t, opt)
+		f := sv.startReady()
+		// Five connections handed off, counted as offer and serveConn
+		// count them.
+		f.pr.open.Add(5)
+		sv.s.conns.Add(5)
+		sv.p.conns.handed.Add(5)
+		sv.p.tel.active.Add(bg, 5, sv.s.attrs.worker)
+		closed := func(msg message) {
+			msg.kind, msg.slot, msg.pid = frameClosed, 0, f.pr.pid
+			f.pr.emit(procEvent{kind: evFrame, frame: frameEvent{msg: msg}})
+			synctest.Wait()
+		}
+		closed(message{closed: 2})
+		closed(message{closed: 2, durations: []time.Duration{time.Second, 3 * time.Second}, bytesIn: 100, bytesOut: 2000})
+		closed(message{closed: 2}) // one more than are open
+		if n, open, held := sv.s.conns.Load(), f.pr.open.Load(), sv.p.conns.handed.Load(); n != 1 || open != 1 || held != 1 {
+			t.Errorf("slot counts %d connections, process %d, connection table %d; want 1, 1 and 1", n, open, held)
+		}
+		ms := m.collect()
+		dur := points(t, ms, "defuss.connection.duration", "s")["defuss.worker.index=0"]
+		if dur.value != 2 || dur.sum != 4 {
+			t.Errorf("connection.duration: %d points summing to %vs, want 2 summing to 4s", int(dur.value), dur.sum)
+		}
+		moved := points(t, ms, "defuss.connection.bytes", "By")
+		if in, out := moved["defuss.direction=client_to_worker,defuss.worker.index=0"].value, moved["defuss.direction=worker_to_client,defuss.worker.index=0"].value; in != 100 || out != 2000 {
+			t.Errorf("connection.bytes in %v, out %v; want 100 and 2000", in, out)
+		}
+		if got := points(t, ms, "defuss.connections.active", "{connection}")["defuss.worker.index=0"].value; got != 1 {
+			t.Errorf("connections.active %v, want 1", got)
+		}
+		if got := points(t, ms, "defuss.worker.bad_frames", "{frame}")["defuss.worker.index=0"].value; got != 1 {
+			t.Errorf("worker.bad_frames %v, want 1", got)
+		}
+		f.exit(errors.New("exit status 1"))
+		synctest.Wait()
+		if n, held := sv.s.conns.Load(), sv.p.conns.handed.Load(); n != 0 || held != 0 {
+			t.Errorf("after the worker's exit the slot counts %d connections, the connection table %d; want 0 and 0", n, held)
+		}
+		sv.next() // respawned
+	})
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"log/slog"
 	"net"
@@ -58,16 +59,16 @@ type worker struct {
 	accepted atomic.Uint64 // connections accepted on the listener, all told
 	draining atomic.Bool   // the listener was closed on purpose
 
-	handed       *handoffListener // hand-off mode: the connections the primary hands over
-	handedClosed atomic.Int64     // handed-off connections closed, not yet reported
-	kick         chan struct{}    // wakes reportCloses
-	done         chan struct{}    // closed when the server has stopped; ends the loops
-	finished     chan struct{}    // closed when everything is released; err is set
-	stopSignals  func()
-	user         *http.Server // WithServer's: its RegisterOnShutdown hooks run when the drain begins
-	tls          *tls.Config  // serve HTTPS with this; nil: plain HTTP
-	err          error
-	wg           sync.WaitGroup
+	handed      *handoffListener // hand-off mode: the connections the primary hands over
+	closes      closeLog         // handed-off connections closed, not yet reported
+	kick        chan struct{}    // wakes reportCloses
+	done        chan struct{}    // closed when the server has stopped; ends the loops
+	finished    chan struct{}    // closed when everything is released; err is set
+	stopSignals func()
+	user        *http.Server // WithServer's: its RegisterOnShutdown hooks run when the drain begins
+	tls         *tls.Config  // serve HTTPS with this; nil: plain HTTP
+	err         error
+	wg          sync.WaitGroup
 }
 
 // errNotWorker says the process looks like a worker but lacks its pipes.
@@ -368,15 +369,26 @@ type workerConn struct {
 	*net.TCPConn
 	w         *worker
 	handed    bool
+	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
 	once      sync.Once
 	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
+
+	// Handed off by a primary that records connections' durations and
+	// bytes (stats): when, and the bytes read (in) and written (out).
+	stats   bool
+	since   time.Time
+	in, out atomic.Int64
 }
 
 var _ net.Conn = (*workerConn)(nil)
 
 // track counts c as open until it is closed.
 func (w *worker) track(c *net.TCPConn, handed bool) *workerConn {
-	wc := &workerConn{TCPConn: c, w: w, handed: handed}
+	return w.trackConn(&workerConn{TCPConn: c, w: w, handed: handed})
+}
+
+// trackConn counts wc as open until it is closed.
+func (w *worker) trackConn(wc *workerConn) *workerConn {
 	w.conns.Add(1)
 	w.openMu.Lock()
 	w.open[wc] = struct{}{}
@@ -391,8 +403,47 @@ func (c *workerConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
 	if n > 0 {
 		c.idleSince.Store(0)
+		if c.stats {
+			c.in.Add(int64(n))
+		}
 	}
 	return n, err
+}
+
+func (c *workerConn) Write(b []byte) (int, error) {
+	n, err := c.TCPConn.Write(b)
+	if c.stats {
+		c.out.Add(int64(n))
+	}
+	return n, err
+}
+
+// ReadFrom and WriteTo count what moves without Write or Read: net/http
+// sends files with ReadFrom, and io.Copy on a hijacked connection uses
+// either.
+func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
+	n, err := c.TCPConn.ReadFrom(r)
+	if c.stats {
+		c.out.Add(n)
+	}
+	return n, err
+}
+
+func (c *workerConn) WriteTo(w io.Writer) (int64, error) {
+	n, err := c.TCPConn.WriteTo(w)
+	if c.stats {
+		c.in.Add(n)
+	}
+	return n, err
+}
+
+// RemoteAddr is the client's address: the one a trusted load balancer's
+// PROXY header gave, for a connection handed off behind one.
+func (c *workerConn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.TCPConn.RemoteAddr()
 }
 
 func (c *workerConn) Close() error {
@@ -407,7 +458,7 @@ func (c *workerConn) closed() {
 	c.w.openMu.Unlock()
 	c.w.conns.Add(-1)
 	if c.handed {
-		c.w.handedClose()
+		c.w.handedClose(c)
 	}
 }
 

@@ -1,0 +1,179 @@
+package defuss
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"testing"
+	"time"
+)
+
+// The hand-off messages a primary sends, as the worker decodes them.
+func TestDecodeHandoff(t *testing.T) {
+	v4 := netip.MustParseAddrPort("203.0.113.7:5555")
+	v6 := netip.MustParseAddrPort("[2001:db8::1]:443")
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(v4.Addr().As16()), 80)
+	for _, tc := range []struct {
+		name string
+		msg  handoffMsg
+		want []byte
+	}{
+		{"version 1: a primary before version 2", handoffMsg{version: handoffV1}, []byte{1}},
+		{"no PROXY header", handoffMsg{version: handoffV2}, []byte{2, 0, 0}},
+		{"v1 header, IPv4 client", handoffMsg{version: handoffV2, proxied: 45, client: v4},
+			[]byte{2, 0, 45, 4, 203, 0, 113, 7, 0x15, 0xb3}},
+		{"v2 header, IPv6 client", handoffMsg{version: handoffV2, proxied: proxyV2Max, client: v6},
+			append(append([]byte{2, 2, 16, 6}, v6.Addr().AsSlice()...), 1, 187)},
+		{"IPv4-mapped IPv6 client stays IPv6", handoffMsg{version: handoffV2, proxied: 28, client: mapped},
+			append(append([]byte{2, 0, 28, 6}, mapped.Addr().AsSlice()...), 0, 80)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := appendHandoff(nil, tc.msg)
+			if !bytes.Equal(b, tc.want) {
+				t.Fatalf("encoded %x, want %x", b, tc.want)
+			}
+			if len(b) > handoffMsgMax {
+				t.Fatalf("%d bytes, over handoffMsgMax %d", len(b), handoffMsgMax)
+			}
+			m, err := decodeHandoff(b)
+			if err != nil || m != tc.msg {
+				t.Fatalf("decoded %+v, %v; want %+v", m, err, tc.msg)
+			}
+		})
+	}
+	good := appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45, client: v4})
+	for _, tc := range []struct {
+		name string
+		b    []byte
+	}{
+		{"empty", nil},
+		{"version 0", []byte{0}},
+		{"version 3: a newer primary", []byte{3, 0, 0}},
+		{"version 1 with more bytes", []byte{1, 0, 0}},
+		{"version 2 cut short", []byte{2, 0}},
+		{"no header, with an address", append([]byte{2, 0, 0}, good[3:]...)},
+		{"a header, without an address", []byte{2, 0, 45}},
+		{"header longer than any accepted", append([]byte{2, 2, 17}, good[3:]...)},
+		{"family 5", append([]byte{2, 0, 45, 5}, good[4:]...)},
+		{"family 4 with an IPv6 address", append(append([]byte{2, 0, 45, 4}, v6.Addr().AsSlice()...), 0, 1)},
+		{"one byte long", append(bytes.Clone(good), 0)},
+		{"one byte short", good[:len(good)-1]},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if m, err := decodeHandoff(tc.b); !errors.Is(err, errFrame) {
+				t.Fatalf("decodeHandoff(%x) = %+v, %v; want errFrame", tc.b, m, err)
+			}
+		})
+	}
+}
+
+// FuzzDecodeHandoff checks that decodeHandoff never panics and that what
+// it accepts re-encodes to the very same bytes.
+func FuzzDecodeHandoff(f *testing.F) {
+	f.Add([]byte{1})
+	f.Add([]byte{2, 0, 0})
+	f.Add(appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45, client: netip.MustParseAddrPort("203.0.113.7:5555")}))
+	f.Add(appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 64, client: netip.MustParseAddrPort("[2001:db8::1]:443")}))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		orig := bytes.Clone(b)
+		m, err := decodeHandoff(b)
+		if !bytes.Equal(b, orig) {
+			t.Fatal("decodeHandoff modified its input")
+		}
+		if err != nil {
+			if !errors.Is(err, errFrame) {
+				t.Fatalf("error %v does not wrap errFrame", err)
+			}
+			return
+		}
+		if b2 := appendHandoff(nil, m); !bytes.Equal(b2, b) {
+			t.Fatalf("re-encoding %+v gave %x, want %x", m, b2, b)
+		}
+		if m.proxied > 0 && !m.client.IsValid() {
+			t.Fatalf("%+v: a PROXY header without a client address", m)
+		}
+	})
+}
+
+// Issue 14: a worker reports the closes of connections from a version 1
+// primary by count alone, which that primary decodes, and the others with
+// their durations and bytes, in frames of at most maxClosedStats, the
+// bytes in the first; past maxPendingCloses waiting, by count alone.
+func TestWorkerCloseReports(t *testing.T) {
+	r, wr, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer wr.Close()
+	w := &worker{slot: 1, status: wr, kick: make(chan struct{}, 1)}
+	frames := make(chan []message, 1)
+	go func() {
+		var ms []message
+		buf := make([]byte, maxFramePayload)
+		for {
+			typ, p, err := readFrame(r, buf)
+			if err != nil {
+				frames <- ms
+				return
+			}
+			m, err := decodeMessage(typ, p)
+			if err != nil {
+				t.Errorf("decode: %v", err)
+			}
+			ms = append(ms, m)
+		}
+	}()
+	closeConn := func(stats bool, in, out int64) {
+		c := &workerConn{handed: true, stats: stats, since: time.Now()}
+		c.in.Store(in)
+		c.out.Store(out)
+		w.handedClose(c)
+	}
+	closeConn(false, 5, 5) // from a version 1 primary
+	w.handedClose(nil)     // not served
+	const withStats = 2*maxClosedStats + 3
+	for range withStats {
+		closeConn(true, 10, 1000)
+	}
+	var batch closeBatch
+	if err := w.flushCloses(&batch); err != nil {
+		t.Fatal(err)
+	}
+	for range maxPendingCloses + 1 {
+		closeConn(true, 1, 1)
+	}
+	if err := w.flushCloses(&batch); err != nil {
+		t.Fatal(err)
+	}
+	wr.Close()
+	ms := <-frames
+
+	var got []string
+	var in, out uint64
+	closes := 0
+	for _, m := range ms {
+		if m.kind != frameClosed || len(m.durations) != 0 && len(m.durations) != m.closed {
+			t.Fatalf("frame %+v", m)
+		}
+		got = append(got, fmt.Sprintf("%d/%d", m.closed, len(m.durations)))
+		in, out, closes = in+m.bytesIn, out+m.bytesOut, closes+m.closed
+		if m.bytesIn != 0 && m.bytesIn != withStats*10 && m.bytesIn != maxPendingCloses {
+			t.Errorf("bytes in %d: want all of a flush's in its first frame", m.bytesIn)
+		}
+	}
+	want := []string{"2/0", "124/124", "124/124", "3/3", "1/0"}
+	for range maxPendingCloses / maxClosedStats {
+		want = append(want, "124/124")
+	}
+	want = append(want, fmt.Sprintf("%d/%d", maxPendingCloses%maxClosedStats, maxPendingCloses%maxClosedStats))
+	if !slices.Equal(got, want) {
+		t.Errorf("frames (closed/durations) %v,\nwant %v", got, want)
+	}
+	if closes != 2+withStats+maxPendingCloses+1 || in != withStats*10+maxPendingCloses || out != withStats*1000+maxPendingCloses {
+		t.Errorf("%d closes, %d bytes in, %d out", closes, in, out)
+	}
+}
