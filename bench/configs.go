@@ -24,25 +24,53 @@ type setup struct {
 	missing string
 	start   func(h *harness, ctx context.Context) (*target, error)
 	idle    bool // also measured in the idle-connection memory table
+	slow    bool // also measured in the slow-reader table
 }
 
 // setups are the rows of the table, in order.
 func (h *harness) setups() []setup {
 	n := strconv.Itoa(h.workers)
 	return []setup{
-		{key: "direct", name: "direct (1 process)", start: (*harness).startDirect},
-		{key: "defuss", name: "defuss splice (" + n + " workers)", start: defussStarter(), idle: true},
-		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter("-handoff"), idle: true},
-		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: (*harness).startHAProxy, idle: true},
+		{key: "direct", name: "direct (1 process)", start: (*harness).startDirect, slow: true},
+		{key: "defuss", name: "defuss splice (" + n + " workers)", start: defussStarter(false), idle: true, slow: true},
+		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter(true), idle: true, slow: true},
+		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: (*harness).startHAProxy, idle: true, slow: true},
 		{key: "reuseport", name: "SO_REUSEPORT (" + n + " processes)", start: (*harness).startReusePort},
 	}
 }
 
 // A target is a running setup.
 type target struct {
-	addr     string  // where wrk connects
-	proxyPID int     // the process that proxies (defuss primary, haproxy), 0 if none
-	procs    []*proc // what to stop, in start order
+	addr       string  // where wrk connects
+	proxyPID   int     // the process that proxies (defuss primary, haproxy), 0 if none
+	serverPIDs []int   // the processes that run the handler: defuss workers, HAProxy backends, the plain servers
+	procs      []*proc // what to stop, in start order
+}
+
+// frontPID is the process that accepts the public connections: the proxy,
+// or the first server where there is none.
+func (t *target) frontPID() int {
+	if t.proxyPID != 0 {
+		return t.proxyPID
+	}
+	return t.serverPIDs[0]
+}
+
+// cpu is the CPU time that t's proxy and t's servers have used so far;
+// ok is false if a process could not be read (it has gone).
+func (t *target) cpu() (c cpuTimes, ok bool) {
+	ok = true
+	if t.proxyPID != 0 {
+		var err error
+		c.proxy, err = procCPU(t.proxyPID)
+		ok = err == nil
+	}
+	for _, pid := range t.serverPIDs {
+		d, err := procCPU(pid)
+		c.servers += d
+		ok = ok && err == nil
+	}
+	return c, ok
 }
 
 func (t *target) url() string { return "http://" + t.addr }
@@ -89,21 +117,37 @@ func (h *harness) startDirect(ctx context.Context) (*target, error) {
 	if err != nil {
 		return nil, err
 	}
-	return h.ready(ctx, &target{addr: addr, procs: []*proc{p}})
+	return h.ready(ctx, &target{addr: addr, serverPIDs: []int{p.pid()}, procs: []*proc{p}})
 }
 
-// defussStarter starts the server under defuss with h.workers workers;
-// extra are further server flags (such as -handoff).
-func defussStarter(extra ...string) func(*harness, context.Context) (*target, error) {
+// defussStarter starts the server under defuss with h.workers workers,
+// in hand-off mode if handoff is set.
+func defussStarter(handoff bool) func(*harness, context.Context) (*target, error) {
 	return func(h *harness, ctx context.Context) (*target, error) {
-		args := append([]string{"-mode", "defuss", "-workers", strconv.Itoa(h.workers), "-addr", "127.0.0.1:0"}, extra...)
-		p, addr, err := h.startServer(ctx, "defuss"+strings.Join(extra, ""), 0, args...)
-		if err != nil {
-			return nil, err
-		}
-		h.reg.rememberKids(p)
-		return h.ready(ctx, &target{addr: addr, proxyPID: p.pid(), procs: []*proc{p}})
+		return h.startDefuss(ctx, h.workers, handoff)
 	}
+}
+
+// startDefuss starts the server under defuss with the given number of
+// workers. The primary prints its address once its workers are ready, so
+// they are all there to be recorded.
+func (h *harness) startDefuss(ctx context.Context, workers int, handoff bool) (*target, error) {
+	args := []string{"-mode", "defuss", "-workers", strconv.Itoa(workers), "-addr", "127.0.0.1:0"}
+	name := "defuss"
+	if handoff {
+		args = append(args, "-handoff")
+		name += "-handoff"
+	}
+	p, addr, err := h.startServer(ctx, name, 0, args...)
+	if err != nil {
+		return nil, err
+	}
+	h.reg.rememberKids(p)
+	t := &target{addr: addr, proxyPID: p.pid(), procs: []*proc{p}}
+	for _, k := range p.kids {
+		t.serverPIDs = append(t.serverPIDs, k.pid)
+	}
+	return h.ready(ctx, t)
 }
 
 // backendProcs is the GOMAXPROCS of each process in the two-process
@@ -125,6 +169,7 @@ func (h *harness) startBackends(ctx context.Context, t *target, mode string) ([]
 			return nil, err
 		}
 		t.procs = append(t.procs, p)
+		t.serverPIDs = append(t.serverPIDs, p.pid())
 		addrs = append(addrs, addr)
 	}
 	return addrs, nil
@@ -170,10 +215,11 @@ func (h *harness) startHAProxy(ctx context.Context) (*target, error) {
 	return h.ready(ctx, t)
 }
 
-// haproxyMaxconn is HAProxy's connection limit: enough for the idle test,
-// within the descriptors it may open (two per proxied connection).
+// haproxyMaxconn is HAProxy's connection limit: enough for the idle and
+// slow-reader tests, within the descriptors it may open (two per proxied
+// connection).
 func (h *harness) haproxyMaxconn() int {
-	return max(1000, min(h.idleConns+1000, int(h.nofile-200)/2))
+	return max(1000, min(max(h.idleConns, h.slowConns)+1000, int(h.nofile-200)/2))
 }
 
 func (h *harness) haproxyConfig(front string, backends []string) string {

@@ -1,15 +1,20 @@
 //go:build linux
 
-// Command bench is the benchmark harness of issue 6. It compares defuss
-// with one plain Go process, HAProxy in TCP mode and SO_REUSEPORT, on one
-// machine, over loopback only, and prints markdown tables on stdout
+// Command bench is the benchmark harness of issues 6 and 14. It compares
+// defuss with one plain Go process, HAProxy in TCP mode and SO_REUSEPORT,
+// on one machine, over loopback only, and prints markdown tables on stdout
 // (progress goes to stderr):
 //
-//  1. requests/s, p50 and p99 latency and the ratio to "direct" for four
-//     workloads (13-byte and 64 KiB bodies, keep-alive and
+//  1. throughput: requests/s, p50 and p99 latency, the ratio to "direct",
+//     and CPU time per 10,000 requests (the proxy's, the servers', both)
+//     for four workloads (13-byte and 64 KiB bodies, keep-alive and
 //     "Connection: close"), measured with wrk;
-//  2. the proxy process's RSS per idle proxied connection (the defuss
-//     primary beside HAProxy).
+//  2. idle: the proxy process's RSS per idle proxied connection (the
+//     defuss primary beside HAProxy);
+//  3. pool: the defuss primary's CPU per 10,000 requests with 2, 4 and 8
+//     workers, splice and hand-off;
+//  4. slow: other clients' latency (wrk) without and beside a slow-read
+//     attack, and what the attack costs the front process and the kernel.
 //
 // bench/run.sh installs wrk and HAProxy where missing, raises the
 // descriptor limit, builds the server and this harness, and runs it; it is
@@ -25,9 +30,12 @@
 //	BENCH_WORKERS=2       defuss workers, HAProxy backends, SO_REUSEPORT processes
 //	BENCH_HAPROXY_THREADS=2   HAProxy nbthread
 //	BENCH_IDLE_CONNS=10000    idle connections for the memory table (0 skips it)
+//	BENCH_POOL_WORKERS=2,4,8  worker counts of the pool table (empty skips it)
+//	BENCH_SLOW_CONNS=1000     slow readers of the slow-reader table (0 skips it)
 //	BENCH_ONLY=direct,defuss  run only these setups (direct, defuss, handoff, haproxy, reuseport)
-//	BENCH_TIMEOUT=9m      the whole run stops after this, printing what it has
-//	BENCH_QUICK=1         smoke run: one round of 2s runs, no warm-up, 2000 idle connections
+//	BENCH_TABLES=pool,slow    run only these tables (throughput, idle, pool, slow)
+//	BENCH_TIMEOUT=20m     the whole run stops after this, printing what it has
+//	BENCH_QUICK=1         smoke run: one round of 2s runs, no warm-up, 2000 idle and 200 slow connections
 //	BENCH_KEEP_LOGS=1     keep the server, HAProxy and config files after a clean run
 //
 // The server processes run with GOMAXPROCS as defuss sets it: all cores
@@ -74,8 +82,11 @@ type harness struct {
 	workers          int
 	haproxyThreads   int
 	idleConns        int
+	slowConns        int
+	poolWorkers      []int
 	rounds           int
-	only             map[string]bool
+	only             map[string]bool // setups to run; nil: all
+	tables           map[string]bool // tables to run; nil: all
 	verbose          bool
 
 	ncpu    int
@@ -103,6 +114,29 @@ func (c cell) median() (med wrkResult, lo, hi float64) {
 	return runs[(len(runs)-1)/2], runs[0].rps, runs[len(runs)-1].rps
 }
 
+// cpuMedians are the medians over c's runs of the CPU milliseconds per
+// 10,000 requests of the proxy, of the servers, and of both, each taken on
+// its own; -1 where unknown.
+func (c cell) cpuMedians() (proxy, servers, total float64) {
+	med := func(f func(wrkResult) float64) float64 {
+		var vs []float64
+		for _, r := range c.runs {
+			if v := f(r); v >= 0 {
+				vs = append(vs, v)
+			}
+		}
+		if len(vs) == 0 {
+			return -1
+		}
+		slices.Sort(vs)
+		return vs[(len(vs)-1)/2]
+	}
+	proxy = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy) })
+	servers = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.servers) })
+	total = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy + r.cpu.servers) })
+	return proxy, servers, total
+}
+
 func main() {
 	os.Exit(run())
 }
@@ -110,9 +144,9 @@ func main() {
 func run() int {
 	h := &harness{ncpu: runtime.NumCPU()}
 	quick := envBool("BENCH_QUICK")
-	defDur, defWarm, defIdle, defRounds := "5s", "1s", 10000, 3
+	defDur, defWarm, defIdle, defSlow, defRounds := "5s", "1s", 10000, 1000, 3
 	if quick {
-		defDur, defWarm, defIdle, defRounds = "2s", "0s", 2000, 1
+		defDur, defWarm, defIdle, defSlow, defRounds = "2s", "0s", 2000, 200, 1
 	}
 	flag.DurationVar(&h.duration, "duration", envDuration("BENCH_DURATION", defDur), "length of each wrk run")
 	flag.DurationVar(&h.warmup, "warmup", envDuration("BENCH_WARMUP", defWarm), "unreported wrk run before each measured one (0 skips)")
@@ -122,25 +156,28 @@ func run() int {
 	flag.IntVar(&h.haproxyThreads, "haproxy-threads", envInt("BENCH_HAPROXY_THREADS", 2), "HAProxy nbthread")
 	flag.IntVar(&h.rounds, "rounds", envInt("BENCH_ROUNDS", defRounds), "rounds over every setup and workload; the table shows the median run")
 	flag.IntVar(&h.idleConns, "idle-conns", envInt("BENCH_IDLE_CONNS", defIdle), "idle connections for the memory table (0 skips it)")
+	flag.IntVar(&h.slowConns, "slow-conns", envInt("BENCH_SLOW_CONNS", defSlow), "slow readers of the slow-reader table (0 skips it)")
+	pool := flag.String("pool-workers", envString("BENCH_POOL_WORKERS", "2,4,8"), "comma-separated worker counts of the pool table (empty skips it)")
 	only := flag.String("only", os.Getenv("BENCH_ONLY"), "comma-separated setups to run: direct,defuss,handoff,haproxy,reuseport (empty: all)")
-	timeout := flag.Duration("timeout", envDuration("BENCH_TIMEOUT", "9m"), "stop the whole run after this")
+	tables := flag.String("tables", os.Getenv("BENCH_TABLES"), "comma-separated tables to run: throughput,idle,pool,slow (empty: all)")
+	timeout := flag.Duration("timeout", envDuration("BENCH_TIMEOUT", "20m"), "stop the whole run after this")
 	flag.StringVar(&h.server, "server", os.Getenv("BENCH_SERVER"), "bench server binary (empty: build ./bench/server)")
 	flag.StringVar(&h.tmp, "tmp", os.Getenv("BENCH_TMP"), "directory for logs and configs (empty: a new temporary one)")
 	pidfile := flag.String("pidfile", os.Getenv("BENCH_PIDFILE"), "append the pid of every started process here")
 	flag.BoolVar(&h.verbose, "v", envBool("BENCH_VERBOSE"), "print every wrk report on stderr")
 	flag.Parse()
-	if *only != "" {
-		h.only = map[string]bool{}
-		for k := range strings.SplitSeq(*only, ",") {
-			h.only[strings.TrimSpace(k)] = true
-		}
+	h.only, h.tables = keySet(*only), keySet(*tables)
+	var err error
+	if h.poolWorkers, err = parseCounts(*pool); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: -pool-workers:", err)
+		return 2
 	}
-	if h.workers < 1 || h.conns < 1 || h.threads < 1 || h.rounds < 1 || h.idleConns < 0 {
-		fmt.Fprintln(os.Stderr, "bench: workers, conns, threads and rounds must be >= 1, idle-conns >= 0")
+	if h.workers < 1 || h.conns < 1 || h.threads < 1 || h.rounds < 1 || h.idleConns < 0 || h.slowConns < 0 {
+		fmt.Fprintln(os.Stderr, "bench: workers, conns, threads and rounds must be >= 1, idle-conns and slow-conns >= 0")
 		return 2
 	}
 
-	if err := h.prepare(); err != nil {
+	if err = h.prepare(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		return 1
 	}
@@ -172,13 +209,24 @@ func run() int {
 	start := time.Now()
 	fmt.Println(h.machine())
 	fmt.Println()
-	h.throughput(ctx)
-	if h.idleConns > 0 {
+	if h.table("throughput") {
+		h.throughput(ctx)
 		fmt.Println()
+	}
+	if h.table("idle") && h.idleConns > 0 {
 		h.idleTable(ctx)
+		fmt.Println()
+	}
+	if h.table("pool") && len(h.poolWorkers) > 0 {
+		h.poolTable(ctx)
+		fmt.Println()
+	}
+	if h.table("slow") && h.slowConns > 0 {
+		h.slowTable(ctx)
+		fmt.Println()
 	}
 	reg.stopAll()
-	fmt.Printf("\nLoad average after the run: %s. Run time: %v.\n", loadavg(), time.Since(start).Round(time.Second))
+	fmt.Printf("Load average after the run: %s. Run time: %v.\n", loadavg(), time.Since(start).Round(time.Second))
 	// run.sh passes its own directory and decides about it.
 	switch {
 	case !h.ownTmp:
@@ -216,7 +264,7 @@ func (h *harness) prepare() error {
 		}
 		h.ownTmp = true
 	}
-	h.nofile = raiseNofile(uint64(6*h.idleConns + 1024))
+	h.nofile = raiseNofile(uint64(6*max(h.idleConns, h.slowConns) + 1024))
 	if h.server == "" {
 		h.server = filepath.Join(h.tmp, "benchserver")
 		fmt.Fprintln(os.Stderr, "bench: building ./bench/server")
@@ -248,6 +296,22 @@ func raiseNofile(want uint64) uint64 {
 	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
 	return lim.Cur
 }
+
+// keySet is the set of a comma-separated list's entries; nil for an empty
+// list.
+func keySet(list string) map[string]bool {
+	if strings.TrimSpace(list) == "" {
+		return nil
+	}
+	set := map[string]bool{}
+	for k := range strings.SplitSeq(list, ",") {
+		set[strings.TrimSpace(k)] = true
+	}
+	return set
+}
+
+// table reports whether BENCH_TABLES keeps the named table.
+func (h *harness) table(name string) bool { return h.tables == nil || h.tables[name] }
 
 // selected are the setups BENCH_ONLY keeps.
 func (h *harness) selected() []setup {
@@ -291,9 +355,9 @@ func (h *harness) throughput(ctx context.Context) {
 					break
 				}
 				if h.warmup > 0 {
-					h.runWrk(ctx, w, t.url(), h.warmup)
+					h.runWrk(ctx, w, t, h.warmup)
 				}
-				r, err := h.runWrk(ctx, w, t.url(), h.duration)
+				r, err := h.runWrk(ctx, w, t, h.duration)
 				if err != nil {
 					if ctx.Err() == nil {
 						cells[i][j].err = err
@@ -302,8 +366,9 @@ func (h *harness) throughput(ctx context.Context) {
 					continue
 				}
 				cells[i][j].runs = append(cells[i][j].runs, r)
-				fmt.Fprintf(os.Stderr, "bench: %-32s %-18s %10.0f req/s  p50 %-9s p99 %-10s other CPU %.0f%%\n",
-					s.name, w.name, r.rps, fmtLatency(r.p50), fmtLatency(r.p99), 100*r.otherCPU)
+				fmt.Fprintf(os.Stderr, "bench: %-32s %-18s %10.0f req/s  p50 %-9s p99 %-10s CPU/10k proxy %s servers %s  other CPU %.0f%%\n",
+					s.name, w.name, r.rps, fmtLatency(r.p50), fmtLatency(r.p99),
+					fmtCPU(r.cpuPer10k(r.cpu.proxy)), fmtCPU(r.cpuPer10k(r.cpu.servers)), 100*r.otherCPU)
 			}
 			h.stopTarget(t)
 		}
@@ -334,8 +399,9 @@ func cause(ctx context.Context) string {
 }
 
 func (h *harness) printThroughput(sets []setup, cells [][]cell) {
-	header := []string{"workload", "config", "req/s", "p50", "p99", "ratio to direct", "other CPU"}
-	right := []bool{false, false, true, true, true, true, true}
+	header := []string{"workload", "config", "req/s", "p50", "p99", "ratio to direct",
+		"proxy CPU / 10k", "servers CPU / 10k", "total CPU / 10k", "other CPU"}
+	right := []bool{false, false, true, true, true, true, true, true, true, true}
 	if h.rounds > 1 {
 		header = append(header, "req/s min–max")
 		right = append(right, true)
@@ -373,7 +439,13 @@ func (h *harness) printThroughput(sets []setup, cells [][]cell) {
 				if med.otherCPU >= 0 {
 					other = fmt.Sprintf("%.0f%%", 100*med.otherCPU)
 				}
-				cols := []string{w.name, s.name, fmt.Sprintf("%.0f", med.rps), fmtLatency(med.p50), fmtLatency(med.p99), ratio, other}
+				proxy, servers, total := c.cpuMedians()
+				proxyCol := fmtCPU(proxy)
+				if s.key == "direct" || s.key == "reuseport" {
+					proxyCol = "none"
+				}
+				cols := []string{w.name, s.name, fmt.Sprintf("%.0f", med.rps), fmtLatency(med.p50), fmtLatency(med.p99), ratio,
+					proxyCol, fmtCPU(servers), fmtCPU(total), other}
 				if h.rounds > 1 {
 					cols = append(cols, fmt.Sprintf("%.0f–%.0f (%d runs)", lo, hi, len(c.runs)))
 				}
@@ -398,6 +470,7 @@ func (h *harness) printThroughput(sets []setup, cells [][]cell) {
 	}
 	fmt.Printf("Each row is %s of wrk %s on the same machine, %s; \"close\" adds -H 'Connection: close'.\n",
 		runs, strings.Join(h.wrkArgs(workload{path: "/PATH"}, "http://127.0.0.1:PORT", h.duration), " "), warm)
+	fmt.Println("\"CPU / 10k\" is milliseconds of CPU time (user and system, all threads, read from each process's CPU-time clock before and after the run) per 10,000 requests wrk completed: \"proxy\" is the process between client and handler (the defuss primary; HAProxy), \"servers\" the processes running the handler (the defuss workers; HAProxy's backends; direct's one process; the SO_REUSEPORT processes), \"total\" both; each is the median of its own values over the runs. Loopback packet processing that the kernel does on a process's time (softirqs, on kernels without IRQ_TIME_ACCOUNTING) is counted to that process; what ksoftirqd does is counted to none.")
 	fmt.Println("\"other CPU\" is the share of the machine's CPU time that user processes outside the benchmark used during that run (kernel threads not counted); where it is high, the row measured a busy machine.")
 	fmt.Printf("GOMAXPROCS: direct and the defuss primary %d; each defuss worker, HAProxy backend and SO_REUSEPORT process %d. HAProxy: mode tcp, balance roundrobin, nbthread %d.\n",
 		h.ncpu, h.backendProcs(), h.haproxyThreads)
@@ -531,6 +604,17 @@ func firstLine(s string) string {
 	return s
 }
 
+// fmtCPU prints milliseconds of CPU per 10,000 requests; "?" if unknown.
+func fmtCPU(ms float64) string {
+	switch {
+	case ms < 0:
+		return "?"
+	case ms < 10:
+		return fmt.Sprintf("%.1f ms", ms)
+	}
+	return fmt.Sprintf("%.0f ms", ms)
+}
+
 // fmtLatency prints a latency in µs below 1ms, in s from 1s, in ms
 // between.
 func fmtLatency(d time.Duration) string {
@@ -583,6 +667,15 @@ func markdownTable(rows [][]string, right []bool) string {
 
 func envInt(k string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(k)); err == nil {
+		return v
+	}
+	return def
+}
+
+// envString is the value of k, or def if k is not set; set and empty is
+// empty.
+func envString(k, def string) string {
+	if v, ok := os.LookupEnv(k); ok {
 		return v
 	}
 	return def

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# bench/run.sh: the one command for the defuss benchmark (issue 6).
+# bench/run.sh: the one command for the defuss benchmark (issues 6 and 14).
 #
-#   bench/run.sh                      # full run, about 2-3 minutes, < 10 minutes
+#   bench/run.sh                      # full run, about 15 minutes, < 20 minutes
 #   BENCH_QUICK=1 bench/run.sh        # smoke run
 #   BENCH_DURATION=10s BENCH_IDLE_CONNS=5000 bench/run.sh > results.md
 #
 # It installs wrk and haproxy with apt-get where they are missing, raises
 # the open-files limit, builds the bench server and the harness, and runs the
-# harness, which prints markdown tables on stdout (progress on stderr). See
+# harness, which prints markdown tables on stdout (progress on stderr):
+# throughput with CPU per 10,000 requests, idle memory, the primary's cost as
+# the pool grows, and other clients beside a slow-read attack. The attack's
+# 1,000 slow readers hold about 2.5 MiB of kernel TCP memory each, more than
+# a small machine's net.ipv4.tcp_mem allows: run it on a quiet machine. See
 # the doc comment of bench/main.go for every BENCH_* setting. Everything
 # binds 127.0.0.1 only. Every process started is stopped on exit, on error
 # and on Ctrl-C.

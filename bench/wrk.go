@@ -18,11 +18,22 @@ import (
 
 // wrkResult is what one wrk run measured.
 type wrkResult struct {
-	rps      float64
-	p50, p99 time.Duration
-	requests int64
-	problems string  // socket errors or non-2xx answers, empty if none
-	otherCPU float64 // share of the CPUs used by processes outside the harness meanwhile; -1 unknown
+	rps           float64
+	p50, p99, max time.Duration
+	requests      int64
+	problems      string   // socket errors or non-2xx answers, empty if none
+	otherCPU      float64  // share of the CPUs used by processes outside the harness meanwhile; -1 unknown
+	cpu           cpuTimes // CPU time the target's proxy and servers used during the run
+	cpuOK         bool     // cpu was measured
+}
+
+// cpuPer10k is d per 10,000 of the run's requests, in milliseconds, or
+// -1 if unknown.
+func (r wrkResult) cpuPer10k(d time.Duration) float64 {
+	if !r.cpuOK || r.requests <= 0 {
+		return -1
+	}
+	return float64(d) / float64(time.Millisecond) * 10000 / float64(r.requests)
 }
 
 // wrkArgs is the wrk command line for a workload against url.
@@ -44,9 +55,12 @@ func wrkSeconds(d time.Duration) int {
 	return max(1, int((d+time.Second/2)/time.Second))
 }
 
-// runWrk runs wrk and parses its report.
-func (h *harness) runWrk(ctx context.Context, w workload, url string, d time.Duration) (wrkResult, error) {
-	args := h.wrkArgs(w, url, d)
+// runWrk runs wrk against t and parses its report. It reads the CPU time
+// of t's processes just after wrk starts and just after it ends: the
+// difference is wrk's run plus its start-up and tear-down, a few
+// milliseconds against whole seconds.
+func (h *harness) runWrk(ctx context.Context, w workload, t *target, d time.Duration) (wrkResult, error) {
+	args := h.wrkArgs(w, t.url(), d)
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(wrkSeconds(d))*time.Second+30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, h.wrk, args...)
@@ -58,7 +72,9 @@ func (h *harness) runWrk(ctx context.Context, w workload, url string, d time.Dur
 	}
 	h.reg.notePID(cmd.Process.Pid)
 	before := sampleCPU()
+	cpu0, ok0 := t.cpu()
 	err := cmd.Wait()
+	cpu1, ok1 := t.cpu()
 	after := sampleCPU()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -71,15 +87,17 @@ func (h *harness) runWrk(ctx context.Context, w workload, url string, d time.Dur
 	}
 	r, err := parseWrk(out.String())
 	r.otherCPU = otherCPU(before, after)
+	r.cpu, r.cpuOK = cpu1.sub(cpu0), ok0 && ok1
 	return r, err
 }
 
-// parseWrk reads requests/s, the 50th and 99th latency percentiles and any
-// errors from wrk's --latency report.
+// parseWrk reads requests/s, the 50th and 99th latency percentiles, the
+// maximum latency and any errors from wrk's --latency report.
 func parseWrk(s string) (wrkResult, error) {
 	var r wrkResult
 	var problems []string
 	var haveRPS, have50, have99 bool
+	var err error
 	sc := bufio.NewScanner(strings.NewReader(s))
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
@@ -100,6 +118,10 @@ func parseWrk(s string) (wrkResult, error) {
 				r.p50, have50 = d, true
 			} else {
 				r.p99, have99 = d, true
+			}
+		case f != nil && f[0] == "Latency" && len(f) == 5: // Latency avg stdev max +/-stdev
+			if r.max, err = parseWrkDuration(f[3]); err != nil {
+				return r, err
 			}
 		case strings.Contains(line, " requests in ") && len(f) > 0:
 			r.requests, _ = strconv.ParseInt(f[0], 10, 64)

@@ -10,8 +10,9 @@
 //
 // Once it accepts, the server prints "listening HOST:PORT" on stdout (the
 // primary only, under defuss), so the harness can pass port 0 and learn the
-// port. It serves /small (the 13-byte body "Hello, World!") and /large (a
-// preallocated 64 KiB body).
+// port. It serves /small (the 13-byte body "Hello, World!"), /large (a
+// preallocated 64 KiB body) and /huge (a preallocated 1 MiB body, which
+// the slow readers of the harness ask for).
 //
 // Under -mode defuss the binary is re-executed once per worker with the same
 // arguments, so everything before defuss.Start (flag parsing, building the
@@ -37,6 +38,7 @@ import (
 var (
 	smallBody = []byte("Hello, World!")
 	largeBody = make([]byte, 64<<10)
+	hugeBody  = make([]byte, 1<<20)
 )
 
 func main() {
@@ -48,6 +50,9 @@ func main() {
 
 	for i := range largeBody {
 		largeBody[i] = 'a' + byte(i%26)
+	}
+	for i := range hugeBody {
+		hugeBody[i] = 'a' + byte(i%26)
 	}
 	var err error
 	switch *mode {
@@ -76,6 +81,7 @@ func handler() http.Handler {
 	mux := http.NewServeMux()
 	small := strconv.Itoa(len(smallBody))
 	large := strconv.Itoa(len(largeBody))
+	huge := strconv.Itoa(len(hugeBody))
 	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h["Content-Type"] = []string{"text/plain; charset=utf-8"}
@@ -87,6 +93,12 @@ func handler() http.Handler {
 		h["Content-Type"] = []string{"application/octet-stream"}
 		h["Content-Length"] = []string{large}
 		w.Write(largeBody)
+	})
+	mux.HandleFunc("/huge", func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h["Content-Type"] = []string{"application/octet-stream"}
+		h["Content-Length"] = []string{huge}
+		w.Write(hugeBody)
 	})
 	return mux
 }
