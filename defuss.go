@@ -17,7 +17,8 @@ import (
 // one of these; test with errors.Is.
 var (
 	// ErrNotSupported is returned by Start on a platform where defuss cannot
-	// start workers (Windows).
+	// start workers (Windows), and by Upgrade for a server it cannot
+	// upgrade.
 	ErrNotSupported = errors.New("defuss: not supported on this platform")
 	// ErrInvalidOption is wrapped by every error Start returns for a bad
 	// option, a bad argument, or a bad value of an environment variable it
@@ -25,8 +26,9 @@ var (
 	ErrInvalidOption = errors.New("defuss: invalid option")
 	// ErrWorkerStart is wrapped by the error that Start, Restart or Scale
 	// returns when a new worker fails before it reports ready (it exits,
-	// cannot bind its port, or stays silent past the start timeout); the
-	// message says which worker and why.
+	// cannot bind its port, or stays silent past the start timeout), and
+	// by Upgrade's when the new primary fails; the message says which
+	// process and why.
 	ErrWorkerStart = errors.New("defuss: worker failed to start")
 	// ErrInterrupted is returned by Start when SIGINT or SIGTERM arrives
 	// while it waits for the workers to become ready.
@@ -34,8 +36,8 @@ var (
 	// ErrNoWorkers is returned by Wait when every worker has exited and
 	// none will be respawned (WithRespawn(false)).
 	ErrNoWorkers = errors.New("defuss: no workers left")
-	// ErrShuttingDown is returned by Restart and Scale when they are
-	// refused or cut short because the server is shutting down.
+	// ErrShuttingDown is returned by Restart, Scale and Upgrade when they
+	// are refused or cut short because the server is shutting down.
 	ErrShuttingDown = errors.New("defuss: server is shutting down")
 	// ErrUpgradeInProgress is returned by Upgrade while another upgrade of
 	// the same server runs: upgrades are refused, not queued.

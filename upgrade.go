@@ -17,7 +17,8 @@ import (
 // on disk, without refusing or dropping a connection. It starts a new
 // primary from that binary with this one's arguments and environment, and
 // passes it the public listening socket (a descriptor at exec); the new
-// primary starts its own workers and reports ready over a pipe. Only then
+// primary starts its own workers and reports ready over a socket pair.
+// Only then
 // does this primary stop accepting and shut down as on SIGTERM, without
 // the drain delay: in-flight requests finish, keep-alive connections close
 // after their current request, hijacked ones get the shutdown timeout.
@@ -33,7 +34,7 @@ import (
 // answers "go". Until then it has accepted nothing, so a failed upgrade
 // loses nothing. If the new primary fails (it cannot be started, exits, or
 // does not report ready within the start timeout, [WithStartTimeout], plus
-// [upgradeGrace] for its own start), it is killed, this server keeps
+// 3 seconds for its own start), it is killed, this server keeps
 // serving as before, and Upgrade returns an error wrapping
 // [ErrWorkerStart] that says why. If ctx ends or a shutdown begins first,
 // the new primary is killed and ctx.Err() or [ErrShuttingDown] returned.
