@@ -104,6 +104,11 @@ func decodeHandoff(b []byte) (handoffMsg, error) {
 // msg. The connection counts as open in pr before it is sent, so that a
 // close the worker reports at once finds it there.
 func handTo(pr *process, c *net.TCPConn, msg []byte) error {
+	pr.handMu.RLock()
+	defer pr.handMu.RUnlock()
+	if pr.handGone {
+		return errWorkerExited
+	}
 	pr.open.Add(1)
 	if err := sendConn(pr.handoffSock, c, msg); err != nil {
 		pr.open.Add(-1)
@@ -233,3 +238,17 @@ func (l *handoffListener) Close() error {
 }
 
 func (l *handoffListener) Addr() net.Addr { return l.addr }
+
+// settleHanded is called once the process has exited: it returns the
+// handed connections the worker had not reported closed, which died with
+// it. It waits for the hand-offs in flight, and refuses later ones, so
+// that a failed send and the exit never both take a connection out.
+func (pr *process) settleHanded() int64 {
+	pr.handMu.Lock()
+	defer pr.handMu.Unlock()
+	pr.handGone = true
+	return pr.open.Swap(0)
+}
+
+// errWorkerExited: a hand-off to a process whose exit has been settled.
+var errWorkerExited = errors.New("defuss: the worker has exited")

@@ -112,6 +112,9 @@ func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration, detectProxy boo
 			return true
 		case m == 0:
 			outcome = sniffEOF
+			if n == 0 {
+				perr = io.EOF // closed without a byte: nobody to serve, as sniff says
+			}
 			return true
 		}
 		prev := n // a peek sees everything from the start again

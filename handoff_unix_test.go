@@ -3,10 +3,12 @@
 package defuss
 
 import (
+	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -132,5 +134,50 @@ func TestDeliverUnservableCountsAsAccepted(t *testing.T) {
 				t.Errorf("closes to report: %+v, want 1 by count", w.closes.batch)
 			}
 		})
+	}
+}
+
+// A client that connects and closes without a byte is nobody to serve: the
+// peek reports EOF, as splice mode's sniff does, and no worker gets it.
+func TestPeekHeadEmptyCloseIsEOF(t *testing.T) {
+	client, server := tcpPair(t)
+	client.Close()
+	n, _, _, err := peekHead(server.(*net.TCPConn), make([]byte, 1024), 5*time.Second, false)
+	if n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("peekHead after a close without a byte: %d bytes, %v; want io.EOF", n, err)
+	}
+}
+
+// A hand-off racing the exit of its worker: the exit settles the count of
+// open connections only once no hand-off is in flight, and a hand-off
+// after it is refused, so a connection is never taken out twice (once by
+// the exit, once by the failed send), which would let WithMaxConnections
+// and LeastConnections drift.
+func TestHandOffRacingExitCountsOnce(t *testing.T) {
+	client, server := tcpPair(t)
+	defer client.Close()
+	for range 300 {
+		ours, theirs, err := handoffPair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		theirs.Close() // the worker is dead: every send fails
+		pr := &process{handoffSock: ours}
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if handTo(pr, server.(*net.TCPConn), []byte{handoffV1}) == nil {
+					t.Error("a hand-off to a dead worker succeeded")
+				}
+			}()
+		}
+		settled := pr.settleHanded()
+		wg.Wait()
+		ours.Close()
+		if settled != 0 || pr.open.Load() != 0 {
+			t.Fatalf("the exit settled %d open connections and %d are left; every send failed, so want 0 and 0", settled, pr.open.Load())
+		}
 	}
 }

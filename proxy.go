@@ -128,9 +128,9 @@ func (r *relay) run() {
 	up, down := splice(r.client, r.worker, p.cfg.halfOpen)
 	s.conns.Add(-1)
 	p.tel.active.Add(bg, -1, s.attrs.worker)
-	p.tel.duration.Record(bg, time.Since(r.routed).Seconds(), s.attrs.worker)
-	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker)
+	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker) // bytes first: a reader that sees the duration sees them
 	p.tel.bytes.Add(bg, down, s.attrs.toClient)
+	p.tel.duration.Record(bg, time.Since(r.routed).Seconds(), s.attrs.worker)
 }
 
 // route inspects c, parses what it has sent and gives it to a worker. In

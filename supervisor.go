@@ -267,11 +267,12 @@ func (sv *supervisor) onClosed(pr *process, m *message) {
 		return
 	}
 	if len(m.durations) > 0 {
+		// Bytes first: a reader that sees the durations sees the bytes.
+		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker)
+		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient)
 		for _, d := range m.durations {
 			p.tel.duration.Record(bg, d.Seconds(), s.attrs.worker)
 		}
-		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker)
-		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient)
 	}
 	p.conns.closedHanded(n)
 	s.conns.Add(-n)
@@ -336,7 +337,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 		// it: those end by themselves when their worker closes them.)
 		p.conns.endOf(s.index, pr.pid)
 	}
-	if n := pr.open.Swap(0); n != 0 {
+	if n := pr.settleHanded(); n != 0 {
 		// Handed-off connections the worker had not reported closed died
 		// with it.
 		p.conns.closedHanded(n)
