@@ -17,9 +17,11 @@
 // Start re-executes the program's own binary (os.Executable, with the same
 // arguments) once per worker. EVERYTHING main does before it calls Start or
 // Run therefore runs in the primary AND IN EVERY WORKER: opening files,
-// connecting to databases, printing banners, binding other ports. Keep such
-// work cheap and idempotent, or do it after Start returns and only when
-// [IsWorker] says which role this process has.
+// connecting to databases, printing banners, binding other ports. It runs
+// once more in the new primary of every [Server.Upgrade], while the old
+// primary still serves: a port that main binds itself is taken then. Keep
+// such work cheap and idempotent, or do it after Start returns and only
+// when [IsWorker] says which role this process has.
 //
 // # Process model
 //
