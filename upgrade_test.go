@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -312,6 +313,58 @@ func TestUpgradeSignalDuringShutdownIgnored(t *testing.T) {
 	b, _ := os.ReadFile(stderr.Name())
 	if !strings.Contains(string(b), "signal ignored: shutting down") || strings.Contains(string(b), "new primary started") {
 		t.Errorf("log of SIGUSR2 during the drain delay:\n%s", b)
+	}
+}
+
+// Issue 13: a hijacked connection (a WebSocket, a tunnel) on the old
+// primary lives on through an upgrade, as through SIGTERM: the old
+// primary stops accepting but keeps relaying it (splice) or its worker
+// keeps serving it (hand-off), and exits 0 once it closes, before the
+// shutdown timeout (5s) would end it.
+func TestUpgradeKeepsHijackedConnection(t *testing.T) {
+	dir := t.TempDir()
+	app := filepath.Join(dir, "app")
+	copyBinary(t, app, "")
+	old := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 1, nil)
+	ws := dialRaw(t, old.addr)
+	upgrade(t, ws, []byte(upgradeHead))
+	echo := func(msg string) error {
+		ws.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(ws, msg); err != nil {
+			return err
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(ws.r, got); err != nil {
+			return err
+		}
+		if string(got) != msg {
+			return fmt.Errorf("echoed %q, want %q", got, msg)
+		}
+		return nil
+	}
+	if err := echo("before"); err != nil {
+		t.Fatal(err)
+	}
+	old.cmd.Process.Signal(syscall.SIGUSR2)
+	_, _, workers := successorOf(t, old, "")
+	if _, body := get(t, old.addr, "/pid"); !slices.Contains(workers, atoi(body)) {
+		t.Fatalf("a new connection went to %s, not to the new workers %v", body, workers)
+	}
+	if err := echo("after the upgrade"); err != nil {
+		t.Fatalf("the hijacked connection did not survive the upgrade: %v", err)
+	}
+	select {
+	case <-old.exited:
+		t.Fatalf("the old primary exited with its hijacked connection open: %v", old.waitErr)
+	default:
+	}
+	closed := time.Now()
+	ws.Close()
+	if err := old.wait(); err != nil {
+		t.Errorf("old primary: %v, want exit 0", err)
+	}
+	if d := time.Since(closed); d > 4*time.Second {
+		t.Errorf("the old primary took %v to exit after the hijacked connection closed", d)
 	}
 }
 
