@@ -135,8 +135,10 @@ func WithListener(l net.Listener) Option {
 // (atomically: a temporary file in the same directory, renamed), and
 // remove the file when it stops. On [Server.Upgrade] the new primary
 // rewrites it before the old one stops, and the old one leaves it alone,
-// so that scripts and systemctl reload always find the primary that
-// serves. A relative path is taken from the working directory at Start.
+// so that scripts find the primary that serves (systemd follows
+// MAINPID= instead). A relative path is resolved when WithPIDFile is
+// called. If the new primary of an upgrade fails after writing it, the old
+// one puts its own pid back.
 func WithPIDFile(path string) Option {
 	return optionFunc(func(c *config) {
 		if path == "" {

@@ -19,10 +19,11 @@ var (
 	// ErrNotSupported is returned by Start on a platform where defuss cannot
 	// start workers (Windows), and by Upgrade for a server it cannot
 	// upgrade.
-	ErrNotSupported = errors.New("defuss: not supported on this platform")
+	ErrNotSupported = errors.New("defuss: not supported")
 	// ErrInvalidOption is wrapped by every error Start returns for a bad
 	// option, a bad argument, or a bad value of an environment variable it
-	// reads (PORT, LISTEN_FDS); the message names it.
+	// reads (PORT, LISTEN_PORT, LISTEN_HOST, socket activation's
+	// LISTEN_*); the message names it.
 	ErrInvalidOption = errors.New("defuss: invalid option")
 	// ErrWorkerStart is wrapped by the error that Start, Restart or Scale
 	// returns when a new worker fails before it reports ready (it exits,
@@ -71,7 +72,7 @@ func Run(handler http.Handler, opts ...Option) error {
 // worker's port and readiness is reported.
 func Start(handler http.Handler, opts ...Option) (*Server, error) {
 	if !proc.Supported {
-		return nil, ErrNotSupported
+		return nil, fmt.Errorf("%w on this platform: workers need Unix", ErrNotSupported)
 	}
 	c, err := newConfig(os.Getenv, opts...)
 	if c != nil && c.server != nil {

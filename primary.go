@@ -211,17 +211,18 @@ func (c *config) listen() (net.Listener, error) {
 }
 
 // announce says that the workers are ready, before the accept loop
-// starts. Started by Upgrade, the primary first reports ready to the old
-// one and waits for its "go": until then it must accept nothing, as the
-// old one may still kill it. Then it writes the PID file.
+// starts: it writes the PID file, and, started by Upgrade, reports ready
+// to the old primary and waits for its "go". Until then it must accept
+// nothing, as the old one may still kill it; and nothing may fail after
+// it, as the old one stops accepting then.
 func (p *primary) announce() error {
-	if p.pred != nil {
-		if err := p.awaitGo(); err != nil {
+	if p.cfg.pidFile != "" {
+		if err := writePIDFile(p.cfg.pidFile); err != nil {
 			return err
 		}
 	}
-	if p.cfg.pidFile != "" {
-		return writePIDFile(p.cfg.pidFile)
+	if p.pred != nil {
+		return p.awaitGo()
 	}
 	return nil
 }
@@ -277,7 +278,7 @@ func (p *primary) awaitStartup(n int, startup <-chan error, sigs <-chan os.Signa
 		case sig := <-sigs:
 			if sig == syscall.SIGINT || sig == syscall.SIGTERM {
 				return ErrInterrupted
-			} // SIGHUP: the workers start from the binary on disk anyway; SIGUSR2 waits until serving
+			} // SIGHUP: the workers start from the binary on disk anyway; SIGUSR2, SIGTTIN, SIGTTOU: ignored until serving
 		}
 	}
 	return nil

@@ -24,15 +24,16 @@ import (
 // after their current request, hijacked ones get the shutdown timeout.
 // The kernel's queue of the listening socket is shared by both primaries
 // meanwhile, so no connection is refused. Upgrade returns once the new
-// primary serves; [Server.Wait] then returns nil when this one has
-// drained. The new primary does not depend on this one: it runs on when
+// primary has been told to go; [Server.Wait] then returns nil when this
+// one has drained. The new primary does not depend on this one: it runs on when
 // this one exits, as the service's main process ([WithPIDFile], sd_notify
 // MAINPID=).
 //
-// The hand-over is two-phase: the new primary reports ready, and accepts,
-// writes the PID file and tells systemd MAINPID= only once this one
-// answers "go". Until then it has accepted nothing, so a failed upgrade
-// loses nothing. If the new primary fails (it cannot be started, exits, or
+// The hand-over is two-phase: the new primary writes the PID file and
+// reports ready, and accepts and tells systemd MAINPID= only once this one
+// answers "go"; nothing in it can fail after that. Until then it has
+// accepted nothing, so a failed upgrade loses nothing, and this one puts
+// its own pid back in the PID file. If the new primary fails (it cannot be started, exits, or
 // does not report ready within the start timeout, [WithStartTimeout], plus
 // 3 seconds for its own start), it is killed, this server keeps
 // serving as before, and Upgrade returns an error wrapping
@@ -81,9 +82,21 @@ func (p *primary) tryUpgrade(ctx context.Context) error {
 	p.notify.reloading("upgrading: starting a new primary")
 	err := p.handOver(ctx)
 	if err != nil {
-		p.notify.keep(err.Error())
+		p.keepServing(err)
 	}
 	return err
+}
+
+// keepServing undoes what a failed upgrade may have changed outside this
+// process: the new primary writes the PID file before it reports ready.
+// It also ends the service manager's reload.
+func (p *primary) keepServing(err error) {
+	if p.cfg.pidFile != "" && !errors.Is(err, ErrNotSupported) {
+		if err := writePIDFile(p.cfg.pidFile); err != nil {
+			p.log.Error("cannot rewrite the PID file after a failed upgrade", "err", err)
+		}
+	}
+	p.notify.keep(err.Error())
 }
 
 // upgradeGrace is what the new primary of an upgrade gets on top of the

@@ -382,12 +382,17 @@ func TestUpgradeBrokenBinary(t *testing.T) {
 		{"not an executable", "\x7fELF garbage", "exec format error"},
 		{"hangs", "#!/bin/sh\nexec sleep 60\n", "not ready within the start timeout"},
 		{"answers garbage", "#!/bin/sh\necho nonsense >&4\nexec sleep 60\n", "new primary (pid"},
+		// A new primary writes the PID file before it reports ready; the
+		// old one puts its own pid back when the upgrade fails after that.
+		{"writes the PID file, then hangs", "#!/bin/sh\necho $$ > \"$DEFUSS_TEST_PIDFILE\"\nexec sleep 60\n", "not ready within the start timeout"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			app := filepath.Join(t.TempDir(), "app")
+			dir := t.TempDir()
+			app, pidFile := filepath.Join(dir, "app"), filepath.Join(dir, "defuss.pid")
 			copyBinary(t, app, "")
-			s := startTest(t, WithStartTimeout(5*time.Second), optionFunc(func(c *config) { c.executable = app }))
+			t.Setenv("DEFUSS_TEST_PIDFILE", pidFile) // for the script; the successor gets this environment
+			s := startTest(t, WithStartTimeout(5*time.Second), WithPIDFile(pidFile), optionFunc(func(c *config) { c.executable = app }))
 			before := s.Workers()
 			kids := children()
 			if err := os.WriteFile(app+".new", []byte(tc.script), 0o755); err != nil {
@@ -411,6 +416,9 @@ func TestUpgradeBrokenBinary(t *testing.T) {
 			}
 			if code, _ := get(t, s.Addr().String(), "/"); code != http.StatusOK {
 				t.Errorf("after the failed upgrade: status %d", code)
+			}
+			if b, _ := os.ReadFile(pidFile); strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
+				t.Errorf("PID file says %q after the failed upgrade, want this primary's %d", b, os.Getpid())
 			}
 		})
 	}
