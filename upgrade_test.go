@@ -368,6 +368,41 @@ func TestUpgradeKeepsHijackedConnection(t *testing.T) {
 	}
 }
 
+// Issue 13: the new primary of an upgrade can be upgraded in turn: its
+// inherited descriptors and environment are its own, and a third
+// generation takes over from it as it did from the first.
+func TestUpgradeTwice(t *testing.T) {
+	dir := t.TempDir()
+	app, pidFile := filepath.Join(dir, "app"), filepath.Join(dir, "defuss.pid")
+	copyBinary(t, app, "")
+	first := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 2, nil, envTestPrimaryOpts+"=pidfile="+pidFile)
+	first.cmd.Process.Signal(syscall.SIGUSR2)
+	second, _, secondWorkers := successorOf(t, first, pidFile)
+	if err := first.wait(); err != nil {
+		t.Errorf("first primary: %v, want exit 0", err)
+	}
+	v3 := copyBinary(t, app, "third")
+	syscall.Kill(second, syscall.SIGUSR2)
+	third, addr, thirdWorkers := successorOf(t, first, pidFile) // the same stdout, inherited
+	waitFor(t, 15*time.Second, "the second primary's exit", func() bool { return !alive(second) })
+	for _, w := range secondWorkers {
+		if alive(w) {
+			t.Errorf("worker %d of the second primary outlived it", w)
+		}
+	}
+	if third == second || addr != first.addr {
+		t.Errorf("third primary %d on %s; second %d, address %s", third, addr, second, first.addr)
+	}
+	for range 10 {
+		if _, v := get(t, addr, "/version"); v != strconv.FormatInt(v3, 10) {
+			t.Fatalf("after the second upgrade, version %s, want %d", v, v3)
+		}
+	}
+	if _, body := get(t, addr, "/pid"); !slices.Contains(thirdWorkers, atoi(body)) {
+		t.Errorf("served by %s, not by the third primary's workers %v", body, thirdWorkers)
+	}
+}
+
 func atoi(s string) int { n, _ := strconv.Atoi(strings.TrimSpace(s)); return n }
 
 // Issue 13: Upgrade onto binaries that cannot become a primary, called
