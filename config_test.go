@@ -176,7 +176,7 @@ func TestConfigInheritedSocket(t *testing.T) {
 		{name: "WithListener wins over activation", env: map[string]string{"LISTEN_PID": ownPID, "LISTEN_FDS": "1"},
 			opts: []Option{WithListener(fakeListenerOn(40001))}, want: nil},
 		{name: "upgrade", env: map[string]string{envUpgradeFrom: parentPID, "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
-			want: &passedSocket{fd: 3, from: "upgrade from pid " + parentPID, upgrade: true}},
+			want: &passedSocket{fd: 3, from: "upgrade from pid " + parentPID}},
 		// A child of the new primary inherits the variable: not its own.
 		{name: "upgrade variable naming another parent", env: map[string]string{envUpgradeFrom: "1"}, want: nil},
 	}

@@ -161,14 +161,20 @@ func handoffPair() (*net.UnixConn, *os.File, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	ours := os.NewFile(uintptr(fds[0]), "defuss-handoff")
+	return filePair(fds, "defuss-handoff")
+}
+
+// filePair turns the socket pair fds into this process's end, as a
+// *net.UnixConn, and the child's end, a file to pass at exec.
+func filePair(fds [2]int, name string) (*net.UnixConn, *os.File, error) {
+	ours := os.NewFile(uintptr(fds[0]), name)
 	defer ours.Close() // FileConn made its own descriptor
 	c, err := net.FileConn(ours)
 	if err != nil {
 		unix.Close(fds[1])
 		return nil, nil, err
 	}
-	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-handoff-worker"), nil
+	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), name+"-child"), nil
 }
 
 // receive reads descriptors, each in its hand-off message, from the

@@ -39,9 +39,8 @@ const maxListenFDs = 1024
 // A passedSocket is where the public socket comes from when the
 // primary does not bind it.
 type passedSocket struct {
-	fd      int
-	from    string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
-	upgrade bool   // from an Upgrade: the old primary waits on fd 4
+	fd   int
+	from string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
 }
 
 // inheritedFromEnv reads which socket this process inherits, if any: an
@@ -58,7 +57,7 @@ func inheritedFromEnv(getenv func(string) string, pid, ppid int, name string) (*
 			return nil, fmt.Errorf("%w: %s=%q: not a process id", ErrInvalidOption, envUpgradeFrom, v)
 		}
 		if from == ppid {
-			return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v, upgrade: true}, nil
+			return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v}, nil
 		}
 		// Inherited by a process that user code started: not for it.
 	}

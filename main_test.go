@@ -583,6 +583,22 @@ func dialRaw(t *testing.T, addr string) *rawConn {
 	return &rawConn{Conn: c, r: bufio.NewReader(c)}
 }
 
+// echo writes msg on an upgraded connection of the test app's /upgrade
+// and checks that the same bytes come back.
+func (c *rawConn) echo(msg string) error {
+	if _, err := io.WriteString(c, msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c.r, got); err != nil {
+		return err
+	}
+	if string(got) != msg {
+		return fmt.Errorf("echoed %q, want %q", got, msg)
+	}
+	return nil
+}
+
 // roundTrip sends a GET for path and returns the response body.
 func (c *rawConn) roundTrip(t *testing.T, path string) string {
 	t.Helper()

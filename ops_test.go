@@ -6,8 +6,10 @@ import (
 	"errors"
 	"log/slog"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -239,4 +241,31 @@ func TestStatusDrainingDuringDrainDelay(t *testing.T) {
 			t.Fatal("StatusHandler says not draining while the health path answers 503")
 		}
 	})
+}
+
+// While Start waits for the workers, SIGHUP, SIGUSR2, SIGTTIN and SIGTTOU
+// are taken and ignored (WithSignalHandling's doc), and SIGTERM stops the
+// start.
+func TestAwaitStartupIgnoresOperationSignals(t *testing.T) {
+	p := &primary{}
+	sigs, startup := make(chan os.Signal), make(chan error, 1)
+	done := make(chan error, 1)
+	go func() { done <- p.awaitStartup(1, startup, sigs) }()
+	for _, sig := range []os.Signal{sigRestart, sigUpgrade, sigScaleUp, sigScaleDown} {
+		select {
+		case sigs <- sig: // taken: awaitStartup is still waiting
+		case err := <-done:
+			t.Fatalf("awaitStartup returned %v on %v", err, sig)
+		}
+	}
+	startup <- nil
+	if err := <-done; err != nil {
+		t.Fatalf("awaitStartup: %v, want nil once the worker is ready", err)
+	}
+
+	go func() { done <- p.awaitStartup(1, startup, sigs) }()
+	sigs <- syscall.SIGTERM
+	if err := <-done; !errors.Is(err, ErrInterrupted) {
+		t.Fatalf("awaitStartup after SIGTERM: %v, want ErrInterrupted", err)
+	}
 }

@@ -58,7 +58,6 @@ type primary struct {
 	upgradeMu   sync.Mutex    // held by the one Upgrade that runs
 	upgraded    atomic.Bool   // a new primary took over: stop without STOPPING=1 or a drain delay
 	notify      *notifier
-	pred        *net.UnixConn // started by Upgrade: to the old primary, until Start returns
 	stopSignals func()
 }
 
@@ -157,7 +156,6 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 		ln.Close()
 		return nil, err
 	}
-	p.pred = pred
 	sigs := p.notifySignals()
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
 	startup := make(chan error, c.workers)
@@ -166,7 +164,7 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 	}
 	err = p.awaitStartup(c.workers, startup, sigs)
 	if err == nil {
-		err = p.announce()
+		err = p.announce(pred)
 	}
 	if err != nil {
 		p.forceShutdown()
@@ -215,26 +213,26 @@ func (c *config) listen() (net.Listener, error) {
 // to the old primary and waits for its "go". Until then it must accept
 // nothing, as the old one may still kill it; and nothing may fail after
 // it, as the old one stops accepting then.
-func (p *primary) announce() error {
+func (p *primary) announce(pred *net.UnixConn) error {
 	if p.cfg.pidFile != "" {
 		if err := writePIDFile(p.cfg.pidFile); err != nil {
 			return err
 		}
 	}
-	if p.pred != nil {
-		return p.awaitGo()
+	if pred != nil {
+		return p.awaitGo(pred)
 	}
 	return nil
 }
 
 // awaitGo reports ready to the old primary of an upgrade and waits for
 // its answer, within the time that one waits for the report.
-func (p *primary) awaitGo() error {
-	p.pred.SetDeadline(time.Now().Add(p.cfg.startTimeout + upgradeGrace))
-	_, err := p.pred.Write([]byte("ok\n"))
+func (p *primary) awaitGo(pred *net.UnixConn) error {
+	pred.SetDeadline(time.Now().Add(p.cfg.startTimeout + upgradeGrace))
+	_, err := pred.Write([]byte("ok\n"))
 	var line string
 	if err == nil {
-		line, err = bufio.NewReader(p.pred).ReadString('\n')
+		line, err = bufio.NewReader(pred).ReadString('\n')
 	}
 	if line != "go\n" {
 		return fmt.Errorf("defuss: upgrade from pid %d: the old primary did not hand over (it stopped, or gave up): %v", os.Getppid(), err)
@@ -544,19 +542,15 @@ func (p *primary) fail(err error) {
 
 // stopRequested reports whether a stop has begun, during the drain delay
 // too.
-func (p *primary) stopRequested() bool {
-	select {
-	case <-p.life.stopReq:
-		return true
-	default:
-		return false
-	}
-}
+func (p *primary) stopRequested() bool { return closed(p.life.stopReq) }
 
 // stopping reports whether a shutdown has begun: the listener is closed.
-func (p *primary) stopping() bool {
+func (p *primary) stopping() bool { return closed(p.life.drain) }
+
+// closed reports whether ch, a channel closed as a broadcast, is closed.
+func closed(ch <-chan struct{}) bool {
 	select {
-	case <-p.life.drain:
+	case <-ch:
 		return true
 	default:
 		return false

@@ -34,6 +34,20 @@ type loadResult struct {
 	versions     map[string]int64 // answer → count, for /version loads
 }
 
+// record counts one request of a load: its answer's body, or err.
+func (res *loadResult) record(body []byte, err error) {
+	res.mu.Lock()
+	defer res.mu.Unlock()
+	if err != nil {
+		res.failed.Add(1)
+		if res.firstErr == nil {
+			res.firstErr = err
+		}
+		return
+	}
+	res.versions[string(body)]++
+}
+
 // runLoad sends GET path from 4 goroutines until stop is closed: two use
 // new connections per request, two keep connections alive. It returns
 // when all have stopped.
@@ -63,16 +77,10 @@ func runLoad(addr, path string, stop <-chan struct{}, res *loadResult) func() {
 						err = errors.New("status " + resp.Status)
 					}
 				}
-				res.mu.Lock()
 				if err != nil {
-					res.failed.Add(1)
-					if res.firstErr == nil {
-						res.firstErr = fmt.Errorf("keep-alive %v: %w", !tr.DisableKeepAlives, err)
-					}
-				} else {
-					res.versions[string(body)]++
+					err = fmt.Errorf("keep-alive %v: %w", !tr.DisableKeepAlives, err)
 				}
-				res.mu.Unlock()
+				res.record(body, err)
 			}
 		}()
 	}
@@ -457,20 +465,7 @@ func TestHijackedConnectionSurvivesRestart(t *testing.T) {
 	old := s.Workers()[0].PID
 	ws := dialRaw(t, addr)
 	upgrade(t, ws, []byte(upgradeHead))
-	echo := func(msg string) error {
-		if _, err := io.WriteString(ws, msg); err != nil {
-			return err
-		}
-		got := make([]byte, len(msg))
-		if _, err := io.ReadFull(ws.r, got); err != nil {
-			return err
-		}
-		if string(got) != msg {
-			return fmt.Errorf("echoed %q, want %q", got, msg)
-		}
-		return nil
-	}
-	if err := echo("before"); err != nil {
+	if err := ws.echo("before"); err != nil {
 		t.Fatal(err)
 	}
 	restarted := make(chan error, 1)
@@ -482,7 +477,7 @@ func TestHijackedConnectionSurvivesRestart(t *testing.T) {
 		t.Fatal("a new connection went to the draining worker")
 	}
 	time.Sleep(300 * time.Millisecond) // the old worker drains meanwhile
-	if err := echo("during the drain"); err != nil {
+	if err := ws.echo("during the drain"); err != nil {
 		t.Fatalf("the hijacked connection did not survive the restart: %v", err)
 	}
 	if !alive(old) {

@@ -206,11 +206,8 @@ func (s *successor) settle(ctx context.Context, line string, stop <-chan struct{
 		return fmt.Errorf("%w: upgrade: new primary (pid %d): %s", ErrWorkerStart, s.pid, strings.TrimPrefix(line, "error: "))
 	case ctx.Err() != nil:
 		return fmt.Errorf("defuss: upgrade: %w", ctx.Err())
-	}
-	select {
-	case <-stop:
+	case closed(stop):
 		return ErrShuttingDown
-	default:
 	}
 	s.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	if _, err := s.conn.Write([]byte("go\n")); err != nil {

@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -70,16 +69,7 @@ func runRawKeepAlive(addr, path string, n int, stop <-chan struct{}, res *loadRe
 						err = errors.New("status " + resp.Status)
 					}
 				}
-				res.mu.Lock()
-				if err != nil {
-					res.failed.Add(1)
-					if res.firstErr == nil {
-						res.firstErr = err
-					}
-				} else {
-					res.versions[string(body)]++
-				}
-				res.mu.Unlock()
+				res.record(body, err)
 				if err != nil || resp.Close {
 					if c != nil {
 						c.Close()
@@ -328,21 +318,7 @@ func TestUpgradeKeepsHijackedConnection(t *testing.T) {
 	old := startPrimaryCmd(t, exec.Command(app, "-test.run=^$"), 1, nil)
 	ws := dialRaw(t, old.addr)
 	upgrade(t, ws, []byte(upgradeHead))
-	echo := func(msg string) error {
-		ws.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.WriteString(ws, msg); err != nil {
-			return err
-		}
-		got := make([]byte, len(msg))
-		if _, err := io.ReadFull(ws.r, got); err != nil {
-			return err
-		}
-		if string(got) != msg {
-			return fmt.Errorf("echoed %q, want %q", got, msg)
-		}
-		return nil
-	}
-	if err := echo("before"); err != nil {
+	if err := ws.echo("before"); err != nil {
 		t.Fatal(err)
 	}
 	old.cmd.Process.Signal(syscall.SIGUSR2)
@@ -350,7 +326,7 @@ func TestUpgradeKeepsHijackedConnection(t *testing.T) {
 	if _, body := get(t, old.addr, "/pid"); !slices.Contains(workers, atoi(body)) {
 		t.Fatalf("a new connection went to %s, not to the new workers %v", body, workers)
 	}
-	if err := echo("after the upgrade"); err != nil {
+	if err := ws.echo("after the upgrade"); err != nil {
 		t.Fatalf("the hijacked connection did not survive the upgrade: %v", err)
 	}
 	select {

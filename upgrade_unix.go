@@ -66,23 +66,16 @@ func (p *primary) startSuccessor() (*successor, error) {
 // every system has SOCK_CLOEXEC).
 func upgradePair() (*net.UnixConn, *os.File, error) {
 	syscall.ForkLock.RLock()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
 	if err == nil {
-		syscall.CloseOnExec(fds[0])
-		syscall.CloseOnExec(fds[1])
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
 	}
 	syscall.ForkLock.RUnlock()
 	if err != nil {
 		return nil, nil, os.NewSyscallError("socketpair", err)
 	}
-	f := os.NewFile(uintptr(fds[0]), "defuss-upgrade")
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		syscall.Close(fds[1])
-		return nil, nil, err
-	}
-	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "defuss-upgrade-successor"), nil
+	return filePair(fds, "defuss-upgrade")
 }
 
 // stdFD returns fd, one of 0, 1 and 2, to pass as it is, or -1 (closed in
