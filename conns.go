@@ -25,6 +25,15 @@ type liveConn struct {
 	worker net.Conn
 	slot   int
 	pid    int
+	ev     relayedConn // set once an event loop carries it (evrelay_linux.go)
+	ended  bool        // end has been asked for it
+}
+
+// relayedConn is a connection an event loop carries: its net.Conns are
+// closed, and the loop does what the table asks.
+type relayedConn interface {
+	end()   // as SetReadDeadline(now) on the client: end its direction
+	close() // close both sockets
 }
 
 func newConnTable(max int) *connTable {
@@ -55,6 +64,23 @@ func (t *connTable) routed(c, worker net.Conn, slot, pid int) {
 	if _, ok := t.live[c]; ok {
 		t.live[c] = liveConn{worker: worker, slot: slot, pid: pid}
 	}
+}
+
+// relayed records that an event loop carries c from now on. It reports
+// false if the table has closed meanwhile, and the caller closes ev.
+func (t *connTable) relayed(c net.Conn, ev relayedConn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	l, ok := t.live[c]
+	if !ok {
+		return false
+	}
+	l.ev = ev
+	t.live[c] = l
+	if l.ended {
+		ev.end()
+	}
+	return true
 }
 
 // untrack closes c and forgets it.
@@ -89,6 +115,10 @@ func (t *connTable) closeAll() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for c, l := range t.live {
+		if l.ev != nil {
+			l.ev.close()
+			continue
+		}
 		c.Close()
 		if l.worker != nil {
 			l.worker.Close()
@@ -115,8 +145,16 @@ func (t *connTable) end(match func(liveConn) bool) {
 	defer t.mu.Unlock()
 	now := time.Now()
 	for c, l := range t.live {
-		if match(l) {
+		if !match(l) {
+			continue
+		}
+		switch {
+		case l.ev != nil:
+			l.ev.end()
+		default:
 			c.SetReadDeadline(now)
+			l.ended = true
+			t.live[c] = l
 		}
 	}
 }

@@ -35,6 +35,8 @@ type primary struct {
 
 	pool  *pool      // the slot table
 	conns *connTable // live client connections
+	evr   *evRelay   // splice mode's event loops, once relay started them; nil: goroutines relay
+	evrOn sync.Once
 	gate  *dialGate  // connections being routed, dials in flight
 	life  lifecycle  // how the primary ends
 
@@ -170,6 +172,7 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 		p.forceShutdown()
 		p.supervisors.Wait()
 		close(p.acceptDone)
+		p.stopRelay()
 		p.unhook()
 		return nil, err
 	}
@@ -302,6 +305,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 	p.beginShutdown()
 	p.awaitWorkers(sigs, &ops, &signalled)
 	p.endConnections()
+	p.stopRelay() // every connection has ended
 	ops.Wait()
 	if p.life.err == nil && p.pool.noneLeft() {
 		p.life.err = ErrNoWorkers

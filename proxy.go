@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -107,8 +108,25 @@ func (p *primary) serveConn(c net.Conn) {
 		// Relay in a goroutine of its own, whose stack starts small:
 		// routing (dialing above all) grew this one's, and an idle
 		// connection would keep it for its whole life.
-		go r.run()
+		if !p.relay().take(r) {
+			go r.run()
+		}
 	}
+}
+
+// relay returns splice mode's event loops, started on first use (so that
+// a primary that never relays, in tests above all, starts none), or nil
+// where there are none and goroutines relay.
+func (p *primary) relay() *evRelay {
+	p.evrOn.Do(func() { p.evr = newEvRelay(runtime.GOMAXPROCS(0)) })
+	return p.evr
+}
+
+// stopRelay stops the event loops, once no connection can reach them;
+// none start after it.
+func (p *primary) stopRelay() {
+	p.evrOn.Do(func() {})
+	p.evr.stop()
 }
 
 // relay is a routed connection, spliced to its worker until both
@@ -122,10 +140,17 @@ type relay struct {
 	routed time.Time
 }
 
+// run relays with two goroutines (this one and copyToWorker's), where no
+// event loop carries the connection.
 func (r *relay) run() {
+	r.finish(splice(r.client, r.worker, r.p.cfg.halfOpen))
+}
+
+// finish records the end of a relay that carried up bytes to the worker
+// and down to the client, and forgets the connection.
+func (r *relay) finish(up, down int64) {
 	p, s := r.p, r.s
 	defer p.conns.untrack(r.client)
-	up, down := splice(r.client, r.worker, p.cfg.halfOpen)
 	s.conns.Add(-1)
 	p.tel.active.Add(bg, -1, s.attrs.worker)
 	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker) // bytes first: a reader that sees the duration sees them

@@ -1,0 +1,571 @@
+package defuss
+
+import (
+	"container/heap"
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// evRelay is splice mode's relay on Linux: a few event loops, one per
+// core, each carrying many spliced connections with epoll, in place of
+// two goroutines per connection. An idle connection costs a small struct
+// and two descriptors, not two goroutine stacks; moving a message costs a
+// read and a write, with no goroutine to wake.
+//
+// A connection enters once it is routed (relay.take): its two descriptors
+// are taken out of Go's poller (dup, then the net.Conns close) and belong
+// to one loop from then on. The loop owns everything about them; other
+// goroutines talk to it through its inbox (post).
+type evRelay struct {
+	loops []*evLoop
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	next  int
+}
+
+// newEvRelay starts n event loops. It returns nil, and splice mode uses
+// goroutines, if the system refuses one.
+func newEvRelay(n int) *evRelay {
+	r := &evRelay{}
+	for range max(n, 1) {
+		l, err := newEvLoop()
+		if err != nil {
+			r.stop()
+			return nil
+		}
+		r.loops = append(r.loops, l)
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			l.run()
+		}()
+	}
+	return r
+}
+
+// stop ends the loops, closing what they still carry, and waits for them.
+func (r *evRelay) stop() {
+	if r == nil {
+		return
+	}
+	for _, l := range r.loops {
+		l.post(evCmd{op: evStop})
+	}
+	r.wg.Wait()
+}
+
+// take moves the routed connection rl into a loop. It reports false if
+// the relay cannot carry it (not two TCP connections), and rl is to be
+// run by goroutines instead.
+func (r *evRelay) take(rl *relay) bool {
+	if r == nil {
+		return false
+	}
+	client, ok := rl.client.(*net.TCPConn)
+	if !ok {
+		return false
+	}
+	cfd, err := detach(client)
+	if err != nil {
+		// Closed under us (shutdown, or the head could not be written):
+		// nothing to relay.
+		rl.worker.Close()
+		rl.finish(0, 0)
+		return true
+	}
+	wfd, err := detach(rl.worker)
+	if err != nil {
+		unix.Close(cfd)
+		rl.finish(0, 0)
+		return true
+	}
+	r.mu.Lock()
+	l := r.loops[r.next%len(r.loops)]
+	r.next++
+	r.mu.Unlock()
+	pr := &evPair{loop: l, rl: rl, cfd: cfd, wfd: wfd, halfOpen: rl.p.cfg.halfOpen}
+	pr.up = evDir{src: cfd, dst: wfd}
+	pr.down = evDir{src: wfd, dst: cfd}
+	l.post(evCmd{op: evAdd, pair: pr})
+	if !rl.p.conns.relayed(rl.client, pr) {
+		pr.close() // the table closed meanwhile: shutdown has ended it
+	}
+	return true
+}
+
+// detach takes c's socket out of Go's poller: it returns a duplicate of
+// its descriptor (non-blocking, close-on-exec, as the original) and closes
+// c, which closes the original without touching the connection.
+func detach(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, os.NewSyscallError("fcntl", derr)
+	}
+	c.Close()
+	return fd, nil
+}
+
+// An evPair is one spliced connection in a loop: the client's socket and
+// the worker's, and a direction each way.
+type evPair struct {
+	loop     *evLoop
+	rl       *relay
+	cfd, wfd int
+	halfOpen bool
+
+	// Owned by the loop.
+	id, gen      int32
+	cmask, wmask uint32 // epoll interest registered for cfd and wfd
+	up, down     evDir  // client to worker; worker to client
+	finAt        time.Time
+	closed       bool
+}
+
+// An evDir is one direction of a pair.
+type evDir struct {
+	src, dst int
+	done     bool
+	pending  []byte  // read from src, not yet written to dst
+	pbuf     *[]byte // pending's pooled backing store
+	n        int64   // bytes written to dst
+}
+
+// end and close are what the connection table asks of a relayed pair
+// (see connTable.end and closeAll).
+func (pr *evPair) end()   { pr.loop.post(evCmd{op: evEnd, pair: pr}) }
+func (pr *evPair) close() { pr.loop.post(evCmd{op: evClose, pair: pr}) }
+
+type evOp int
+
+const (
+	evAdd evOp = iota
+	evEnd
+	evClose
+	evStop
+)
+
+type evCmd struct {
+	op   evOp
+	pair *evPair
+}
+
+// evLoop is one event loop. Its epoll descriptor sits in Go's own poller,
+// so the loop's goroutine waits as any network read does, holding no
+// thread; timers (finTimeout) are the descriptor's read deadline.
+type evLoop struct {
+	epfd int
+	efd  int // an eventfd: wakes the loop for its inbox
+	file *os.File
+	rc   syscall.RawConn
+
+	mu    sync.Mutex
+	inbox []evCmd
+	woken bool // an eventfd write is pending
+
+	// Owned by the loop's goroutine.
+	events []unix.EpollEvent
+	buf    []byte
+	pairs  []*evPair // by id
+	free   []int32
+	live   int
+	timers finTimers
+	armed  time.Time // the file's read deadline
+}
+
+// evWake is the epoll data of the eventfd.
+const evWake = -1
+
+// evBufSize is how much a loop reads at once, and the size of the
+// buffers that hold what a slow receiver has not taken yet.
+const evBufSize = 64 << 10
+
+var evPending = sync.Pool{New: func() any { b := make([]byte, evBufSize); return &b }}
+
+func newEvLoop() (*evLoop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	l := &evLoop{epfd: epfd, efd: efd, events: make([]unix.EpollEvent, 256), buf: make([]byte, evBufSize)}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: evWake}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, efd, &ev); err != nil {
+		l.closeFDs()
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	// Non-blocking, so that os.NewFile puts it in Go's poller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		l.closeFDs()
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	l.file = os.NewFile(uintptr(epfd), "epoll")
+	if l.rc, err = l.file.SyscallConn(); err != nil {
+		l.file.Close()
+		unix.Close(efd)
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *evLoop) closeFDs() {
+	unix.Close(l.epfd)
+	unix.Close(l.efd)
+}
+
+// post hands a command to the loop.
+func (l *evLoop) post(c evCmd) {
+	l.mu.Lock()
+	l.inbox = append(l.inbox, c)
+	wake := !l.woken
+	l.woken = true
+	l.mu.Unlock()
+	if wake {
+		var one = [8]byte{1}
+		unix.Write(l.efd, one[:]) // cannot fail short of a full counter, which a pending wake-up already covers
+	}
+}
+
+// run is the loop: wait for events, act on them, run due timers.
+func (l *evLoop) run() {
+	defer l.shut()
+	var n int
+	var werr error
+	wait := func(fd uintptr) bool {
+		for {
+			n, werr = unix.EpollWait(int(fd), l.events, 0)
+			if werr != unix.EINTR {
+				return n != 0 || werr != nil
+			}
+		}
+	}
+	for {
+		err := l.rc.Read(wait)
+		if err == nil && werr != nil {
+			err = os.NewSyscallError("epoll_wait", werr)
+		}
+		switch {
+		case err == nil:
+			for _, ev := range l.events[:n] {
+				if ev.Fd == evWake {
+					if l.drainInbox() {
+						return
+					}
+					continue
+				}
+				l.event(ev)
+			}
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		default:
+			return // cannot happen: the loop alone closes its descriptor
+		}
+		l.runTimers()
+	}
+}
+
+// shut closes every pair left and the loop's descriptors.
+func (l *evLoop) shut() {
+	for _, pr := range l.pairs {
+		if pr != nil {
+			l.finish(pr)
+		}
+	}
+	l.file.Close()
+	unix.Close(l.efd)
+}
+
+// drainInbox runs the posted commands. It reports whether one was stop.
+func (l *evLoop) drainInbox() (stop bool) {
+	var b [8]byte
+	unix.Read(l.efd, b[:])
+	l.mu.Lock()
+	cmds := l.inbox
+	l.inbox = nil
+	l.woken = false
+	l.mu.Unlock()
+	for _, c := range cmds {
+		pr := c.pair
+		switch c.op {
+		case evStop:
+			stop = true
+		case evAdd:
+			l.add(pr)
+		case evEnd:
+			if !pr.closed && pr.id >= 0 {
+				l.endUp(pr)
+			}
+		case evClose:
+			if !pr.closed && pr.id >= 0 {
+				l.finish(pr)
+			}
+		}
+	}
+	return stop
+}
+
+// add registers a new pair.
+func (l *evLoop) add(pr *evPair) {
+	if k := len(l.free); k > 0 {
+		pr.id = l.free[k-1]
+		l.free = l.free[:k-1]
+	} else {
+		pr.id = int32(len(l.pairs))
+		l.pairs = append(l.pairs, nil)
+	}
+	l.pairs[pr.id] = pr
+	l.live++
+	pr.gen++
+	pr.cmask, pr.wmask = unix.EPOLLIN, unix.EPOLLIN
+	ec := unix.EpollEvent{Events: pr.cmask, Fd: pr.id << 1, Pad: pr.gen}
+	ew := unix.EpollEvent{Events: pr.wmask, Fd: pr.id<<1 | 1, Pad: pr.gen}
+	if unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, pr.cfd, &ec) != nil ||
+		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, pr.wfd, &ew) != nil {
+		l.finish(pr) // out of memory for epoll: drop the connection, as a failed accept would
+	}
+}
+
+// event acts on one epoll event of a pair's socket.
+func (l *evLoop) event(ev unix.EpollEvent) {
+	id, side := ev.Fd>>1, ev.Fd&1
+	if int(id) >= len(l.pairs) {
+		return
+	}
+	pr := l.pairs[id]
+	if pr == nil || pr.gen != ev.Pad {
+		return // a pair finished earlier in this batch
+	}
+	// The socket's outgoing direction reads from it; its incoming one
+	// writes to it.
+	out, in := &pr.up, &pr.down
+	if side == 1 {
+		out, in = &pr.down, &pr.up
+	}
+	acted := false
+	if ev.Events&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) != 0 && out.reading() {
+		l.read(pr, out)
+		acted = true
+	}
+	if !pr.closed && ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 && in.pending != nil {
+		l.flush(pr, in)
+		acted = true
+	}
+	if !pr.closed && !acted && ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		l.finish(pr) // reset, or closed both ways, with nothing left to do on it
+	}
+	if !pr.closed {
+		l.rearm(pr)
+	}
+}
+
+func (d *evDir) reading() bool { return !d.done && d.pending == nil }
+
+// read moves what src has to dst.
+func (l *evLoop) read(pr *evPair, d *evDir) {
+	n, err := unix.Read(d.src, l.buf)
+	switch {
+	case n > 0:
+		l.write(pr, d, l.buf[:n])
+	case err == unix.EAGAIN || err == unix.EINTR:
+	case err == nil: // EOF
+		l.ended(pr, d, true)
+	default:
+		l.ended(pr, d, false)
+	}
+}
+
+// write writes b to d's destination; what does not fit waits in pending.
+func (l *evLoop) write(pr *evPair, d *evDir, b []byte) {
+	for len(b) > 0 {
+		n, err := unix.Write(d.dst, b)
+		if n > 0 {
+			d.n += int64(n)
+			b = b[n:]
+			continue
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			break
+		}
+		l.ended(pr, d, false)
+		return
+	}
+	if len(b) > 0 {
+		if d.pbuf == nil {
+			d.pbuf = evPending.Get().(*[]byte)
+		}
+		d.pending = append((*d.pbuf)[:0], b...)
+	} else if d.pbuf != nil {
+		evPending.Put(d.pbuf)
+		d.pbuf, d.pending = nil, nil
+	}
+	if d == &pr.up && pr.down.done && !pr.finAt.IsZero() {
+		// The worker has finished sending and the client still does:
+		// it gets finTimeout more after every chunk.
+		pr.finAt = time.Now().Add(finTimeout)
+	}
+}
+
+// flush writes what waits in d.pending.
+func (l *evLoop) flush(pr *evPair, d *evDir) {
+	b := d.pending
+	d.pending = nil
+	l.write(pr, d, b)
+}
+
+// ended ends direction d: its source reached EOF (clean) or a read or
+// write failed. With halfOpen, a clean EOF passes on as a FIN while the
+// other direction flows on; otherwise the whole connection ends.
+func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
+	if !clean || !pr.halfOpen {
+		l.finish(pr)
+		return
+	}
+	d.done = true
+	unix.Shutdown(d.dst, unix.SHUT_WR)
+	l.progress(pr)
+}
+
+// endUp ends the client-to-worker direction without a FIN from the
+// client: its worker has exited, or the client neither sent nor closed
+// within finTimeout of the worker's close. The other direction still
+// delivers the worker's last bytes.
+func (l *evLoop) endUp(pr *evPair) {
+	d := &pr.up
+	if !d.done {
+		d.done = true
+		d.release()
+		unix.Shutdown(d.dst, unix.SHUT_WR)
+	}
+	l.progress(pr)
+	if !pr.closed {
+		l.rearm(pr)
+	}
+}
+
+// progress finishes a pair whose two directions are done, and starts the
+// client's finTimeout once the worker's direction is.
+func (l *evLoop) progress(pr *evPair) {
+	switch {
+	case pr.up.done && pr.down.done:
+		l.finish(pr)
+	case pr.down.done && pr.finAt.IsZero():
+		pr.finAt = time.Now().Add(finTimeout)
+		heap.Push(&l.timers, finTimer{at: pr.finAt, pair: pr})
+	}
+}
+
+func (d *evDir) release() {
+	if d.pbuf != nil {
+		evPending.Put(d.pbuf)
+	}
+	d.pbuf, d.pending = nil, nil
+}
+
+// rearm brings the epoll interest of the pair's sockets up to date.
+func (l *evLoop) rearm(pr *evPair) {
+	var cm, wm uint32
+	if pr.up.reading() {
+		cm |= unix.EPOLLIN
+	}
+	if pr.down.pending != nil {
+		cm |= unix.EPOLLOUT
+	}
+	if pr.down.reading() {
+		wm |= unix.EPOLLIN
+	}
+	if pr.up.pending != nil {
+		wm |= unix.EPOLLOUT
+	}
+	if cm != pr.cmask {
+		pr.cmask = cm
+		ev := unix.EpollEvent{Events: cm, Fd: pr.id << 1, Pad: pr.gen}
+		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, pr.cfd, &ev)
+	}
+	if wm != pr.wmask {
+		pr.wmask = wm
+		ev := unix.EpollEvent{Events: wm, Fd: pr.id<<1 | 1, Pad: pr.gen}
+		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, pr.wfd, &ev)
+	}
+}
+
+// finish closes both sockets and reports the pair's end.
+func (l *evLoop) finish(pr *evPair) {
+	if pr.closed {
+		return
+	}
+	pr.closed = true
+	unix.Close(pr.cfd)
+	unix.Close(pr.wfd)
+	pr.up.release()
+	pr.down.release()
+	if pr.id >= 0 && int(pr.id) < len(l.pairs) && l.pairs[pr.id] == pr {
+		l.pairs[pr.id] = nil
+		l.free = append(l.free, pr.id)
+		l.live--
+	}
+	pr.rl.finish(pr.up.n, pr.down.n)
+}
+
+// runTimers ends the client direction of pairs whose finTimeout passed,
+// and sets the loop's deadline to the next timer.
+func (l *evLoop) runTimers() {
+	now := time.Now()
+	for len(l.timers) > 0 && !l.timers[0].at.After(now) {
+		t := heap.Pop(&l.timers).(finTimer)
+		pr := t.pair
+		switch {
+		case pr.closed:
+		case pr.finAt.After(now): // extended since: wait on
+			heap.Push(&l.timers, finTimer{at: pr.finAt, pair: pr})
+		default:
+			l.endUp(pr)
+		}
+	}
+	var next time.Time
+	if len(l.timers) > 0 {
+		next = l.timers[0].at
+	}
+	if !next.Equal(l.armed) {
+		l.armed = next
+		l.file.SetReadDeadline(next)
+	}
+}
+
+type finTimer struct {
+	at   time.Time
+	pair *evPair
+}
+
+// finTimers is a min-heap of timers by time.
+type finTimers []finTimer
+
+func (h finTimers) Len() int           { return len(h) }
+func (h finTimers) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h finTimers) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *finTimers) Push(x any)        { *h = append(*h, x.(finTimer)) }
+func (h *finTimers) Pop() any {
+	old := *h
+	t := old[len(old)-1]
+	old[len(old)-1] = finTimer{}
+	*h = old[:len(old)-1]
+	return t
+}
