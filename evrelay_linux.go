@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
@@ -61,8 +62,9 @@ func (r *evRelay) stop() {
 }
 
 // take moves the routed connection rl into a loop. It reports false if
-// the relay cannot carry it (not two TCP connections), and rl is to be
-// run by goroutines instead.
+// the relay cannot carry it (the client is not a *net.TCPConn; its
+// worker connection is then not raw either), and rl is to be run by
+// goroutines instead.
 func (r *evRelay) take(rl *relay) bool {
 	if r == nil {
 		return false
@@ -71,17 +73,20 @@ func (r *evRelay) take(rl *relay) bool {
 	if !ok {
 		return false
 	}
+	wfd := rl.worker.fd
+	if wfd < 0 {
+		var err error
+		if wfd, err = detach(rl.worker.conn); err != nil {
+			// Closed under us (shutdown, or the head could not be
+			// written): nothing to relay.
+			client.Close()
+			rl.finish(0, 0)
+			return true
+		}
+	}
 	cfd, err := detach(client)
 	if err != nil {
-		// Closed under us (shutdown, or the head could not be written):
-		// nothing to relay.
-		rl.worker.Close()
-		rl.finish(0, 0)
-		return true
-	}
-	wfd, err := detach(rl.worker)
-	if err != nil {
-		unix.Close(cfd)
+		unix.Close(wfd)
 		rl.finish(0, 0)
 		return true
 	}
@@ -435,7 +440,14 @@ func (l *evLoop) flush(pr *evPair, d *evDir) {
 // write failed. With halfOpen, a clean EOF passes on as a FIN while the
 // other direction flows on; otherwise the whole connection ends.
 func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
-	if !clean || !pr.halfOpen {
+	other := &pr.up
+	if d == &pr.up {
+		other = &pr.down
+	}
+	if !clean || !pr.halfOpen || other.done {
+		// Closing sends the FIN (the other side is read to its EOF, or
+		// done with): no shutdown first.
+		d.done = true
 		l.finish(pr)
 		return
 	}
@@ -450,11 +462,16 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 // delivers the worker's last bytes.
 func (l *evLoop) endUp(pr *evPair) {
 	d := &pr.up
-	if !d.done {
-		d.done = true
-		d.release()
-		unix.Shutdown(d.dst, unix.SHUT_WR)
+	if d.done {
+		return
 	}
+	d.done = true
+	d.release()
+	if pr.down.done {
+		l.finish(pr) // the close sends the FIN
+		return
+	}
+	unix.Shutdown(d.dst, unix.SHUT_WR)
 	l.progress(pr)
 	if !pr.closed {
 		l.rearm(pr)
@@ -569,3 +586,120 @@ func (h *finTimers) Pop() any {
 	*h = old[:len(old)-1]
 	return t
 }
+
+// dialWorkerRaw connects to a worker at addr on a socket of its own,
+// non-blocking and outside Go's poller, for an event loop to carry. ok is
+// false, and nothing was done, when addr is not an IP address and port.
+// A refused connection fails here, so that offer tries the next worker.
+func dialWorkerRaw(addr string, timeout time.Duration) (fd int, err error, ok bool) {
+	ap, perr := netip.ParseAddrPort(addr)
+	if perr != nil {
+		return -1, nil, false
+	}
+	var sa unix.Sockaddr
+	family := unix.AF_INET
+	if a := ap.Addr().Unmap(); a.Is4() {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.As4()}
+	} else {
+		family = unix.AF_INET6
+		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+	}
+	fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err), true
+	}
+	if err := connectRaw(fd, sa, timeout); err != nil {
+		unix.Close(fd)
+		return -1, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ap), Err: err}, true
+	}
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) // as net/http's connections
+	return fd, nil, true
+}
+
+// connectRaw connects fd to sa within timeout. Over loopback the
+// handshake is done by the time connect returns, EINPROGRESS or not:
+// one getpeername tells. Otherwise (a worker's full accept queue drops
+// the SYN) it waits in Go's poller.
+func connectRaw(fd int, sa unix.Sockaddr, timeout time.Duration) error {
+	switch err := unix.Connect(fd, sa); err {
+	case nil:
+		return nil
+	case unix.EINPROGRESS, unix.EINTR, unix.EALREADY:
+	default:
+		return os.NewSyscallError("connect", err)
+	}
+	connected := func() (bool, error) {
+		if _, err := unix.Getpeername(fd); err == nil {
+			return true, nil
+		}
+		switch e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); {
+		case err != nil:
+			return false, os.NewSyscallError("getsockopt", err)
+		case e != 0:
+			return false, os.NewSyscallError("connect", unix.Errno(e))
+		}
+		return false, nil
+	}
+	if ok, err := connected(); ok || err != nil {
+		return err
+	}
+	return waitWritable(fd, timeout, connected)
+}
+
+// writeRaw writes all of b to fd, waiting in Go's poller, within
+// timeout, if fd's send buffer is full.
+func writeRaw(fd int, b []byte, timeout time.Duration) error {
+	try := func() (bool, error) {
+		for len(b) > 0 {
+			n, err := unix.Write(fd, b)
+			switch {
+			case n > 0:
+				b = b[n:]
+			case err == unix.EINTR:
+			case err == unix.EAGAIN:
+				return false, nil
+			default:
+				return false, os.NewSyscallError("write", err)
+			}
+		}
+		return true, nil
+	}
+	if ok, err := try(); ok || err != nil {
+		return err
+	}
+	return waitWritable(fd, timeout, try)
+}
+
+// waitWritable calls try each time fd turns writable until it is done
+// or fails, or timeout passes: the slow path of a raw socket, in Go's
+// poller through a duplicate descriptor, so that fd itself stays out.
+func waitWritable(fd int, timeout time.Duration, try func() (bool, error)) error {
+	d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return os.NewSyscallError("fcntl", err)
+	}
+	f := os.NewFile(uintptr(d), "worker") // non-blocking: in the poller
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	f.SetWriteDeadline(time.Now().Add(timeout))
+	var terr error
+	first := true
+	err = rc.Write(func(uintptr) bool {
+		if first { // Go calls first, then waits: wait first
+			first = false
+			return false
+		}
+		var done bool
+		done, terr = try()
+		return done || terr != nil
+	})
+	if err != nil {
+		return err // os.ErrDeadlineExceeded
+	}
+	return terr
+}
+
+func closeRaw(fd int) { unix.Close(fd) }

@@ -37,8 +37,8 @@ type primary struct {
 	conns *connTable // live client connections
 	evr   *evRelay   // splice mode's event loops, once relay started them; nil: goroutines relay
 	evrOn sync.Once
-	gate  *dialGate  // connections being routed, dials in flight
-	life  lifecycle  // how the primary ends
+	gate  *dialGate // connections being routed, dials in flight
+	life  lifecycle // how the primary ends
 
 	// spawn starts a worker process for a slot: the seam between the
 	// supervisors and the operating system (spawnExec outside tests).
@@ -96,7 +96,7 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 		pool:       newPool(c.workers),
 		conns:      newConnTable(c.maxConns),
 		gate:       newDialGate(),
-		dialer:     net.Dialer{Timeout: c.dialTimeout},
+		dialer:     net.Dialer{Timeout: c.dialTimeout, KeepAlive: -1}, // loopback to a child: its exit, not probes, tells it is gone
 		fallback:   RoundRobin(),
 		acceptDone: make(chan struct{}),
 		replaceTok: make(chan struct{}, 1),
@@ -204,7 +204,8 @@ func (c *config) listen() (net.Listener, error) {
 	if c.listener != nil {
 		return c.listener, nil
 	}
-	ln, err := net.Listen("tcp", c.addr)
+	lc := listenConfig()
+	ln, err := lc.Listen(context.Background(), "tcp", c.addr)
 	if err != nil {
 		return nil, fmt.Errorf("defuss: listen: %w", err)
 	}

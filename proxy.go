@@ -134,7 +134,7 @@ func (p *primary) stopRelay() {
 type relay struct {
 	p      *primary
 	client net.Conn
-	worker *net.TCPConn
+	worker upstream
 	s      *slot
 	sent   int64 // head bytes already written to the worker
 	routed time.Time
@@ -143,7 +143,7 @@ type relay struct {
 // run relays with two goroutines (this one and copyToWorker's), where no
 // event loop carries the connection.
 func (r *relay) run() {
-	r.finish(splice(r.client, r.worker, r.p.cfg.halfOpen))
+	r.finish(splice(r.client, r.worker.conn, r.p.cfg.halfOpen))
 }
 
 // finish records the end of a relay that carried up bytes to the worker
@@ -192,7 +192,7 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 	req.RemoteAddr = client
 	health, head, isHTTP := p.isHealthCheck(req), req.Method == "HEAD", req.Protocol == ProtocolHTTP1
 	var w *WorkerInfo
-	var wc *net.TCPConn
+	var up upstream
 	switch {
 	case health:
 	case handoff:
@@ -200,9 +200,11 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
 		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
-		w = p.offer(req, tc, msg, nil)
+		w = p.offer(req, tc, msg, nil, false)
 	default:
-		w = p.offer(req, nil, nil, &wc)
+		// An event loop carries TCP clients (where there are loops):
+		// the worker's socket is then dialed raw, never in Go's poller.
+		w = p.offer(req, nil, nil, &up, isTCP && p.relay() != nil)
 	}
 	doneRouting()
 	req.reset()
@@ -219,19 +221,23 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		}
 		return nil, w != nil
 	}
-	r = &relay{p: p, client: c, worker: wc, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
-	p.conns.routed(c, wc, w.Index, w.PID)
+	r = &relay{p: p, client: c, worker: up, s: w.slot, sent: int64(n - hdr), routed: time.Now()}
+	var wconn net.Conn // for closeAll, if it comes before an event loop carries the pair
+	if up.conn != nil {
+		wconn = up.conn
+	}
+	p.conns.routed(c, wconn, w.Index, w.PID)
 	// The worker gets the PROXY header and the head in one write: the
 	// header goes right in front of the head, in the buffer's spare room.
 	var hb [proxyRoom]byte
 	h := appendProxyV2(hb[:0], client, localAddr(c), &p.secret)
 	from := proxyRoom + hdr - len(h)
 	copy((*bp)[from:], h)
-	_, err := wc.Write((*bp)[from : proxyRoom+n])
+	err := up.write((*bp)[from:proxyRoom+n], p.cfg.dialTimeout)
 	p.bufs.Put(bp)
 	if err != nil {
 		// The worker is gone already: end the connection as a relay would.
-		wc.Close()
+		up.close()
 		c.Close()
 	}
 	return r, false
@@ -278,11 +284,12 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 
 // offer picks a worker for req and gives it the connection: with c set
 // (hand-off mode) it passes c's descriptor to the worker in the hand-off
-// message msg; otherwise (splice mode) it dials the worker and sets *wc.
+// message msg; otherwise (splice mode) it dials the worker and sets *up,
+// with a raw socket if raw.
 // A worker that fails is skipped for the next candidate, since it has
 // not received a byte. offer returns the worker that took the connection,
 // whose slot's connection count now includes it, or nil.
-func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, wc **net.TCPConn) *WorkerInfo {
+func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, up *upstream, raw bool) *WorkerInfo {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -304,7 +311,7 @@ func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, wc **net.TCPCo
 		if c != nil {
 			err = handTo(w.proc, c, msg)
 		} else {
-			*wc, err = p.dial(w.Addr)
+			*up, err = p.dialUpstream(w.Addr, raw)
 		}
 		if err == nil {
 			if w.proc != nil {
@@ -324,6 +331,42 @@ func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, wc **net.TCPCo
 		}
 	}
 	return nil
+}
+
+// upstream is the primary's connection to a worker in splice mode: a
+// raw socket that an event loop will carry (fd >= 0), or a net.TCPConn.
+type upstream struct {
+	conn *net.TCPConn
+	fd   int
+}
+
+// dialUpstream connects to the worker at addr: with raw, on a socket of
+// its own (dialWorkerRaw) where addr is an IP address, else with p.dial.
+func (p *primary) dialUpstream(addr string, raw bool) (upstream, error) {
+	if raw {
+		if fd, err, ok := dialWorkerRaw(addr, p.cfg.dialTimeout); ok {
+			return upstream{fd: fd}, err
+		}
+	}
+	c, err := p.dial(addr)
+	return upstream{conn: c, fd: -1}, err
+}
+
+// write writes all of b, within timeout on a raw socket.
+func (u upstream) write(b []byte, timeout time.Duration) error {
+	if u.conn != nil {
+		_, err := u.conn.Write(b)
+		return err
+	}
+	return writeRaw(u.fd, b, timeout)
+}
+
+func (u upstream) close() {
+	if u.conn != nil {
+		u.conn.Close()
+		return
+	}
+	closeRaw(u.fd)
 }
 
 // dial connects to a worker; p.dialer.Timeout bounds it.

@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -11,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Behaviour 5: a 1 GiB streamed upload and a 1 GiB download pass through
@@ -102,9 +105,11 @@ func readRSS(pid int) (int64, error) {
 }
 
 // An idle proxied connection costs the primary two descriptors, its two
-// sockets: copyStream waits for data without holding a splice pipe (with
-// io.Copy, each idle direction held a pipe: six descriptors per
-// connection, which the benchmark's 10,000 idle connections ran out of).
+// sockets, and no goroutine. No splice pipe: with io.Copy, each idle
+// direction held a pipe, six descriptors per connection, which the
+// benchmark's 10,000 idle connections ran out of. No goroutine: an event
+// loop carries it (evrelay_linux.go), where two goroutines per connection
+// held their stacks, 10 KiB per idle connection in the benchmark.
 func TestIdleConnectionsHoldNoPipes(t *testing.T) {
 	s := startTest(t)
 	fds := func() int {
@@ -115,15 +120,24 @@ func TestIdleConnectionsHoldNoPipes(t *testing.T) {
 		return len(ents)
 	}
 	const n = 200
-	before := fds()
+	// The event loops start with the first relayed connection.
+	dialRaw(t, s.Addr().String()).roundTrip(t, "/pid")
+	waitFor(t, 5*time.Second, "the warm-up connection counted", func() bool {
+		ws := s.Workers()
+		return ws[0].ActiveConnections()+ws[1].ActiveConnections() == 1
+	})
+	before, goroutines := fds(), runtime.NumGoroutine()
 	for range n {
 		c := dialRaw(t, s.Addr().String())
 		c.roundTrip(t, "/pid") // routed and spliced, now idle
 	}
 	waitFor(t, 5*time.Second, "connections counted", func() bool {
 		ws := s.Workers()
-		return ws[0].ActiveConnections()+ws[1].ActiveConnections() == n
+		return ws[0].ActiveConnections()+ws[1].ActiveConnections() == n+1
 	})
+	if g := runtime.NumGoroutine() - goroutines; g > n/10 {
+		t.Errorf("%d idle connections: %d more goroutines; want none per connection", n, g)
+	}
 	// Each connection: the test's client socket, and the primary's client
 	// and worker sockets, all in this process.
 	grown := fds() - before
@@ -133,4 +147,48 @@ func TestIdleConnectionsHoldNoPipes(t *testing.T) {
 	if grown > 3*n+n/4 {
 		t.Errorf("%d idle connections took %d descriptors; want about %d (3 per connection, no pipes)", n, grown, 3*n)
 	}
+}
+
+// Accepted public connections keep TCP keep-alive (as net's defaults set
+// it) although it is set once on the listening socket, not on each.
+func TestPublicConnectionsKeepAlive(t *testing.T) {
+	c, err := newConfig(func(string) string { return "" }, WithAddr("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := c.listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	rc, err := sc.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		for _, o := range []struct {
+			name       string
+			level, opt int
+			want       int
+		}{
+			{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+			{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+			{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+			{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+		} {
+			if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v != o.want {
+				t.Errorf("%s = %d (%v), want %d", o.name, v, err, o.want)
+			}
+		}
+	})
 }

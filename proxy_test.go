@@ -377,27 +377,32 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 			c.Close()
 		}
 	}()
-	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
-	m, opt := newMetrics(t)
-	p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
-	var conn *net.TCPConn
-	w := p.offer(&Request{}, nil, nil, &conn)
-	if w == nil {
-		t.Fatal("connect gave up although worker 1 accepts")
-	}
-	conn.Close()
-	if w.slot.index != 1 {
-		t.Fatalf("connected to worker %d, want 1", w.slot.index)
-	}
-	if n0, n1 := p.pool.slots[0].conns.Load(), p.pool.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
-		t.Fatalf("connection counts %d/%d, want 0/1", n0, n1)
-	}
-	ms := m.collect()
-	if got := points(t, ms, "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != 1 || len(got) != 1 {
-		t.Errorf("dial.failures = %v, want 1 for worker 0", got)
-	}
-	if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != 1 || len(got) != 1 {
-		t.Errorf("dial.retries = %v, want 1 onto worker 1", got)
+	// raw: the socket an event loop carries (Linux); otherwise net.Dialer.
+	for _, raw := range []bool{false, true} {
+		t.Run(fmt.Sprintf("raw=%v", raw), func(t *testing.T) {
+			always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+			m, opt := newMetrics(t)
+			p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
+			var up upstream
+			w := p.offer(&Request{}, nil, nil, &up, raw)
+			if w == nil {
+				t.Fatal("connect gave up although worker 1 accepts")
+			}
+			up.close()
+			if w.slot.index != 1 {
+				t.Fatalf("connected to worker %d, want 1", w.slot.index)
+			}
+			if n0, n1 := p.pool.slots[0].conns.Load(), p.pool.slots[1].conns.Load(); n0 != 0 || n1 != 1 {
+				t.Fatalf("connection counts %d/%d, want 0/1", n0, n1)
+			}
+			ms := m.collect()
+			if got := points(t, ms, "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != 1 || len(got) != 1 {
+				t.Errorf("dial.failures = %v, want 1 for worker 0", got)
+			}
+			if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != 1 || len(got) != 1 {
+				t.Errorf("dial.retries = %v, want 1 onto worker 1", got)
+			}
+		})
 	}
 }
 
