@@ -74,6 +74,11 @@ func (r *evRelay) take(rl *relay) bool {
 		return false
 	}
 	wfd := rl.worker.fd
+	if wfd < 0 && rl.worker.conn == nil {
+		client.Close() // route closed the worker's socket: its head write failed
+		rl.finish(0, 0)
+		return true
+	}
 	if wfd < 0 {
 		var err error
 		if wfd, err = detach(rl.worker.conn); err != nil {
@@ -133,11 +138,12 @@ type evPair struct {
 	halfOpen bool
 
 	// Owned by the loop.
-	id, gen      int32
-	cmask, wmask uint32 // epoll interest registered for cfd and wfd
-	up, down     evDir  // client to worker; worker to client
-	finAt        time.Time
-	closed       bool
+	id, gen  int32
+	mask     [2]uint32 // epoll interest registered for cfd, wfd
+	parked   [2]bool   // cfd, wfd out of epoll: hung up while what they sent waits (see event)
+	up, down evDir     // client to worker; worker to client
+	finAt    time.Time
+	closed   bool
 }
 
 // An evDir is one direction of a pair.
@@ -186,6 +192,7 @@ type evLoop struct {
 	buf    []byte
 	pairs  []*evPair // by id
 	free   []int32
+	gen    int32 // of the last pair added: tells a slot's pairs apart
 	live   int
 	timers finTimers
 	armed  time.Time // the file's read deadline
@@ -336,12 +343,10 @@ func (l *evLoop) add(pr *evPair) {
 	}
 	l.pairs[pr.id] = pr
 	l.live++
-	pr.gen++
-	pr.cmask, pr.wmask = unix.EPOLLIN, unix.EPOLLIN
-	ec := unix.EpollEvent{Events: pr.cmask, Fd: pr.id << 1, Pad: pr.gen}
-	ew := unix.EpollEvent{Events: pr.wmask, Fd: pr.id<<1 | 1, Pad: pr.gen}
-	if unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, pr.cfd, &ec) != nil ||
-		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, pr.wfd, &ew) != nil {
+	l.gen++
+	pr.gen = l.gen
+	pr.mask = [2]uint32{unix.EPOLLIN, unix.EPOLLIN}
+	if l.ctl(unix.EPOLL_CTL_ADD, pr, 0) != nil || l.ctl(unix.EPOLL_CTL_ADD, pr, 1) != nil {
 		l.finish(pr) // out of memory for epoll: drop the connection, as a failed accept would
 	}
 }
@@ -372,6 +377,15 @@ func (l *evLoop) event(ev unix.EpollEvent) {
 		acted = true
 	}
 	if !pr.closed && !acted && ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		if ev.Events&unix.EPOLLERR == 0 && !out.done && out.pending != nil {
+			// Closed both ways (its FIN came after ours), while what it
+			// sent waits for the other side to take it: the rest is
+			// still to be read. EPOLLHUP cannot be masked, so the socket
+			// leaves epoll until its direction reads again (rearm).
+			unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, pr.fd(int(side)), nil)
+			pr.parked[side], pr.mask[side] = true, 0
+			return
+		}
 		l.finish(pr) // reset, or closed both ways, with nothing left to do on it
 	}
 	if !pr.closed {
@@ -499,29 +513,48 @@ func (d *evDir) release() {
 
 // rearm brings the epoll interest of the pair's sockets up to date.
 func (l *evLoop) rearm(pr *evPair) {
-	var cm, wm uint32
-	if pr.up.reading() {
-		cm |= unix.EPOLLIN
+	want := [2]uint32{interest(&pr.up, &pr.down), interest(&pr.down, &pr.up)}
+	for side, m := range want {
+		switch {
+		case pr.parked[side]:
+			if m == 0 {
+				continue
+			}
+			pr.parked[side] = false
+			pr.mask[side] = m
+			l.ctl(unix.EPOLL_CTL_ADD, pr, side)
+		case m != pr.mask[side]:
+			pr.mask[side] = m
+			l.ctl(unix.EPOLL_CTL_MOD, pr, side)
+		}
 	}
-	if pr.down.pending != nil {
-		cm |= unix.EPOLLOUT
+}
+
+// interest is the epoll interest of the socket that out reads from and
+// in writes to.
+func interest(out, in *evDir) uint32 {
+	var m uint32
+	if out.reading() {
+		m |= unix.EPOLLIN
 	}
-	if pr.down.reading() {
-		wm |= unix.EPOLLIN
+	if in.pending != nil {
+		m |= unix.EPOLLOUT
 	}
-	if pr.up.pending != nil {
-		wm |= unix.EPOLLOUT
+	return m
+}
+
+// ctl registers side's socket (0 the client's, 1 the worker's) with its
+// interest in pr.mask.
+func (l *evLoop) ctl(op int, pr *evPair, side int) error {
+	ev := unix.EpollEvent{Events: pr.mask[side], Fd: pr.id<<1 | int32(side), Pad: pr.gen}
+	return unix.EpollCtl(l.epfd, op, pr.fd(side), &ev)
+}
+
+func (pr *evPair) fd(side int) int {
+	if side == 0 {
+		return pr.cfd
 	}
-	if cm != pr.cmask {
-		pr.cmask = cm
-		ev := unix.EpollEvent{Events: cm, Fd: pr.id << 1, Pad: pr.gen}
-		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, pr.cfd, &ev)
-	}
-	if wm != pr.wmask {
-		pr.wmask = wm
-		ev := unix.EpollEvent{Events: wm, Fd: pr.id<<1 | 1, Pad: pr.gen}
-		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, pr.wfd, &ev)
-	}
+	return pr.wfd
 }
 
 // finish closes both sockets and reports the pair's end.
@@ -686,12 +719,9 @@ func waitWritable(fd int, timeout time.Duration, try func() (bool, error)) error
 	}
 	f.SetWriteDeadline(time.Now().Add(timeout))
 	var terr error
-	first := true
 	err = rc.Write(func(uintptr) bool {
-		if first { // Go calls first, then waits: wait first
-			first = false
-			return false
-		}
+		// Try first, every time: the poller may have taken the edge
+		// before this call began, and no other comes.
 		var done bool
 		done, terr = try()
 		return done || terr != nil

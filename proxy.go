@@ -140,6 +140,16 @@ type relay struct {
 	routed time.Time
 }
 
+// abort ends a relay whose worker is gone before it began (the head
+// could not be written): it closes both sides, and the relay then ends
+// at once with nothing copied. A raw socket is closed here once, and
+// forgotten.
+func (r *relay) abort() {
+	r.worker.close()
+	r.worker.fd = -1
+	r.client.Close()
+}
+
 // run relays with two goroutines (this one and copyToWorker's), where no
 // event loop carries the connection.
 func (r *relay) run() {
@@ -236,9 +246,7 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 	err := up.write((*bp)[from:proxyRoom+n], p.cfg.dialTimeout)
 	p.bufs.Put(bp)
 	if err != nil {
-		// The worker is gone already: end the connection as a relay would.
-		up.close()
-		c.Close()
+		r.abort()
 	}
 	return r, false
 }

@@ -143,7 +143,11 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 			uc.Close() // it carried the listener only
 		}
 	} else {
-		ln, err = net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+		// Only the primary connects here, over loopback: no TCP
+		// keep-alive (four system calls per connection); the primary
+		// learns that a worker is gone from its exit.
+		lc := net.ListenConfig{KeepAlive: -1}
+		ln, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
 	}
 	if err != nil {
 		if cfg.handoff {
