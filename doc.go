@@ -30,7 +30,8 @@
 // at most 10ms and 16 KiB by default), asks a [Balancer] which worker takes
 // the connection, dials that worker on its loopback port, writes a PROXY
 // header (the client's address) and the bytes it read, and then copies the
-// two TCP streams (splice(2) on Linux for bulk data). With [WithHandoff] it
+// two TCP streams (on Linux in a few epoll event loops, with no goroutine
+// per connection). With [WithHandoff] it
 // instead peeks at the head and passes the connection itself to the worker.
 // Routing is per connection: every request on a keep-alive connection goes
 // to the same worker. Workers serve the handler with an http.Server on a
@@ -59,8 +60,9 @@
 //
 // defuss builds for Linux, macOS, the BSDs and Windows. It runs workers on
 // Linux, macOS and the BSDs: all of them have inherited pipes, process groups and
-// SCM_RIGHTS. Linux adds splice(2) for bulk data in splice mode (elsewhere
-// the primary copies through a pooled buffer) and a parent-death signal as
+// SCM_RIGHTS. Linux adds event loops (epoll) for splice mode's copying
+// (elsewhere two goroutines per connection copy through a pooled buffer)
+// and a parent-death signal as
 // a second guard against orphaned workers (elsewhere a worker stops when
 // its control pipe reaches EOF, which happens on Linux too).
 //
