@@ -1,14 +1,17 @@
 package defuss
 
 import (
+	"bytes"
 	"container/heap"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -147,12 +150,24 @@ type evPair struct {
 }
 
 // An evDir is one direction of a pair.
+//
+// It reads what src has and writes it to dst. A receiver that does not
+// take a whole read (a slow reader, a full socket) must not make the
+// primary hold what it sends: the rest of that read waits in pending
+// (at most evFirstRead for a direction's first read, evBufSize later),
+// and from then on the direction peeks (MSG_PEEK), writes, and consumes
+// from src only what dst took (MSG_TRUNC), so that the rest waits in
+// src's socket, and TCP's flow control slows the sender. Once dst takes
+// all that was queued, plain reads resume: peeking costs one system call
+// more per read.
 type evDir struct {
 	src, dst int
 	done     bool
-	pending  []byte  // read from src, not yet written to dst
-	pbuf     *[]byte // pending's pooled backing store
-	n        int64   // bytes written to dst
+	started  bool   // has read once
+	peek     bool   // dst did not take a whole read lately: peek, write, consume
+	stalled  bool   // peeking, and dst is full: wait until it is writable
+	pending  []byte // read from src, not yet written to dst
+	n        int64  // bytes written to dst
 }
 
 // end and close are what the connection table asks of a relayed pair
@@ -201,11 +216,13 @@ type evLoop struct {
 // evWake is the epoll data of the eventfd.
 const evWake = -1
 
-// evBufSize is how much a loop reads at once, and the size of the
-// buffers that hold what a slow receiver has not taken yet.
-const evBufSize = 64 << 10
-
-var evPending = sync.Pool{New: func() any { b := make([]byte, evBufSize); return &b }}
+// evBufSize is how much a loop reads at once; evFirstRead how much a
+// direction reads the first time, which bounds what a slow reader makes
+// the primary hold.
+const (
+	evBufSize   = 64 << 10
+	evFirstRead = 16 << 10
+)
 
 func newEvLoop() (*evLoop, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
@@ -372,12 +389,12 @@ func (l *evLoop) event(ev unix.EpollEvent) {
 		l.read(pr, out)
 		acted = true
 	}
-	if !pr.closed && ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 && in.pending != nil {
-		l.flush(pr, in)
+	if !pr.closed && ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 && in.blocked() {
+		l.resume(pr, in)
 		acted = true
 	}
 	if !pr.closed && !acted && ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		if ev.Events&unix.EPOLLERR == 0 && !out.done && out.pending != nil {
+		if ev.Events&unix.EPOLLERR == 0 && !out.done && out.blocked() {
 			// Closed both ways (its FIN came after ours), while what it
 			// sent waits for the other side to take it: the rest is
 			// still to be read. EPOLLHUP cannot be masked, so the socket
@@ -393,14 +410,33 @@ func (l *evLoop) event(ev unix.EpollEvent) {
 	}
 }
 
-func (d *evDir) reading() bool { return !d.done && d.pending == nil }
+func (d *evDir) reading() bool { return !d.done && !d.blocked() }
+
+// blocked reports whether d waits for dst to be writable.
+func (d *evDir) blocked() bool { return d.pending != nil || d.stalled }
 
 // read moves what src has to dst.
 func (l *evLoop) read(pr *evPair, d *evDir) {
-	n, err := unix.Read(d.src, l.buf)
+	if d.peek {
+		l.peekRead(pr, d)
+		return
+	}
+	buf := l.buf
+	if !d.started {
+		d.started = true
+		buf = buf[:evFirstRead]
+	}
+	n, err := unix.Read(d.src, buf)
 	switch {
 	case n > 0:
-		l.write(pr, d, l.buf[:n])
+		w, err := l.write(pr, d, buf[:n])
+		switch {
+		case err != nil:
+			l.ended(pr, d, false)
+		case w < n:
+			d.pending = bytes.Clone(buf[w:n])
+			d.peek = true
+		}
 	case err == unix.EAGAIN || err == unix.EINTR:
 	case err == nil: // EOF
 		l.ended(pr, d, true)
@@ -409,13 +445,56 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 	}
 }
 
-// write writes b to d's destination; what does not fit waits in pending.
-func (l *evLoop) write(pr *evPair, d *evDir, b []byte) {
-	for len(b) > 0 {
-		n, err := unix.Write(d.dst, b)
+// peekRead moves what src has to dst, consuming from src only what dst
+// takes.
+func (l *evLoop) peekRead(pr *evPair, d *evDir) {
+	n, err := recvFlags(d.src, l.buf, unix.MSG_PEEK)
+	switch {
+	case n > 0:
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return
+	case err == nil: // EOF
+		l.ended(pr, d, true)
+		return
+	default:
+		l.ended(pr, d, false)
+		return
+	}
+	w, err := l.write(pr, d, l.buf[:n])
+	if w > 0 {
+		if m, derr := recvFlags(d.src, l.buf[:w], unix.MSG_TRUNC); derr != nil || m != w {
+			l.ended(pr, d, false) // cannot happen: what was peeked is there
+			return
+		}
+	}
+	switch {
+	case err != nil:
+		l.ended(pr, d, false)
+	case w < n:
+		d.stalled = true
+	case n < len(l.buf):
+		d.peek = false // dst took all there was: plain reads again
+	}
+}
+
+// recvFlags is recv(2) with flags, without recvfrom's address.
+func recvFlags(fd int, b []byte, flags int) (int, error) {
+	n, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)), uintptr(flags), 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
+// write writes what it can of b to d's destination without waiting, and
+// returns how much it wrote and the error that stopped it, if not a full
+// socket.
+func (l *evLoop) write(pr *evPair, d *evDir, b []byte) (int, error) {
+	w := 0
+	for w < len(b) {
+		n, err := unix.Write(d.dst, b[w:])
 		if n > 0 {
-			d.n += int64(n)
-			b = b[n:]
+			w += n
 			continue
 		}
 		if err == unix.EINTR {
@@ -424,30 +503,38 @@ func (l *evLoop) write(pr *evPair, d *evDir, b []byte) {
 		if err == unix.EAGAIN {
 			break
 		}
-		l.ended(pr, d, false)
-		return
-	}
-	if len(b) > 0 {
-		if d.pbuf == nil {
-			d.pbuf = evPending.Get().(*[]byte)
+		if err == nil {
+			err = io.ErrShortWrite
 		}
-		d.pending = append((*d.pbuf)[:0], b...)
-	} else if d.pbuf != nil {
-		evPending.Put(d.pbuf)
-		d.pbuf, d.pending = nil, nil
+		d.n += int64(w)
+		return w, err
 	}
-	if d == &pr.up && pr.down.done && !pr.finAt.IsZero() {
+	d.n += int64(w)
+	if w > 0 && d == &pr.up && pr.down.done && !pr.finAt.IsZero() {
 		// The worker has finished sending and the client still does:
 		// it gets finTimeout more after every chunk.
 		pr.finAt = time.Now().Add(finTimeout)
 	}
+	return w, nil
 }
 
-// flush writes what waits in d.pending.
-func (l *evLoop) flush(pr *evPair, d *evDir) {
-	b := d.pending
-	d.pending = nil
-	l.write(pr, d, b)
+// resume carries on once d's destination is writable: it writes what
+// waits in pending, or peeks again.
+func (l *evLoop) resume(pr *evPair, d *evDir) {
+	if d.stalled {
+		d.stalled = false
+		l.read(pr, d)
+		return
+	}
+	w, err := l.write(pr, d, d.pending)
+	switch {
+	case err != nil:
+		l.ended(pr, d, false)
+	case w == len(d.pending):
+		d.pending = nil
+	default:
+		d.pending = d.pending[w:]
+	}
 }
 
 // ended ends direction d: its source reached EOF (clean) or a read or
@@ -504,12 +591,7 @@ func (l *evLoop) progress(pr *evPair) {
 	}
 }
 
-func (d *evDir) release() {
-	if d.pbuf != nil {
-		evPending.Put(d.pbuf)
-	}
-	d.pbuf, d.pending = nil, nil
-}
+func (d *evDir) release() { d.pending, d.stalled = nil, false }
 
 // rearm brings the epoll interest of the pair's sockets up to date.
 func (l *evLoop) rearm(pr *evPair) {
@@ -537,7 +619,7 @@ func interest(out, in *evDir) uint32 {
 	if out.reading() {
 		m |= unix.EPOLLIN
 	}
-	if in.pending != nil {
+	if in.blocked() {
 		m |= unix.EPOLLOUT
 	}
 	return m
