@@ -151,19 +151,19 @@ type evPair struct {
 
 // An evDir is one direction of a pair.
 //
-// It reads what src has and writes it to dst. A receiver that does not
-// take a whole read (a slow reader, a full socket) must not make the
-// primary hold what it sends: the rest of that read waits in pending
-// (at most evFirstRead for a direction's first read, evBufSize later),
-// and from then on the direction peeks (MSG_PEEK), writes, and consumes
-// from src only what dst took (MSG_TRUNC), so that the rest waits in
-// src's socket, and TCP's flow control slows the sender. Once dst takes
-// all that was queued, plain reads resume: peeking costs one system call
-// more per read.
+// It reads what src has, evPlainRead at most, and writes it to dst. A
+// receiver that does not take a whole read (a slow reader, a full socket)
+// must not make the primary hold what it sends: the rest of that read
+// waits in pending, and from then on the direction peeks (MSG_PEEK, up to
+// evBufSize), writes, and consumes from src only what dst took
+// (MSG_TRUNC), so that the rest waits in src's socket and TCP's flow
+// control slows the sender. A read that fills its buffer (bulk data)
+// switches to peeking too. Once dst takes all that was queued, plain reads
+// resume: peeking costs one system call more per read, and saves reads
+// on bulk data.
 type evDir struct {
 	src, dst int
 	done     bool
-	started  bool   // has read once
 	peek     bool   // dst did not take a whole read lately: peek, write, consume
 	stalled  bool   // peeking, and dst is full: wait until it is writable
 	pending  []byte // read from src, not yet written to dst
@@ -216,12 +216,12 @@ type evLoop struct {
 // evWake is the epoll data of the eventfd.
 const evWake = -1
 
-// evBufSize is how much a loop reads at once; evFirstRead how much a
-// direction reads the first time, which bounds what a slow reader makes
-// the primary hold.
+// evPlainRead is how much a direction reads (and consumes) at once, which
+// bounds what a receiver that does not take it makes the primary hold;
+// evBufSize how much it peeks at once.
 const (
+	evPlainRead = 16 << 10
 	evBufSize   = 64 << 10
-	evFirstRead = 16 << 10
 )
 
 func newEvLoop() (*evLoop, error) {
@@ -421,11 +421,7 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 		l.peekRead(pr, d)
 		return
 	}
-	buf := l.buf
-	if !d.started {
-		d.started = true
-		buf = buf[:evFirstRead]
-	}
+	buf := l.buf[:evPlainRead]
 	n, err := unix.Read(d.src, buf)
 	switch {
 	case n > 0:
@@ -436,6 +432,8 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 		case w < n:
 			d.pending = bytes.Clone(buf[w:n])
 			d.peek = true
+		case n == len(buf):
+			d.peek = true // more is queued, likely: a bulk transfer
 		}
 	case err == unix.EAGAIN || err == unix.EINTR:
 	case err == nil: // EOF
