@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/metric/noop"
 	"golang.org/x/sys/unix"
 )
 
@@ -16,7 +17,7 @@ import (
 // tracked and routed), and returns the primary, the relay not yet taken
 // by a loop, the test's end of the client connection, and the "worker's"
 // accepted end.
-func relayPair(t *testing.T, opts ...Option) (p *primary, r *relay, client, worker net.Conn) {
+func relayPair(t testing.TB, opts ...Option) (p *primary, r *relay, client, worker net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -24,8 +25,7 @@ func relayPair(t *testing.T, opts ...Option) (p *primary, r *relay, client, work
 	}
 	t.Cleanup(func() { ln.Close() })
 	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
-	_, opt := newMetrics(t)
-	p = newTestPrimary(t, always0, opt, ln.Addr().String())
+	p = newTestPrimary(t, always0, WithMeterProvider(noop.NewMeterProvider()), ln.Addr().String())
 	for _, o := range opts {
 		o.apply(p.cfg)
 	}
@@ -201,5 +201,29 @@ func TestWaitWritableSeesReadinessItMissed(t *testing.T) {
 	}
 	if timeouts > 0 {
 		t.Fatalf("%d of 20000 waits on a writable socket timed out", timeouts)
+	}
+}
+
+// A message each way through an event loop: no allocation.
+func BenchmarkEvRelayRoundTrip(b *testing.B) {
+	p, r, cc, wc := relayPair(b)
+	if !p.relay().take(r) {
+		b.Fatal("not taken")
+	}
+	msg, got := []byte("GET / HTTP/1.1"), make([]byte, 64)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := cc.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(wc, got[:len(msg)]); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := wc.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(cc, got[:len(msg)]); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

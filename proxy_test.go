@@ -228,7 +228,7 @@ func newTestPrimary(t testing.TB, b Balancer, opt Option, addrs ...string) *prim
 }
 
 // tcpPair returns both ends of a real loopback TCP connection.
-func tcpPair(t *testing.T) (client, server net.Conn) {
+func tcpPair(t testing.TB) (client, server net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
