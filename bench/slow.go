@@ -252,7 +252,6 @@ func (h *harness) measureSlow(ctx context.Context, t *target, r *slowSetup) {
 	}
 	time.Sleep(300 * time.Millisecond) // the readiness probes' connections go
 	front := t.frontPID()
-	r.fdsBefore, r.rssBefore = countFDs(front), rssOrZero(front)
 	for _, w := range slowWorkloads {
 		r.without = append(r.without, wrk(w))
 		fmt.Fprintf(os.Stderr, "bench: %-32s %-18s without the attack: %s\n", r.name, w.name, fmtWrk(r.without[len(r.without)-1]))
@@ -266,6 +265,10 @@ func (h *harness) measureSlow(ctx context.Context, t *target, r *slowSetup) {
 	if h.warmup > 0 {
 		h.runWrk(ctx, slowWorkloads[0], t, h.warmup)
 	}
+	// The front's descriptors and memory just before the attack, after
+	// the runs without it: what those runs grew (a Go heap that ran
+	// thousands of connections) is not the attack's.
+	r.fdsBefore, r.rssBefore = countFDs(front), rssOrZero(front)
 	opening := make(chan wrkResult, 1)
 	go func() {
 		res, err := h.runWrk(ctx, slowWorkloads[0], t, h.duration)
@@ -397,7 +400,7 @@ func (h *harness) printSlow(results []*slowSetup) {
 	}
 	fmt.Print(markdownTable(rows, []bool{false, true, true, true, true, true, true, true}))
 	fmt.Println()
-	fmt.Println("\"front\" is the process that accepts the public connections (the defuss primary, HAProxy, the direct server): its descriptors and VmRSS with the attack in place, less before it, per slow reader. \"kernel TCP\" is the machine's TCP buffer memory (the mem of /proc/net/sockstat, all sockets, other processes' included) with the attack in place, less before it: the response bytes queued in socket buffers on their way to the slow readers.")
+	fmt.Println("\"front\" is the process that accepts the public connections (the defuss primary, HAProxy, the direct server): its descriptors and VmRSS with the attack in place, less just before it (after the runs without it), per slow reader. \"kernel TCP\" is the machine's TCP buffer memory (the mem of /proc/net/sockstat, all sockets, other processes' included) with the attack in place, less before it: the response bytes queued in socket buffers on their way to the slow readers.")
 	for _, n := range notes {
 		fmt.Println("- " + n)
 	}
