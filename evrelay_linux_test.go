@@ -73,6 +73,27 @@ func awaitWorkerFIN(t *testing.T, fd int) {
 	time.Sleep(50 * time.Millisecond)
 }
 
+// answerAndExit has the worker answer 300 KiB and close (after exited,
+// if set), and checks that the client, reading only once the worker's FIN
+// has reached the relay, gets every byte.
+func answerAndExit(t *testing.T, client, worker net.Conn, wfd int, exited func()) {
+	t.Helper()
+	resp := bytes.Repeat([]byte("x"), 300<<10)
+	if _, err := worker.Write(resp); err != nil {
+		t.Fatal(err)
+	}
+	if exited != nil {
+		exited()
+	}
+	worker.Close()
+	awaitWorkerFIN(t, wfd)
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(client)
+	if len(got) != len(resp) || err != nil {
+		t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
+	}
+}
+
 // The client half-closes after its request; the worker answers 300 KiB,
 // which the client reads slowly, and closes. The worker's socket then
 // reports EPOLLHUP (its FIN in, ours out) while the end of the answer
@@ -90,17 +111,7 @@ func TestEvRelayHalfCloseSlowReaderGetsWholeResponse(t *testing.T) {
 	if _, err := io.ReadAll(wc); err != nil { // the client's FIN reached the worker
 		t.Fatal(err)
 	}
-	resp := bytes.Repeat([]byte("x"), 300<<10)
-	if _, err := wc.Write(resp); err != nil {
-		t.Fatal(err)
-	}
-	wc.Close()
-	awaitWorkerFIN(t, wfd)
-	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	got, err := io.ReadAll(cc)
-	if len(got) != len(resp) || err != nil {
-		t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
-	}
+	answerAndExit(t, cc, wc, wfd, nil)
 }
 
 // The worker exits (endOf) after writing 300 KiB that the client reads
@@ -112,18 +123,8 @@ func TestEvRelayEndOfSlowReaderGetsWholeResponse(t *testing.T) {
 	if !p.relay().take(r) {
 		t.Fatal("not taken")
 	}
-	resp := bytes.Repeat([]byte("x"), 300<<10)
-	if _, err := wc.Write(resp); err != nil {
-		t.Fatal(err)
-	}
-	p.conns.endOf(r.s.index, 0) // as the supervisor does once the worker has exited
-	wc.Close()
-	awaitWorkerFIN(t, wfd)
-	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	got, err := io.ReadAll(cc)
-	if len(got) != len(resp) || err != nil {
-		t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
-	}
+	// As the supervisor does once the worker has exited.
+	answerAndExit(t, cc, wc, wfd, func() { p.conns.endOf(r.s.index, 0) })
 }
 
 // When the head cannot be written to the worker, route aborts the relay:
