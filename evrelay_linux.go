@@ -197,11 +197,13 @@ type evLoop struct {
 	file *os.File
 	rc   syscall.RawConn
 
-	mu    sync.Mutex
-	inbox []evCmd
-	woken bool // an eventfd write is pending
+	mu      sync.Mutex
+	inbox   []evCmd
+	woken   bool // an eventfd write is pending
+	stopped bool // the loop has taken its stop: nothing reaches it any more
 
 	// Owned by the loop's goroutine.
+	spare  []evCmd // the inbox's other buffer
 	events []unix.EpollEvent
 	buf    []byte
 	pairs  []*evPair // by id
@@ -261,6 +263,12 @@ func (l *evLoop) closeFDs() {
 // post hands a command to the loop.
 func (l *evLoop) post(c evCmd) {
 	l.mu.Lock()
+	if l.stopped {
+		// Cannot happen: the primary stops its loops once every
+		// connection has ended. Were it to, the eventfd is closed.
+		l.mu.Unlock()
+		return
+	}
 	l.inbox = append(l.inbox, c)
 	wake := !l.woken
 	l.woken = true
@@ -325,14 +333,22 @@ func (l *evLoop) drainInbox() (stop bool) {
 	unix.Read(l.efd, b[:])
 	l.mu.Lock()
 	cmds := l.inbox
-	l.inbox = nil
+	l.inbox = l.spare[:0]
 	l.woken = false
+	for _, c := range cmds {
+		if c.op == evStop {
+			l.stopped, stop = true, true
+		}
+	}
 	l.mu.Unlock()
+	defer func() {
+		clear(cmds)
+		l.spare = cmds[:0]
+	}()
 	for _, c := range cmds {
 		pr := c.pair
 		switch c.op {
 		case evStop:
-			stop = true
 		case evAdd:
 			l.add(pr)
 		case evEnd:
