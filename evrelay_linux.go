@@ -75,21 +75,13 @@ func (r *evRelay) take(rl *relay) bool {
 	if !ok {
 		return false
 	}
-	wfd := rl.worker.fd
-	if wfd < 0 && rl.worker.conn == nil {
-		client.Close() // route closed the worker's socket: its head write failed
+	wfd, err := rl.worker.detach()
+	if err != nil {
+		// Aborted (the head could not be written), or closed under us
+		// by a shutdown: nothing to relay.
+		client.Close()
 		rl.finish(0, 0)
 		return true
-	}
-	if wfd < 0 {
-		var err error
-		if wfd, err = detach(rl.worker.conn); err != nil {
-			// Closed under us (shutdown, or the head could not be
-			// written): nothing to relay.
-			client.Close()
-			rl.finish(0, 0)
-			return true
-		}
 	}
 	cfd, err := detach(client)
 	if err != nil {
@@ -109,6 +101,18 @@ func (r *evRelay) take(rl *relay) bool {
 		pr.close() // the table closed meanwhile: shutdown has ended it
 	}
 	return true
+}
+
+// detach returns the worker socket for a loop: the raw one, or the
+// net.TCPConn's, detached. An aborted relay has neither.
+func (u upstream) detach() (int, error) {
+	switch {
+	case u.fd >= 0:
+		return u.fd, nil
+	case u.conn == nil:
+		return -1, net.ErrClosed
+	}
+	return detach(u.conn)
 }
 
 // detach takes c's socket out of Go's poller: it returns a duplicate of
@@ -209,7 +213,6 @@ type evLoop struct {
 	pairs  []*evPair // by id
 	free   []int32
 	gen    int32 // of the last pair added: tells a slot's pairs apart
-	live   int
 	timers finTimers
 	armed  time.Time // the file's read deadline
 }
@@ -352,13 +355,11 @@ func (l *evLoop) drainInbox() (stop bool) {
 		case evAdd:
 			l.add(pr)
 		case evEnd:
-			if !pr.closed && pr.id >= 0 {
+			if !pr.closed {
 				l.endUp(pr)
 			}
 		case evClose:
-			if !pr.closed && pr.id >= 0 {
-				l.finish(pr)
-			}
+			l.finish(pr)
 		}
 	}
 	return stop
@@ -374,7 +375,6 @@ func (l *evLoop) add(pr *evPair) {
 		l.pairs = append(l.pairs, nil)
 	}
 	l.pairs[pr.id] = pr
-	l.live++
 	l.gen++
 	pr.gen = l.gen
 	pr.mask = [2]uint32{unix.EPOLLIN, unix.EPOLLIN}
@@ -557,14 +557,13 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 	if d == &pr.up {
 		other = &pr.down
 	}
+	d.done = true
 	if !clean || !pr.halfOpen || other.done {
 		// Closing sends the FIN (the other side is read to its EOF, or
 		// done with): no shutdown first.
-		d.done = true
 		l.finish(pr)
 		return
 	}
-	d.done = true
 	unix.Shutdown(d.dst, unix.SHUT_WR)
 	l.progress(pr)
 }
@@ -585,10 +584,8 @@ func (l *evLoop) endUp(pr *evPair) {
 		return
 	}
 	unix.Shutdown(d.dst, unix.SHUT_WR)
-	l.progress(pr)
-	if !pr.closed {
-		l.rearm(pr)
-	}
+	l.progress(pr) // starts no timer: the worker's direction is still on
+	l.rearm(pr)
 }
 
 // progress finishes a pair whose two directions are done, and starts the
@@ -661,11 +658,8 @@ func (l *evLoop) finish(pr *evPair) {
 	unix.Close(pr.wfd)
 	pr.up.release()
 	pr.down.release()
-	if pr.id >= 0 && int(pr.id) < len(l.pairs) && l.pairs[pr.id] == pr {
-		l.pairs[pr.id] = nil
-		l.free = append(l.free, pr.id)
-		l.live--
-	}
+	l.pairs[pr.id] = nil // every pair was added: commands follow its add
+	l.free = append(l.free, pr.id)
 	pr.rl.finish(pr.up.n, pr.down.n)
 }
 
@@ -718,10 +712,10 @@ func (h *finTimers) Pop() any {
 // non-blocking and outside Go's poller, for an event loop to carry. ok is
 // false, and nothing was done, when addr is not an IP address and port.
 // A refused connection fails here, so that offer tries the next worker.
-func dialWorkerRaw(addr string, timeout time.Duration) (fd int, err error, ok bool) {
+func dialWorkerRaw(addr string, timeout time.Duration) (fd int, ok bool, err error) {
 	ap, perr := netip.ParseAddrPort(addr)
 	if perr != nil {
-		return -1, nil, false
+		return -1, false, nil
 	}
 	var sa unix.Sockaddr
 	family := unix.AF_INET
@@ -733,14 +727,14 @@ func dialWorkerRaw(addr string, timeout time.Duration) (fd int, err error, ok bo
 	}
 	fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return -1, os.NewSyscallError("socket", err), true
+		return -1, true, os.NewSyscallError("socket", err)
 	}
 	if err := connectRaw(fd, sa, timeout); err != nil {
 		unix.Close(fd)
-		return -1, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ap), Err: err}, true
+		return -1, true, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ap), Err: err}
 	}
 	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) // as net/http's connections
-	return fd, nil, true
+	return fd, true, nil
 }
 
 // connectRaw connects fd to sa within timeout. Over loopback the

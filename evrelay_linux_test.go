@@ -165,7 +165,7 @@ func TestWaitWritableSeesReadinessItMissed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	fd, err, _ := dialWorkerRaw(ln.Addr().String(), time.Second)
+	fd, _, err := dialWorkerRaw(ln.Addr().String(), time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

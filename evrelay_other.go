@@ -16,6 +16,6 @@ func (*evRelay) take(*relay) bool { return false }
 func (*evRelay) stop()            {}
 
 // Raw worker sockets go with the event loops: there are none here.
-func dialWorkerRaw(string, time.Duration) (int, error, bool) { return -1, nil, false }
+func dialWorkerRaw(string, time.Duration) (int, bool, error) { return -1, false, nil }
 func writeRaw(int, []byte, time.Duration) error              { return errors.ErrUnsupported }
 func closeRaw(int)                                           {}

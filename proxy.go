@@ -105,9 +105,10 @@ func (p *primary) serveConn(c net.Conn) {
 	case r == nil:
 		p.conns.untrack(c)
 	default:
-		// Relay in a goroutine of its own, whose stack starts small:
-		// routing (dialing above all) grew this one's, and an idle
-		// connection would keep it for its whole life.
+		// An event loop carries it where there is one. Else it relays in
+		// a goroutine of its own, whose stack starts small: routing
+		// (dialing above all) grew this one's, and an idle connection
+		// would keep it for its whole life.
 		if !p.relay().take(r) {
 			go r.run()
 		}
@@ -352,7 +353,7 @@ type upstream struct {
 // its own (dialWorkerRaw) where addr is an IP address, else with p.dial.
 func (p *primary) dialUpstream(addr string, raw bool) (upstream, error) {
 	if raw {
-		if fd, err, ok := dialWorkerRaw(addr, p.cfg.dialTimeout); ok {
+		if fd, ok, err := dialWorkerRaw(addr, p.cfg.dialTimeout); ok {
 			return upstream{fd: fd}, err
 		}
 	}

@@ -18,24 +18,23 @@ import (
 // primary from that binary with this one's arguments and environment, and
 // passes it the public listening socket (a descriptor at exec); the new
 // primary starts its own workers and reports ready over a socket pair.
-// Only then
-// does this primary stop accepting and shut down as on SIGTERM, without
-// the drain delay: in-flight requests finish, keep-alive connections close
-// after their current request, hijacked ones get the shutdown timeout.
-// The kernel's queue of the listening socket is shared by both primaries
-// meanwhile, so no connection is refused. Upgrade returns once the new
-// primary has been told to go; [Server.Wait] then returns nil when this
-// one has drained. The new primary does not depend on this one: it runs on when
-// this one exits, as the service's main process ([WithPIDFile], sd_notify
-// MAINPID=).
+// Only then does this primary stop accepting and shut down as on SIGTERM,
+// without the drain delay: in-flight requests finish, keep-alive
+// connections close after their current request, hijacked ones get the
+// shutdown timeout. The kernel's queue of the listening socket is shared
+// by both primaries meanwhile, so no connection is refused. Upgrade
+// returns once the new primary has been told to go; [Server.Wait] then
+// returns nil when this one has drained. The new primary does not depend
+// on this one: it runs on when this one exits, as the service's main
+// process ([WithPIDFile], sd_notify MAINPID=).
 //
 // The hand-over is two-phase: the new primary writes the PID file and
 // reports ready, and accepts and tells systemd MAINPID= only once this one
 // answers "go"; nothing in it can fail after that. Until then it has
 // accepted nothing, so a failed upgrade loses nothing, and this one puts
-// its own pid back in the PID file. If the new primary fails (it cannot be started, exits, or
-// does not report ready within the start timeout, [WithStartTimeout], plus
-// 3 seconds for its own start), it is killed, this server keeps
+// its own pid back in the PID file. If the new primary fails (it cannot
+// be started, exits, or does not report ready within the start timeout,
+// [WithStartTimeout], plus 3 seconds for its own start), it is killed, this server keeps
 // serving as before, and Upgrade returns an error wrapping
 // [ErrWorkerStart] that says why. If ctx ends or a shutdown begins first,
 // the new primary is killed and ctx.Err() or [ErrShuttingDown] returned.
