@@ -45,15 +45,51 @@ func newConnTable(max int) *connTable {
 func (t *connTable) track(c net.Conn) (ok, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if ok, full = t.room(); ok {
+		t.live[c] = liveConn{slot: -1}
+		t.wg.Add(1)
+	}
+	return ok, full
+}
+
+// room reports whether the table takes a new connection: not once it is
+// closed, nor at the connection limit (full). t.mu is held.
+func (t *connTable) room() (ok, full bool) {
 	if t.live == nil {
 		return false, false
 	}
 	if t.max > 0 && len(t.live)+int(t.handed.Load()) >= t.max {
 		return false, true
 	}
+	return true, false
+}
+
+// reserve counts a new connection that has no net.Conn yet (the raw
+// accept loop's) as handed off, ahead of the hand-off, so that the
+// connection limit holds meanwhile. It reports what track reports. If
+// the connection is not handed off at once, claim makes it live.
+func (t *connTable) reserve() (ok, full bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if ok, full = t.room(); ok {
+		t.handed.Add(1)
+	}
+	return ok, full
+}
+
+// claim turns a reservation into the live connection c, in one step. It
+// reports false, dropping the reservation, once the table is closed; the
+// caller closes c.
+func (t *connTable) claim(c net.Conn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.handed.Add(-1)
+	if t.live == nil {
+		return false
+	}
 	t.live[c] = liveConn{slot: -1}
 	t.wg.Add(1)
-	return true, false
+	return true
 }
 
 // routed records that c is now spliced to worker, served by process pid in

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -100,21 +101,33 @@ func decodeHandoff(b []byte) (handoffMsg, error) {
 	return m, nil
 }
 
-// handTo passes c's descriptor to process pr, with the hand-off message
-// msg. The connection counts as open in pr before it is sent, so that a
-// close the worker reports at once finds it there.
-func handTo(pr *process, c *net.TCPConn, msg []byte) error {
+// handTo passes a client's descriptor to process pr with send, which
+// writes it, in its hand-off message, to pr's hand-off socket. The
+// connection counts as open in pr before it is sent, so that a close the
+// worker reports at once finds it there.
+func handTo(pr *process, send func(*net.UnixConn) error) error {
 	pr.handMu.RLock()
 	defer pr.handMu.RUnlock()
 	if pr.handGone {
 		return errWorkerExited
 	}
 	pr.open.Add(1)
-	if err := sendConn(pr.handoffSock, c, msg); err != nil {
+	if err := send(pr.handoffSock); err != nil {
 		pr.open.Add(-1)
 		return err
 	}
 	return nil
+}
+
+// errHandoffBusy: a worker's hand-off queue is full, and the sender (the
+// raw accept loop, which must not wait) did not wait for room.
+var errHandoffBusy = errors.New("defuss: the worker's hand-off queue is full")
+
+// peeker is a client socket whose head can be peeked at: a
+// *net.TCPConn, or the raw accept loop's fileConn.
+type peeker interface {
+	syscall.Conn
+	SetReadDeadline(time.Time) error
 }
 
 // serveHandoff serves the connections the primary hands off.
@@ -127,23 +140,39 @@ func (w *worker) serveHandoff() {
 
 // reportCloses tells the primary, in batches, which handed-off
 // connections have closed, so that its connection counts stay exact and
-// it can record their durations and bytes. When the worker stops it
-// reports the closes that stopping made.
+// it can record their durations and bytes. A close is reported at once,
+// and the closes that follow it within closeReportGap together after
+// it: one frame then carries many under load, not one each. When the
+// worker stops it reports the closes that stopping made.
 func (w *worker) reportCloses() {
 	defer w.wg.Done()
 	var batch closeBatch
+	gap := time.NewTimer(0)
+	<-gap.C
 	for {
 		select {
 		case <-w.kick:
-			if err := w.flushCloses(&batch); err != nil {
-				return
-			}
 		case <-w.done:
+			w.flushCloses(&batch)
+			return
+		}
+		if err := w.flushCloses(&batch); err != nil {
+			return
+		}
+		gap.Reset(closeReportGap)
+		select {
+		case <-gap.C:
+		case <-w.done:
+			gap.Stop()
 			w.flushCloses(&batch)
 			return
 		}
 	}
 }
+
+// closeReportGap is the least time between two close reports. The
+// primary's counts of a worker's connections lag by at most that.
+const closeReportGap = 2 * time.Millisecond
 
 // maxPendingCloses bounds the closes with stats that wait for the
 // reporter (when the primary reads its pipe too slowly); past it, a close

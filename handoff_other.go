@@ -15,9 +15,9 @@ import (
 // ErrNotSupported before any of these could be called; they exist so that
 // the shared code builds.
 
-func sendConn(*net.UnixConn, *net.TCPConn, []byte) error { return ErrNotSupported }
+func sendConn(*net.UnixConn, syscall.Conn, []byte) error { return ErrNotSupported }
 
-func peekHead(*net.TCPConn, []byte, time.Duration, bool) (int, int, string, error) {
+func peekHead(peeker, []byte, time.Duration, bool) (int, int, string, error) {
 	return 0, 0, sniffEOF, ErrNotSupported
 }
 

@@ -24,7 +24,7 @@ const handoffTimeout = time.Second
 // sendConn passes c's descriptor over uc (SCM_RIGHTS) in the hand-off
 // message msg, waiting at most handoffTimeout for room in the worker's
 // queue.
-func sendConn(uc *net.UnixConn, c *net.TCPConn, msg []byte) error {
+func sendConn(uc *net.UnixConn, c syscall.Conn, msg []byte) error {
 	// Concurrent sends share uc; each moves its deadline on, which only
 	// ever extends another's wait to at most handoffTimeout from now.
 	uc.SetWriteDeadline(time.Now().Add(handoffTimeout))
@@ -90,7 +90,7 @@ func receiveListener(uc *net.UnixConn, timeout time.Duration) (net.Listener, err
 // bytes it saw, the length of the PROXY header at their start (0 if none,
 // -1 if one started but is malformed or did not arrive in time), why it
 // stopped, and the error that ended it early.
-func peekHead(c *net.TCPConn, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
+func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0, 0, sniffEOF, err

@@ -168,7 +168,8 @@ func TestHandOffRacingExitCountsOnce(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if handTo(pr, server.(*net.TCPConn), []byte{handoffV1}) == nil {
+				send := func(uc *net.UnixConn) error { return sendConn(uc, server.(*net.TCPConn), []byte{handoffV1}) }
+				if handTo(pr, send) == nil {
 					t.Error("a hand-off to a dead worker succeeded")
 				}
 			}()

@@ -38,7 +38,12 @@ type primary struct {
 	evr   *evRelay   // splice mode's event loops, once relay started them; nil: goroutines relay
 	evrOn sync.Once
 	gate  *dialGate // connections being routed, dials in flight
-	life  lifecycle // how the primary ends
+	// The raw accept loop's (rawaccept_linux.go): how long it keeps a
+	// connection whose head has not arrived (rawGrace; a test's), and how
+	// many connections it handed off itself (for tests).
+	rawGrace  time.Duration
+	rawHanded atomic.Uint64
+	life      lifecycle // how the primary ends
 
 	// spawn starts a worker process for a slot: the seam between the
 	// supervisors and the operating system (spawnExec outside tests).
@@ -91,6 +96,7 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 		cfg:        c,
 		log:        c.logger.With("component", "defuss", "role", "primary", "pid", os.Getpid()),
 		pid:        os.Getpid(),
+		rawGrace:   rawGrace,
 		exe:        exe,
 		ln:         ln,
 		pool:       newPool(c.workers),

@@ -27,44 +27,65 @@ const response503 = "HTTP/1.1 503 Service Unavailable\r\n" +
 
 // acceptLoop accepts public connections until the listener is closed.
 func (p *primary) acceptLoop() error {
+	if handled, err := p.rawAcceptLoop(); handled {
+		return err
+	}
 	var delay time.Duration
 	for {
 		c, err := p.ln.Accept()
 		if err != nil {
-			if p.stopping() || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			if !isTemporary(err) {
+			if stop, err := p.acceptFailed(err, &delay); stop {
 				return err
-			}
-			// Out of descriptors or similar: back off as net/http does.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			if ok, n := p.logs.accept.allow(); ok {
-				p.log.Error("accept", "err", err, "retry_in", delay, "suppressed", n)
-			}
-			t := time.NewTimer(delay)
-			select {
-			case <-t.C:
-			case <-p.life.drain:
-				t.Stop()
 			}
 			continue
 		}
 		delay = 0
 		p.tel.accepted.Add(bg, 1)
 		if ok, full := p.admit(c); !ok {
-			if full {
-				// Counted before the close, so that the count is there by
-				// the time the client sees the connection closed.
-				p.tel.refused.Add(bg, 1)
-				if ok, n := p.logs.limit.allow(); ok {
-					p.log.Warn("connection limit reached; closing new connections", "max", p.cfg.maxConns, "suppressed", n)
-				}
-			}
+			p.refused(full)
 			c.Close()
 			continue
 		}
 		go p.serveConn(c)
+	}
+}
+
+// acceptFailed handles an error of accept. After a temporary one, such
+// as running out of descriptors, it backs off as net/http does, and the
+// loop goes on. Else the loop stops: with no error once the listener is
+// closed, with err otherwise. delay is the previous backoff, which it
+// updates.
+func (p *primary) acceptFailed(err error, delay *time.Duration) (stop bool, _ error) {
+	if p.stopping() || errors.Is(err, net.ErrClosed) {
+		return true, nil
+	}
+	if !isTemporary(err) {
+		return true, err
+	}
+	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
+	if ok, n := p.logs.accept.allow(); ok {
+		p.log.Error("accept", "err", err, "retry_in", *delay, "suppressed", n)
+	}
+	t := time.NewTimer(*delay)
+	select {
+	case <-t.C:
+	case <-p.life.drain:
+		t.Stop()
+	}
+	return false, nil
+}
+
+// refused records a new connection the primary closes unserved: it is
+// stopping, or the connection limit is reached (full). It is counted
+// before the close, so that the count is there by the time the client
+// sees the connection closed.
+func (p *primary) refused(full bool) {
+	if !full {
+		return
+	}
+	p.tel.refused.Add(bg, 1)
+	if ok, n := p.logs.limit.allow(); ok {
+		p.log.Warn("connection limit reached; closing new connections", "max", p.cfg.maxConns, "suppressed", n)
 	}
 }
 
@@ -182,7 +203,7 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		}
 	}
 	defer doneRouting()
-	tc, isTCP := c.(*net.TCPConn)
+	tc, isTCP := tcpSocket(c)
 	handoff := isTCP && p.cfg.handoff
 	if p.cfg.handoff && !isTCP {
 		p.warnNotTCP.Do(func() {
@@ -211,11 +232,11 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
 		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
-		w = p.offer(req, tc, msg, nil, false)
+		w = p.offer(req, func(uc *net.UnixConn) error { return sendConn(uc, tc, msg) }, nil, false)
 	default:
 		// An event loop carries TCP clients (where there are loops):
 		// the worker's socket is then dialed raw, never in Go's poller.
-		w = p.offer(req, nil, nil, &up, isTCP && p.relay() != nil)
+		w = p.offer(req, nil, &up, isTCP && p.relay() != nil)
 	}
 	doneRouting()
 	req.reset()
@@ -265,7 +286,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	var outcome string
 	var err error
 	if handoff {
-		n, hdr, outcome, err = peekHead(c.(*net.TCPConn), buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
+		n, hdr, outcome, err = peekHead(c.(peeker), buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	} else {
 		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
 	}
@@ -291,14 +312,16 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	return n, max(hdr, 0), client, true
 }
 
-// offer picks a worker for req and gives it the connection: with c set
-// (hand-off mode) it passes c's descriptor to the worker in the hand-off
-// message msg; otherwise (splice mode) it dials the worker and sets *up,
-// with a raw socket if raw.
+// offer picks a worker for req and gives it the connection: with send
+// set (hand-off mode) it hands the connection to the worker's process
+// with send (see handTo); otherwise (splice mode) it dials the worker and
+// sets *up, with a raw socket if raw.
 // A worker that fails is skipped for the next candidate, since it has
-// not received a byte. offer returns the worker that took the connection,
-// whose slot's connection count now includes it, or nil.
-func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, up *upstream, raw bool) *WorkerInfo {
+// not received a byte, and so is one whose hand-off queue is full to a
+// send that does not wait (errHandoffBusy). offer returns the worker that
+// took the connection, whose slot's connection count now includes it, or
+// nil.
+func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstream, raw bool) *WorkerInfo {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -309,7 +332,7 @@ func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, up *upstream, 
 	for k := range cands {
 		w := &cands[(i+k)%len(cands)]
 		s := w.slot
-		if c != nil && (w.proc == nil || w.proc.handoffSock == nil) {
+		if send != nil && (w.proc == nil || w.proc.handoffSock == nil) {
 			continue // not ready for hand-off (cannot happen for a candidate)
 		}
 		if k > 0 {
@@ -317,8 +340,8 @@ func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, up *upstream, 
 		}
 		s.conns.Add(1)
 		var err error
-		if c != nil {
-			err = handTo(w.proc, c, msg)
+		if send != nil {
+			err = handTo(w.proc, send)
 		} else {
 			*up, err = p.dialUpstream(w.Addr, raw)
 		}
@@ -330,9 +353,12 @@ func (p *primary) offer(req *Request, c *net.TCPConn, msg []byte, up *upstream, 
 			return w
 		}
 		s.conns.Add(-1)
+		if errors.Is(err, errHandoffBusy) {
+			continue // no failure: the next worker, and the caller waits for room its own way
+		}
 		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
 		if ok, n := p.logs.dial.allow(); ok {
-			if c != nil {
+			if send != nil {
 				p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
 			} else {
 				p.log.Warn("dial worker failed; trying the next", "worker", w.Index, "addr", w.Addr, "err", err, "suppressed", n)
@@ -532,6 +558,18 @@ func localAddr(c net.Conn) netip.AddrPort {
 		return a.AddrPort()
 	}
 	return netip.AddrPort{}
+}
+
+// tcpSocket returns c as a TCP socket whose descriptor can be handed
+// off: a *net.TCPConn, or the raw accept loop's fileConn.
+func tcpSocket(c net.Conn) (peeker, bool) {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c, true
+	case *fileConn:
+		return c, true
+	}
+	return nil, false
 }
 
 // clientAddr is the client's address, or the zero AddrPort for

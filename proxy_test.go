@@ -384,7 +384,7 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 			m, opt := newMetrics(t)
 			p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
 			var up upstream
-			w := p.offer(&Request{}, nil, nil, &up, raw)
+			w := p.offer(&Request{}, nil, &up, raw)
 			if w == nil {
 				t.Fatal("connect gave up although worker 1 accepts")
 			}

@@ -1,0 +1,311 @@
+package defuss
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.opentelemetry.io/otel/metric/noop"
+	"golang.org/x/sys/unix"
+)
+
+// rawTest is a primary in hand-off mode on a real listener, whose workers
+// are the test's: each is a hand-off socket pair, whose far end the test
+// reads as a worker would. Its accept loop runs once start is called.
+type rawTest struct {
+	p    *primary
+	ln   net.Listener
+	far  []*net.UnixConn // the workers' ends
+	done chan error      // the accept loop's result
+}
+
+func newRawTest(t *testing.T, workers int, b Balancer, opts ...Option) *rawTest {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := make([]string, workers)
+	for i := range addrs {
+		addrs[i] = "127.0.0.1:1" // never dialed: hand-off passes descriptors
+	}
+	p := newTestPrimary(t, b, WithMeterProvider(noop.NewMeterProvider()), addrs...)
+	for _, o := range append([]Option{WithHandoff(true)}, opts...) {
+		o.apply(p.cfg)
+	}
+	p.conns = newConnTable(p.cfg.maxConns) // as the options say
+	p.ln = ln
+	rt := &rawTest{p: p, ln: ln}
+	v := p.pool.view.Load()
+	for i := range v.cands {
+		ours, theirs, err := handoffPair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		far, err := net.FileConn(theirs)
+		theirs.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ours.Close(); far.Close() })
+		v.cands[i].proc = &process{handoffSock: ours}
+		rt.far = append(rt.far, far.(*net.UnixConn))
+	}
+	t.Cleanup(func() {
+		ln.Close()
+		if rt.done != nil {
+			p.beginShutdown()
+			if err := <-rt.done; err != nil {
+				t.Errorf("accept loop: %v", err)
+			}
+		}
+	})
+	return rt
+}
+
+// start runs the accept loop, which must be the raw one.
+func (rt *rawTest) start(t *testing.T) {
+	rt.done = make(chan error, 1)
+	go func() { rt.done <- rt.p.acceptLoop() }()
+}
+
+// dial connects n clients, each of which sends head, and closes them at
+// the end of the test.
+func (rt *rawTest) dial(t *testing.T, n int, head string) []net.Conn {
+	t.Helper()
+	var cs []net.Conn
+	for range n {
+		c, err := net.Dial("tcp", rt.ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := io.WriteString(c, head); err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+// receive reads one handed-off connection from worker i, as the worker's
+// receive does.
+func (rt *rawTest) receive(t *testing.T, i int) (handoffMsg, net.Conn) {
+	t.Helper()
+	uc := rt.far[i]
+	uc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, handoffMsgMax)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := uc.ReadMsgUnix(b, oob)
+	if err != nil {
+		t.Fatalf("worker %d: no hand-off: %v", i, err)
+	}
+	m, err := decodeHandoff(b[:n])
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("hand-off without one descriptor: %v", err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("hand-off without one descriptor: %v", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "handed")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return m, c
+}
+
+// readExactly reads exactly len(want) bytes from c and checks them.
+func readExactly(t *testing.T, c net.Conn, want string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+		t.Fatalf("the worker read %q (%v); want the client's bytes %q, untouched", got, err, want)
+	}
+}
+
+func (rt *rawTest) live() int {
+	rt.p.conns.mu.Lock()
+	defer rt.p.conns.mu.Unlock()
+	return len(rt.p.conns.live)
+}
+
+const rawHead = "GET /raw HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+// The raw accept loop hands a connection whose head has already arrived
+// to its worker itself, and one whose head is still on its way through
+// route's path; either way the worker reads the client's bytes untouched,
+// and the connection counts as handed off, not live.
+func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
+	rt := newRawTest(t, 1, nil)
+	// Connected and sent before the loop runs: the heads wait in the
+	// sockets. (Loopback delivers a write at once, as a rule; the test
+	// wants only one of them to be complete when it is accepted.)
+	const early = 20
+	rt.dial(t, early, rawHead)
+	rt.start(t)
+	for range early {
+		m, c := rt.receive(t, 0)
+		if m.version != handoffV2 || m.proxied != 0 {
+			t.Errorf("hand-off message %+v; want version 2, nothing proxied", m)
+		}
+		readExactly(t, c, rawHead)
+	}
+	fast := rt.p.rawHanded.Load()
+	if fast == 0 {
+		t.Fatalf("none of %d connections whose heads had arrived was handed off by the accept loop itself", early)
+	}
+	t.Logf("%d of %d early connections handed off by the accept loop itself", fast, early)
+
+	// A head that comes in two parts, after the connection is accepted:
+	// route waits for the rest.
+	c := rt.dial(t, 1, "")[0]
+	waitFor(t, 5*time.Second, "the accepted connection in route's hands", func() bool { return rt.live() == 1 })
+	io.WriteString(c, rawHead[:10])
+	io.WriteString(c, rawHead[10:])
+	_, wc := rt.receive(t, 0)
+	readExactly(t, wc, rawHead)
+	waitFor(t, 5*time.Second, "route done", func() bool { return rt.live() == 0 })
+	if got := rt.p.rawHanded.Load(); got != fast {
+		t.Errorf("the accept loop handed off %d connections itself; want %d: the last one's head came later", got, fast)
+	}
+	if got := rt.p.conns.handed.Load(); got != early+1 {
+		t.Errorf("%d connections count as handed off; want %d", got, early+1)
+	}
+}
+
+// A worker whose hand-off queue is full (stopped, or stuck) does not
+// stall the accept loop: the connection goes to the next worker at once,
+// with no failure counted.
+func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
+	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+	rt := newRawTest(t, 2, always0)
+	// Fill worker 0's queue with messages that carry no descriptor.
+	full := rt.p.pool.view.Load().cands[0].proc.handoffSock
+	for i := 0; ; i++ {
+		err := sendNow(full, []byte{handoffV2, 0, 0}, nil)
+		if errors.Is(err, errHandoffBusy) {
+			break
+		}
+		if err != nil || i > 1<<20 {
+			t.Fatalf("filling the queue: %v after %d messages", err, i)
+		}
+	}
+	clients := rt.dial(t, 5, rawHead)
+	rt.start(t)
+	for range clients {
+		_, c := rt.receive(t, 1)
+		readExactly(t, c, rawHead)
+	}
+	if rt.p.rawHanded.Load() == 0 {
+		t.Error("no connection was handed off by the accept loop itself: the full queue sent them all to route's path")
+	}
+	if got := rt.p.pool.view.Load().cands[0].slot.conns.Load(); got != 0 {
+		t.Errorf("the full worker counts %d connections; want 0", got)
+	}
+}
+
+// The connection limit holds in the raw accept loop: a connection past it
+// is closed unserved, and the ones within it are handed off.
+func TestRawAcceptConnectionLimit(t *testing.T) {
+	rt := newRawTest(t, 1, nil, WithMaxConnections(2))
+	clients := rt.dial(t, 3, rawHead)
+	rt.start(t)
+	for range 2 {
+		_, c := rt.receive(t, 0)
+		readExactly(t, c, rawHead)
+	}
+	// The third is closed: its client reads EOF (or a reset: it sent
+	// bytes nobody read).
+	c := clients[2]
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the connection past the limit: read %d bytes, %v; want it closed", n, err)
+	}
+	if got := rt.p.conns.handed.Load(); got != 2 {
+		t.Errorf("%d connections count as handed off; want 2", got)
+	}
+}
+
+// The loop waits on a duplicate of the listening socket's descriptor.
+// Once the drain begins it closes that too, so the socket stops
+// listening: a new client is refused, not left in a queue nobody
+// accepts.
+func TestRawAcceptDrainClosesTheListeningSocket(t *testing.T) {
+	rt := newRawTest(t, 1, nil)
+	rt.start(t)
+	c := rt.dial(t, 1, rawHead)[0]
+	_, wc := rt.receive(t, 0)
+	readExactly(t, wc, rawHead)
+	c.Close()
+
+	rt.p.beginShutdown()
+	if err := <-rt.done; err != nil {
+		t.Fatalf("accept loop: %v", err)
+	}
+	rt.done = nil
+	// The loop has returned: its duplicate is closed.
+	if c, err := net.Dial("tcp", rt.ln.Addr().String()); err == nil {
+		c.Close()
+		t.Fatal("a client could connect after the drain began: the listening socket is still open")
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("dial after the drain began: %v; want connection refused", err)
+	}
+}
+
+// A connection whose head has not arrived when it is accepted waits in
+// the loop (rawGrace), which looks again each time it wakes: a head that
+// arrives meanwhile is handed off by the loop itself. The ones still
+// waiting when the drain begins go to route, which serves them.
+func TestRawAcceptWaitsForALateHead(t *testing.T) {
+	rt := newRawTest(t, 1, nil)
+	rt.p.rawGrace = time.Hour // a deadline that does not come: only the wake-ups count
+	late := rt.dial(t, 1, rawHead[:10])[0]
+	rt.start(t)
+	// Accepted (counted as handed off ahead of it), and kept: not live.
+	waitFor(t, 5*time.Second, "the connection accepted", func() bool { return rt.p.conns.handed.Load() == 1 })
+	if rt.live() != 0 {
+		t.Fatal("a connection with part of a head went to route at once")
+	}
+	io.WriteString(late, rawHead[10:])
+	// Another client wakes the loop.
+	rt.dial(t, 1, rawHead)
+	for range 2 {
+		_, c := rt.receive(t, 0)
+		readExactly(t, c, rawHead)
+	}
+	if got := rt.p.rawHanded.Load(); got != 2 {
+		t.Errorf("the accept loop handed off %d connections itself; want 2, the late head's too", got)
+	}
+
+	// Silent until the drain begins.
+	silent := rt.dial(t, 1, "")[0]
+	waitFor(t, 5*time.Second, "the silent connection accepted", func() bool { return rt.p.conns.handed.Load() == 3 })
+	// The drain begins as beginShutdown begins it, but for the pool,
+	// which would drop the test's workers.
+	rt.ln.Close()
+	close(rt.p.life.drain)
+	if err := <-rt.done; err != nil {
+		t.Fatalf("accept loop: %v", err)
+	}
+	rt.done = nil
+	if rt.live() != 1 {
+		t.Fatalf("%d connections in route's hands once the loop ended; want the one that was waiting", rt.live())
+	}
+	io.WriteString(silent, rawHead)
+	_, c := rt.receive(t, 0)
+	readExactly(t, c, rawHead)
+	waitFor(t, 5*time.Second, "route done", func() bool { return rt.live() == 0 })
+}
