@@ -104,9 +104,15 @@ func decodeHandoff(b []byte) (handoffMsg, error) {
 // handTo passes a client's descriptor to process pr with send, which
 // writes it, in its hand-off message, to pr's hand-off socket. The
 // connection counts as open in pr before it is sent, so that a close the
-// worker reports at once finds it there.
-func handTo(pr *process, send func(*net.UnixConn) error) error {
-	pr.handMu.RLock()
+// worker reports at once finds it there. With nowait (the raw accept
+// loop), it does not wait for an exit being settled either, which waits
+// for sends that may each take up to handoffTimeout: errHandoffBusy.
+func handTo(pr *process, send func(*net.UnixConn) error, nowait bool) error {
+	if !nowait {
+		pr.handMu.RLock()
+	} else if !pr.handMu.TryRLock() {
+		return errHandoffBusy
+	}
 	defer pr.handMu.RUnlock()
 	if pr.handGone {
 		return errWorkerExited

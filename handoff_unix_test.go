@@ -169,7 +169,7 @@ func TestHandOffRacingExitCountsOnce(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				send := func(uc *net.UnixConn) error { return sendConn(uc, server.(*net.TCPConn), []byte{handoffV1}) }
-				if handTo(pr, send) == nil {
+				if handTo(pr, send, false) == nil {
 					t.Error("a hand-off to a dead worker succeeded")
 				}
 			}()

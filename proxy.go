@@ -312,15 +312,17 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	return n, max(hdr, 0), client, true
 }
 
-// offer picks a worker for req and gives it the connection: with send
+// offer picks a worker for req and gives it the connection. With send
 // set (hand-off mode) it hands the connection to the worker's process
-// with send (see handTo); otherwise (splice mode) it dials the worker and
-// sets *up, with a raw socket if raw.
+// with send (see handTo); raw is the raw accept loop's, whose send does
+// not wait. Otherwise (splice mode) it dials the worker and sets *up,
+// with a raw socket if raw.
+//
 // A worker that fails is skipped for the next candidate, since it has
-// not received a byte, and so is one whose hand-off queue is full to a
-// send that does not wait (errHandoffBusy). offer returns the worker that
-// took the connection, whose slot's connection count now includes it, or
-// nil.
+// not received a byte, and so is one that cannot take a descriptor
+// without a wait (errHandoffBusy, not a failure). offer returns the
+// worker that took the connection, whose slot's connection count now
+// includes it, or nil.
 func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstream, raw bool) *WorkerInfo {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
@@ -341,7 +343,7 @@ func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstre
 		s.conns.Add(1)
 		var err error
 		if send != nil {
-			err = handTo(w.proc, send)
+			err = handTo(w.proc, send, raw)
 		} else {
 			*up, err = p.dialUpstream(w.Addr, raw)
 		}

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -15,49 +17,41 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// rawBatch bounds the connections accepted in one pass. A pass holds a
-// reference on the listener, which the listener's Close waits for.
-const rawBatch = 64
-
 // rawAcceptLoop is acceptLoop for hand-off mode on a TCP listener: the
 // raw accept loop. It accepts with accept4 and, when a connection's head
 // has already arrived (as it has for most, since a client sends it right
 // after the handshake), peeks at it, routes it and passes the descriptor
 // to its worker there and then: accept4, recv(MSG_PEEK), sendmsg and
-// close, with no goroutine, poller registration or timer. Any other
-// connection goes to route as a fileConn in a goroutine of its own, as
-// acceptLoop's do: a head still on its way, a health check, a PROXY
-// header from a trusted proxy, a worker whose hand-off queue is full,
-// no worker at all.
+// close, with no goroutine and no registration in Go's poller. A
+// connection whose head is still on its way waits in the loop's own epoll
+// set, for at most rawGrace, and is handed off the same way when it
+// arrives. Any other connection goes to route as a fileConn in a
+// goroutine of its own, as acceptLoop's do: a head that takes longer, a
+// health check, a PROXY header from a trusted proxy, no worker whose
+// hand-off queue has room.
+//
+// The Balancer runs in this one goroutine, as its contract allows ("return
+// quickly without blocking"): a slow one delays every accept.
 //
 // It reports handled=false, having done nothing, where it does not apply
-// (splice mode, another kind of listener); acceptLoop then serves.
+// (splice mode, another kind of listener, no epoll); acceptLoop then
+// serves.
 func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	tl, ok := p.ln.(*net.TCPListener)
 	if !p.cfg.handoff || !ok {
 		return false, nil
 	}
-	// A listener's RawConn has Control only. The loop waits for it on a
-	// duplicate of its descriptor in Go's poller, and accepts on the
-	// listener's own under Control, which fails once it is closed. The
-	// duplicate keeps the listening socket open: it closes as soon as the
-	// drain begins (beginShutdown closes the listener first), or when the
-	// loop ends.
 	lrc, err := tl.SyscallConn()
 	if err != nil {
 		return false, nil
 	}
-	dfd := -1
-	lrc.Control(func(fd uintptr) { dfd, _ = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
-	if dfd < 0 {
-		return false, nil
-	}
-	wait := os.NewFile(uintptr(dfd), "defuss-listener")
-	wrc, err := wait.SyscallConn()
+	a, err := newRawAccepter(p, lrc)
 	if err != nil {
-		wait.Close()
+		p.log.Warn("hand-off: no raw accept loop; accepting through Go's poller", "err", err)
 		return false, nil
 	}
+	// The drain closes the epoll set, which wakes the loop (the listener
+	// is closed by then, and its registration gone with it).
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -67,83 +61,150 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		case <-p.life.drain:
 		case <-done:
 		}
-		wait.Close()
+		a.file.Close()
 	}()
 	defer wg.Wait()
 	defer close(done)
+	defer a.shut()
 
-	a := &rawAccepter{p: p, wait: wait, buf: make([]byte, proxyRoom+p.cfg.maxHeaderBytes), oob: unix.UnixRights(0)}
-	defer a.retry(time.Time{}) // what still waits goes to route
+	var n int
+	var werr error
+	wait := func(fd uintptr) bool {
+		for {
+			n, werr = unix.EpollWait(int(fd), a.events, 0)
+			if werr != unix.EINTR {
+				return n != 0 || werr != nil
+			}
+		}
+	}
 	var delay time.Duration
 	for {
-		var aerr error
-		closed := false
-		err := wrc.Read(func(uintptr) bool {
-			more := true
-			if cerr := lrc.Control(func(lfd uintptr) {
-				for range rawBatch {
-					// syscall's, not x/sys's: that asks each IPv4 socket for its
-					// protocol, to tell L2TP.
-					fd, sa, err := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
-					switch err {
-					case nil:
-						delay = 0
-						a.conn(fd, sa)
-					case syscall.EINTR, syscall.ECONNABORTED:
-					case syscall.EAGAIN:
-						more = false // wait until the listener is readable
-						return
-					default:
-						aerr = os.NewSyscallError("accept4", err)
-						return
-					}
-				}
-				// A full batch: return, so that Close can get in, and
-				// come back at once.
-			}); cerr != nil {
-				closed = true
-			}
-			a.retry(time.Now())
-			return more || closed
-		})
+		err := a.rc.Read(wait)
+		if err == nil && werr != nil {
+			err = os.NewSyscallError("epoll_wait", werr)
+		}
 		switch {
-		case closed:
-			return true, nil
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			a.retry(time.Now()) // and wait on
-			continue
 		case err == nil:
-			err = aerr
-		}
-		if err == nil {
-			continue
-		}
-		if stop, err := p.acceptFailed(err, &delay); stop {
+			for _, ev := range a.events[:n] {
+				if ev.Fd != rawListener {
+					a.ready(int(ev.Fd), ev.Events)
+					continue
+				}
+				closed, aerr := a.acceptBatch(lrc)
+				if closed {
+					return true, nil
+				}
+				if aerr == nil {
+					delay = 0
+				} else if stop, err := p.acceptFailed(aerr, &delay); stop {
+					return true, err
+				}
+			}
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		default:
+			// The drain closed the set; or, if it cannot be read, no
+			// more connections come this way.
+			if p.stopping() {
+				return true, nil
+			}
 			return true, err
 		}
+		a.expire(time.Now())
 	}
 }
 
-// rawPendingMax bounds the connections the loop keeps so; more go to
-// route at once.
-const rawPendingMax = 256
+const (
+	// rawBatch bounds the connections accepted in one pass, which holds a
+	// reference on the listener that the listener's Close waits for.
+	rawBatch = 64
+	// rawListener marks the listener's events in the epoll set; the
+	// others carry the descriptor of a pending connection.
+	rawListener = -1
+	// rawPendingMax bounds the connections waiting for their heads in
+	// the loop; more go to route at once.
+	rawPendingMax = 256
+)
 
 // rawAccepter is the raw accept loop's state, which only its goroutine
 // touches.
 type rawAccepter struct {
 	p        *primary
-	wait     *os.File     // the listener's duplicate: its read deadline wakes the loop for pending
+	file     *os.File // the epoll set, in Go's poller; its read deadline is the next due
+	rc       syscall.RawConn
+	events   []unix.EpollEvent
 	buf      []byte       // proxyRoom for the hand-off message, then the peek
 	oob      []byte       // SCM_RIGHTS for one descriptor, set for each send
-	pending  []rawPending // accepted, with no complete head yet, oldest first
-	deadline time.Time    // wait's read deadline: when the oldest pending is due
+	pending  []rawPending // in the epoll set, waiting for their heads, oldest (first due) first
+	deadline time.Time    // file's read deadline: when the oldest pending is due
 }
 
 // rawPending is an accepted connection whose head has not arrived.
 type rawPending struct {
 	fd  int
 	sa  syscall.Sockaddr
+	at  time.Time // accepted
 	due time.Time // when it goes to route
+}
+
+// newRawAccepter makes the loop's epoll set, with the listener in it
+// (level-triggered: it is reported as long as connections wait to be
+// accepted).
+func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	var cerr error
+	err = lrc.Control(func(lfd uintptr) {
+		cerr = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(lfd), &unix.EpollEvent{Events: unix.EPOLLIN, Fd: rawListener})
+	})
+	if err == nil {
+		err = os.NewSyscallError("epoll_ctl", cerr)
+	}
+	if err == nil {
+		// Non-blocking, so that os.NewFile puts it in Go's poller.
+		err = os.NewSyscallError("fcntl", unix.SetNonblock(epfd, true))
+	}
+	if err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	a := &rawAccepter{
+		p:      p,
+		file:   os.NewFile(uintptr(epfd), "defuss-accept-epoll"),
+		events: make([]unix.EpollEvent, rawBatch),
+		buf:    make([]byte, proxyRoom+p.cfg.maxHeaderBytes),
+		oob:    unix.UnixRights(0),
+	}
+	if a.rc, err = a.file.SyscallConn(); err != nil {
+		a.file.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+// acceptBatch accepts up to rawBatch connections. It reports closed once
+// the listener is closed, and a failure of accept4.
+func (a *rawAccepter) acceptBatch(lrc syscall.RawConn) (closed bool, err error) {
+	cerr := lrc.Control(func(lfd uintptr) {
+		for range rawBatch {
+			// syscall's, not x/sys's: that asks each IPv4 socket for its
+			// protocol, to tell L2TP.
+			fd, sa, aerr := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+			switch aerr {
+			case nil:
+				a.conn(fd, sa)
+			case syscall.EINTR, syscall.ECONNABORTED:
+			case syscall.EAGAIN:
+				return
+			default:
+				err = os.NewSyscallError("accept4", aerr)
+				return
+			}
+		}
+		// A full batch: the set reports the listener again at once.
+	})
+	return cerr != nil, err
 }
 
 // conn serves one accepted connection, fd, from the client at sa.
@@ -155,41 +216,105 @@ func (a *rawAccepter) conn(fd int, sa syscall.Sockaddr) {
 		unix.Close(fd)
 		return
 	}
-	handed, wait := a.handOff(fd, sa)
+	now := time.Now()
+	handed, wait := a.handOff(fd, sa, now)
 	switch {
 	case handed:
-	case wait && len(a.pending) < rawPendingMax:
-		a.pending = append(a.pending, rawPending{fd: fd, sa: sa, due: time.Now().Add(p.rawGrace)})
+		unix.Close(fd) // the worker has its own descriptor
+	case wait && len(a.pending) < rawPendingMax && a.watch(fd):
+		a.pending = append(a.pending, rawPending{fd: fd, sa: sa, at: now, due: now.Add(p.rawGrace)})
+		if len(a.pending) == 1 {
+			a.setDeadline(a.pending[0].due)
+		}
 	default:
 		a.route(fd, sa)
 	}
 }
 
-// retry looks again at the pending connections: it hands off those
-// whose heads are complete now, and gives route those that are due by
-// now (every one, for the zero time) or that are anything but late. It
-// then sets the loop's deadline for the next that will be due.
-func (a *rawAccepter) retry(now time.Time) {
-	kept := a.pending[:0]
+// watch adds fd to the set, edge-triggered: the loop hears of each new
+// arrival of bytes (it only peeks, so what came stays readable). Bytes
+// that came before it was added are reported too.
+func (a *rawAccepter) watch(fd int) bool {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+	return a.ctl(unix.EPOLL_CTL_ADD, fd, &ev) == nil
+}
+
+// unwatch takes fd out of the set before the loop lets go of it: the
+// set would hear of it for as long as its socket lives, in a worker too.
+func (a *rawAccepter) unwatch(fd int) { a.ctl(unix.EPOLL_CTL_DEL, fd, nil) }
+
+// ctl is epoll_ctl on the set, through its file: once the drain has
+// closed it, a call fails rather than reach a descriptor reused since.
+func (a *rawAccepter) ctl(op, fd int, ev *unix.EpollEvent) error {
+	var err error
+	if cerr := a.rc.Control(func(ep uintptr) { err = unix.EpollCtl(int(ep), op, fd, ev) }); cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+// ready handles the events (bytes, a close) of the pending connection
+// fd.
+func (a *rawAccepter) ready(fd int, events uint32) {
+	i := slices.IndexFunc(a.pending, func(e rawPending) bool { return e.fd == fd })
+	if i < 0 {
+		return // cannot happen: the loop watches only what is pending
+	}
+	e := a.pending[i]
+	handed, wait := a.handOff(fd, e.sa, e.at)
+	if wait && events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) == 0 {
+		return // more of the head to come
+	}
+	a.pending = slices.Delete(a.pending, i, i+1)
+	a.unwatch(fd)
+	if handed {
+		unix.Close(fd)
+	} else {
+		a.route(fd, e.sa)
+	}
+	if i == 0 {
+		a.setDeadline(a.due())
+	}
+}
+
+// expire gives route the pending connections that are due by now.
+func (a *rawAccepter) expire(now time.Time) {
+	k := 0
+	for k < len(a.pending) && !a.pending[k].due.After(now) {
+		e := a.pending[k]
+		a.unwatch(e.fd)
+		a.route(e.fd, e.sa)
+		k++
+	}
+	if k > 0 {
+		a.pending = slices.Delete(a.pending, 0, k)
+	}
+	a.setDeadline(a.due())
+}
+
+// shut gives route every connection still pending, when the loop ends,
+// and closes the set.
+func (a *rawAccepter) shut() {
 	for _, e := range a.pending {
-		handed, wait := a.handOff(e.fd, e.sa)
-		switch {
-		case handed:
-		case wait && !now.IsZero() && now.Before(e.due):
-			kept = append(kept, e)
-		default:
-			a.route(e.fd, e.sa)
-		}
+		a.unwatch(e.fd)
+		a.route(e.fd, e.sa)
 	}
-	clear(a.pending[len(kept):])
-	a.pending = kept
-	var next time.Time
-	if len(kept) > 0 {
-		next = kept[0].due
+	a.pending = nil
+	a.file.Close()
+}
+
+// due is when the oldest pending connection is due; zero if none is.
+func (a *rawAccepter) due() time.Time {
+	if len(a.pending) == 0 {
+		return time.Time{}
 	}
-	if !next.Equal(a.deadline) {
-		a.wait.SetReadDeadline(next)
-		a.deadline = next
+	return a.pending[0].due
+}
+
+func (a *rawAccepter) setDeadline(t time.Time) {
+	if !t.Equal(a.deadline) {
+		a.file.SetReadDeadline(t)
+		a.deadline = t
 	}
 }
 
@@ -212,17 +337,16 @@ func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
 	go p.serveConn(c)
 }
 
-// handOff hands fd, from the client at sa, to a worker if its head is
-// complete already and nothing needs route's path, and closes it then.
-// It reports whether a worker took it; and if not, whether the head is
-// still on its way (no bytes yet, or part of a head), so that waiting a
-// little may let the loop hand it off after all.
-func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr) (handed, wait bool) {
+// handOff hands fd, from the client at sa accepted at start, to a worker
+// if its head is complete already and nothing needs route's path; the
+// caller closes fd then. It reports whether a worker took it; and if not,
+// whether the head is still on its way (no bytes yet, or part of a head),
+// so that waiting a little may let the loop hand it off after all.
+func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, start time.Time) (handed, wait bool) {
 	p := a.p
 	if len(p.cfg.trusted) > 0 {
 		return false, false // a PROXY header may come first: route parses it
 	}
-	start := time.Now()
 	head := a.buf[proxyRoom:]
 	n, _, err := unix.Recvfrom(fd, head, unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	switch {
@@ -245,18 +369,19 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr) (handed, wait bool) {
 	if p.isHealthCheck(req) {
 		return false, false
 	}
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
 	msg := appendHandoff(a.buf[:0:proxyRoom], handoffMsg{version: handoffV2})
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawHanded.Add(1) // before the worker can see it
-	w := p.offer(req, func(uc *net.UnixConn) error { return sendNow(uc, msg, a.oob) }, nil, false)
+	// If no worker takes it, route asks the Balancer again: a stateful
+	// one sees this connection twice, in that rare case.
+	w := p.offer(req, func(uc *net.UnixConn) error { return sendNow(uc, msg, a.oob) }, nil, true)
 	p.gate.routing.Add(-1)
 	if w == nil {
 		p.rawHanded.Add(^uint64(0))
 		return false, false
 	}
-	unix.Close(fd) // the worker has its own descriptor
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
 	return true, false
 }
 
@@ -293,7 +418,7 @@ func newFileConn(fd int, sa syscall.Sockaddr) (*fileConn, error) {
 		return nil, os.NewSyscallError("getsockname", err)
 	}
 	return &fileConn{
-		File:  os.NewFile(uintptr(fd), "defuss-client"),
+		f:     os.NewFile(uintptr(fd), "defuss-client"),
 		laddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(lsa)),
 		raddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(sa)),
 	}, nil
@@ -301,7 +426,7 @@ func newFileConn(fd int, sa syscall.Sockaddr) (*fileConn, error) {
 
 // CloseWrite shuts down the sending side, as *net.TCPConn's does.
 func (c *fileConn) CloseWrite() error {
-	rc, err := c.SyscallConn()
+	rc, err := c.f.SyscallConn()
 	if err != nil {
 		return err
 	}
@@ -312,14 +437,23 @@ func (c *fileConn) CloseWrite() error {
 	return os.NewSyscallError("shutdown", serr)
 }
 
-// sockaddrAddrPort is sa's address and port; the zero AddrPort for a
-// socket address that is not IP.
+// sockaddrAddrPort is sa's address and port, with the zone of a link-local
+// IPv6 address as Go's accept names it; the zero AddrPort for a socket
+// address that is not IP.
 func sockaddrAddrPort(sa syscall.Sockaddr) netip.AddrPort {
 	switch a := sa.(type) {
 	case *syscall.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	case *syscall.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+		ip := netip.AddrFrom16(a.Addr)
+		if a.ZoneId != 0 {
+			zone := strconv.Itoa(int(a.ZoneId))
+			if ifi, err := net.InterfaceByIndex(int(a.ZoneId)); err == nil {
+				zone = ifi.Name
+			}
+			ip = ip.WithZone(zone)
+		}
+		return netip.AddrPortFrom(ip, uint16(a.Port))
 	}
 	return netip.AddrPort{}
 }

@@ -23,8 +23,11 @@ type rawTest struct {
 	done chan error      // the accept loop's result
 }
 
-func newRawTest(t *testing.T, workers int, b Balancer, opts ...Option) *rawTest {
+func newRawTest(t *testing.T, workers int, b Balancer, meter Option, opts ...Option) *rawTest {
 	t.Helper()
+	if meter == nil {
+		meter = WithMeterProvider(noop.NewMeterProvider())
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -33,7 +36,7 @@ func newRawTest(t *testing.T, workers int, b Balancer, opts ...Option) *rawTest 
 	for i := range addrs {
 		addrs[i] = "127.0.0.1:1" // never dialed: hand-off passes descriptors
 	}
-	p := newTestPrimary(t, b, WithMeterProvider(noop.NewMeterProvider()), addrs...)
+	p := newTestPrimary(t, b, meter, addrs...)
 	for _, o := range append([]Option{WithHandoff(true)}, opts...) {
 		o.apply(p.cfg)
 	}
@@ -149,10 +152,10 @@ const rawHead = "GET /raw HTTP/1.1\r\nHost: example.com\r\n\r\n"
 // route's path; either way the worker reads the client's bytes untouched,
 // and the connection counts as handed off, not live.
 func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
-	rt := newRawTest(t, 1, nil)
+	rt := newRawTest(t, 1, nil, nil)
 	// Connected and sent before the loop runs: the heads wait in the
 	// sockets. (Loopback delivers a write at once, as a rule; the test
-	// wants only one of them to be complete when it is accepted.)
+	// needs only one of them there when it is accepted.)
 	const early = 20
 	rt.dial(t, early, rawHead)
 	rt.start(t)
@@ -191,7 +194,8 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 // with no failure counted.
 func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
-	rt := newRawTest(t, 2, always0)
+	m, meter := newMetrics(t)
+	rt := newRawTest(t, 2, always0, meter)
 	// Fill worker 0's queue with messages that carry no descriptor.
 	full := rt.p.pool.view.Load().cands[0].proc.handoffSock
 	for i := 0; ; i++ {
@@ -215,12 +219,19 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 	if got := rt.p.pool.view.Load().cands[0].slot.conns.Load(); got != 0 {
 		t.Errorf("the full worker counts %d connections; want 0", got)
 	}
+	ms := m.collect()
+	if _, ok := ms["defuss.dial.failures"]; ok {
+		t.Errorf("a full queue was counted as a failure: %v", points(t, ms, "defuss.dial.failures", "{dial}"))
+	}
+	if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != 5 || len(got) != 1 {
+		t.Errorf("dial.retries = %v, want 5 onto worker 1", got)
+	}
 }
 
 // The connection limit holds in the raw accept loop: a connection past it
 // is closed unserved, and the ones within it are handed off.
 func TestRawAcceptConnectionLimit(t *testing.T) {
-	rt := newRawTest(t, 1, nil, WithMaxConnections(2))
+	rt := newRawTest(t, 1, nil, nil, WithMaxConnections(2))
 	clients := rt.dial(t, 3, rawHead)
 	rt.start(t)
 	for range 2 {
@@ -237,6 +248,9 @@ func TestRawAcceptConnectionLimit(t *testing.T) {
 	if got := rt.p.conns.handed.Load(); got != 2 {
 		t.Errorf("%d connections count as handed off; want 2", got)
 	}
+	if got := rt.p.rawHanded.Load(); got != 2 {
+		t.Errorf("the accept loop handed off %d connections itself; want 2", got)
+	}
 }
 
 // The loop waits on a duplicate of the listening socket's descriptor.
@@ -244,12 +258,15 @@ func TestRawAcceptConnectionLimit(t *testing.T) {
 // listening: a new client is refused, not left in a queue nobody
 // accepts.
 func TestRawAcceptDrainClosesTheListeningSocket(t *testing.T) {
-	rt := newRawTest(t, 1, nil)
+	rt := newRawTest(t, 1, nil, nil)
 	rt.start(t)
 	c := rt.dial(t, 1, rawHead)[0]
 	_, wc := rt.receive(t, 0)
 	readExactly(t, wc, rawHead)
 	c.Close()
+	if rt.p.rawHanded.Load() != 1 {
+		t.Fatal("the connection did not go through the raw accept loop")
+	}
 
 	rt.p.beginShutdown()
 	if err := <-rt.done; err != nil {
@@ -266,12 +283,12 @@ func TestRawAcceptDrainClosesTheListeningSocket(t *testing.T) {
 }
 
 // A connection whose head has not arrived when it is accepted waits in
-// the loop (rawGrace), which looks again each time it wakes: a head that
-// arrives meanwhile is handed off by the loop itself. The ones still
-// waiting when the drain begins go to route, which serves them.
+// the loop's epoll set (for rawGrace): the head's arrival wakes the loop,
+// which hands the connection off itself. The ones still waiting when the
+// drain begins go to route, which serves them.
 func TestRawAcceptWaitsForALateHead(t *testing.T) {
-	rt := newRawTest(t, 1, nil)
-	rt.p.rawGrace = time.Hour // a deadline that does not come: only the wake-ups count
+	rt := newRawTest(t, 1, nil, nil)
+	rt.p.rawGrace = time.Hour // only the head's arrival can wake the loop for it
 	late := rt.dial(t, 1, rawHead[:10])[0]
 	rt.start(t)
 	// Accepted (counted as handed off ahead of it), and kept: not live.
@@ -279,20 +296,17 @@ func TestRawAcceptWaitsForALateHead(t *testing.T) {
 	if rt.live() != 0 {
 		t.Fatal("a connection with part of a head went to route at once")
 	}
-	io.WriteString(late, rawHead[10:])
-	// Another client wakes the loop.
-	rt.dial(t, 1, rawHead)
-	for range 2 {
-		_, c := rt.receive(t, 0)
-		readExactly(t, c, rawHead)
-	}
-	if got := rt.p.rawHanded.Load(); got != 2 {
-		t.Errorf("the accept loop handed off %d connections itself; want 2, the late head's too", got)
+	io.WriteString(late, rawHead[10:20])
+	io.WriteString(late, rawHead[20:])
+	_, c := rt.receive(t, 0)
+	readExactly(t, c, rawHead)
+	if got := rt.p.rawHanded.Load(); got != 1 {
+		t.Errorf("the accept loop handed off %d connections itself; want 1, the late head's", got)
 	}
 
 	// Silent until the drain begins.
 	silent := rt.dial(t, 1, "")[0]
-	waitFor(t, 5*time.Second, "the silent connection accepted", func() bool { return rt.p.conns.handed.Load() == 3 })
+	waitFor(t, 5*time.Second, "the silent connection accepted", func() bool { return rt.p.conns.handed.Load() == 2 })
 	// The drain begins as beginShutdown begins it, but for the pool,
 	// which would drop the test's workers.
 	rt.ln.Close()
@@ -305,7 +319,30 @@ func TestRawAcceptWaitsForALateHead(t *testing.T) {
 		t.Fatalf("%d connections in route's hands once the loop ended; want the one that was waiting", rt.live())
 	}
 	io.WriteString(silent, rawHead)
-	_, c := rt.receive(t, 0)
+	_, c = rt.receive(t, 0)
 	readExactly(t, c, rawHead)
 	waitFor(t, 5*time.Second, "route done", func() bool { return rt.live() == 0 })
+}
+
+// The raw accept loop does not wait to hand a descriptor to a worker
+// whose exit is being settled (settleHanded waits for the sends in
+// flight, each of which may take up to handoffTimeout): it moves on.
+func TestHandToNowaitDoesNotWaitForASettlingExit(t *testing.T) {
+	ours, theirs, err := handoffPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ours.Close()
+	defer theirs.Close()
+	pr := &process{handoffSock: ours}
+	pr.handMu.Lock() // an exit being settled
+	defer pr.handMu.Unlock()
+	sent := false
+	err = handTo(pr, func(*net.UnixConn) error { sent = true; return nil }, true)
+	if !errors.Is(err, errHandoffBusy) || sent {
+		t.Fatalf("handTo without waiting, while an exit is settled: %v (sent %v); want errHandoffBusy, nothing sent", err, sent)
+	}
+	if pr.open.Load() != 0 {
+		t.Errorf("%d connections count as open in the process; want 0", pr.open.Load())
+	}
 }

@@ -323,8 +323,18 @@ func TestUpgradeKeepsHijackedConnection(t *testing.T) {
 	}
 	old.cmd.Process.Signal(syscall.SIGUSR2)
 	_, _, workers := successorOf(t, old, "")
-	if _, body := get(t, old.addr, "/pid"); !slices.Contains(workers, atoi(body)) {
-		t.Fatalf("a new connection went to %s, not to the new workers %v", body, workers)
+	// Both primaries accept until the old one has taken in the new one's
+	// "go" (Upgrade's doc), which can come a moment after the new one's
+	// ready line: a connection may still reach the old workers until
+	// then, and none may after.
+	waitFor(t, 10*time.Second, "a new connection served by the new workers", func() bool {
+		_, body := get(t, old.addr, "/pid")
+		return slices.Contains(workers, atoi(body))
+	})
+	for range 10 {
+		if _, body := get(t, old.addr, "/pid"); !slices.Contains(workers, atoi(body)) {
+			t.Fatalf("a new connection went to %s, not to the new workers %v", body, workers)
+		}
 	}
 	if err := ws.echo("after the upgrade"); err != nil {
 		t.Fatalf("the hijacked connection did not survive the upgrade: %v", err)
