@@ -750,7 +750,9 @@ func connectRaw(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 		return os.NewSyscallError("connect", err)
 	}
 	connected := func() (bool, error) {
-		if _, err := unix.Getpeername(fd); err == nil {
+		// syscall's, not x/sys's: that asks an IPv4 socket for its
+		// protocol too, to tell L2TP.
+		if _, err := syscall.Getpeername(fd); err == nil {
 			return true, nil
 		}
 		switch e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); {

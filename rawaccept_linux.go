@@ -128,14 +128,18 @@ const (
 // rawAccepter is the raw accept loop's state, which only its goroutine
 // touches.
 type rawAccepter struct {
-	p        *primary
-	file     *os.File // the epoll set, in Go's poller; its read deadline is the next due
-	rc       syscall.RawConn
-	events   []unix.EpollEvent
-	buf      []byte       // proxyRoom for the hand-off message, then the peek
-	oob      []byte       // SCM_RIGHTS for one descriptor, set for each send
-	pending  []rawPending // in the epoll set, waiting for their heads, oldest (first due) first
-	deadline time.Time    // file's read deadline: when the oldest pending is due
+	p         *primary
+	file      *os.File // the epoll set, in Go's poller; its read deadline is the next due
+	rc        syscall.RawConn
+	events    []unix.EpollEvent
+	buf       []byte       // proxyRoom for the hand-off message, then the peek
+	oob       []byte       // SCM_RIGHTS for one descriptor, set for each send
+	pending   []rawPending // in the epoll set, waiting for their heads, oldest (first due) first
+	deadline  time.Time    // file's read deadline: when the oldest pending is due
+	op        epollOp      // ctl's call
+	doOp      func(ep uintptr)
+	accept    func(lfd uintptr) // acceptPass
+	acceptErr error
 }
 
 // rawPending is an accepted connection whose head has not arrived.
@@ -180,31 +184,37 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 		a.file.Close()
 		return nil, err
 	}
+	a.doOp = func(ep uintptr) { a.op.err = unix.EpollCtl(int(ep), a.op.op, a.op.fd, a.op.ev) }
+	a.accept = a.acceptPass
 	return a, nil
 }
 
 // acceptBatch accepts up to rawBatch connections. It reports closed once
 // the listener is closed, and a failure of accept4.
 func (a *rawAccepter) acceptBatch(lrc syscall.RawConn) (closed bool, err error) {
-	cerr := lrc.Control(func(lfd uintptr) {
-		for range rawBatch {
-			// syscall's, not x/sys's: that asks each IPv4 socket for its
-			// protocol, to tell L2TP.
-			fd, sa, aerr := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
-			switch aerr {
-			case nil:
-				a.conn(fd, sa)
-			case syscall.EINTR, syscall.ECONNABORTED:
-			case syscall.EAGAIN:
-				return
-			default:
-				err = os.NewSyscallError("accept4", aerr)
-				return
-			}
+	a.acceptErr = nil
+	cerr := lrc.Control(a.accept) // made once: a pass allocates nothing
+	return cerr != nil, a.acceptErr
+}
+
+// acceptPass is acceptBatch's pass on the listener's descriptor lfd.
+func (a *rawAccepter) acceptPass(lfd uintptr) {
+	for range rawBatch {
+		// syscall's, not x/sys's: that asks each IPv4 socket for its
+		// protocol, to tell L2TP.
+		fd, sa, err := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+		switch err {
+		case nil:
+			a.conn(fd, sa)
+		case syscall.EINTR, syscall.ECONNABORTED:
+		case syscall.EAGAIN:
+			return
+		default:
+			a.acceptErr = os.NewSyscallError("accept4", err)
+			return
 		}
-		// A full batch: the set reports the listener again at once.
-	})
-	return cerr != nil, err
+	}
+	// A full batch: the set reports the listener again at once.
 }
 
 // conn serves one accepted connection, fd, from the client at sa.
@@ -245,12 +255,21 @@ func (a *rawAccepter) unwatch(fd int) { a.ctl(unix.EPOLL_CTL_DEL, fd, nil) }
 
 // ctl is epoll_ctl on the set, through its file: once the drain has
 // closed it, a call fails rather than reach a descriptor reused since.
+// (Its arguments travel in a.op, made once, so that a call allocates
+// nothing.)
 func (a *rawAccepter) ctl(op, fd int, ev *unix.EpollEvent) error {
-	var err error
-	if cerr := a.rc.Control(func(ep uintptr) { err = unix.EpollCtl(int(ep), op, fd, ev) }); cerr != nil {
-		return cerr
+	a.op = epollOp{op: op, fd: fd, ev: ev}
+	if err := a.rc.Control(a.doOp); err != nil {
+		return err
 	}
-	return err
+	return a.op.err
+}
+
+// epollOp is one epoll_ctl call of ctl.
+type epollOp struct {
+	op, fd int
+	ev     *unix.EpollEvent
+	err    error
 }
 
 // ready handles the events (bytes, a close) of the pending connection
