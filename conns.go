@@ -67,7 +67,8 @@ func (t *connTable) room() (ok, full bool) {
 // reserve counts a new connection that has no net.Conn yet (the raw
 // accept loop's) as handed off, ahead of the hand-off, so that the
 // connection limit holds meanwhile. It reports what track reports. If
-// the connection is not handed off at once, claim makes it live.
+// the connection is not handed off at once, claim makes it live (splice
+// mode's too).
 func (t *connTable) reserve() (ok, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -92,13 +93,26 @@ func (t *connTable) claim(c net.Conn) bool {
 	return true
 }
 
+// unclaim undoes claim, in one step: c is forgotten unused, and its
+// connection counts as reserved again.
+func (t *connTable) unclaim(c net.Conn) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.live, c)
+	t.handed.Add(1)
+	t.wg.Done()
+}
+
 // routed records that c is now spliced to worker, served by process pid in
 // slot.
 func (t *connTable) routed(c, worker net.Conn, slot, pid int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if _, ok := t.live[c]; ok {
-		t.live[c] = liveConn{worker: worker, slot: slot, pid: pid}
+	if l, ok := t.live[c]; ok {
+		// ended stays: for the raw accept loop's connection, with no
+		// net.Conn to end, it is the only trace of an end asked for
+		// meanwhile.
+		t.live[c] = liveConn{worker: worker, slot: slot, pid: pid, ended: l.ended}
 	}
 }
 

@@ -71,19 +71,31 @@ func (r *evRelay) take(rl *relay) bool {
 	if r == nil {
 		return false
 	}
-	client, ok := rl.client.(*net.TCPConn)
-	if !ok {
+	raw, isFile := rl.client.(*fileConn)
+	if _, ok := rl.client.(*net.TCPConn); !ok && !isFile {
 		return false
+	}
+	if isFile && raw.f != nil {
+		isFile = false // route's fileConn: detached as a net.Conn is
 	}
 	wfd, err := rl.worker.detach()
 	if err != nil {
 		// Aborted (the head could not be written), or closed under us
 		// by a shutdown: nothing to relay.
-		client.Close()
+		if isFile {
+			unix.Close(raw.fd)
+		} else {
+			rl.client.Close()
+		}
 		rl.finish(0, 0)
 		return true
 	}
-	cfd, err := detach(client)
+	var cfd int
+	if isFile {
+		cfd = raw.fd // the raw accept loop's: never in Go's poller
+	} else {
+		cfd, err = detach(rl.client.(detachable))
+	}
 	if err != nil {
 		unix.Close(wfd)
 		rl.finish(0, 0)
@@ -115,10 +127,17 @@ func (u upstream) detach() (int, error) {
 	return detach(u.conn)
 }
 
+// detachable is a client socket in Go's poller: a *net.TCPConn, or a
+// fileConn with its file.
+type detachable interface {
+	SyscallConn() (syscall.RawConn, error)
+	Close() error
+}
+
 // detach takes c's socket out of Go's poller: it returns a duplicate of
 // its descriptor (non-blocking, close-on-exec, as the original) and closes
 // c, which closes the original without touching the connection.
-func detach(c *net.TCPConn) (int, error) {
+func detach(c detachable) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return -1, err
@@ -740,7 +759,8 @@ func dialWorkerRaw(addr string, timeout time.Duration) (fd int, ok bool, err err
 // connectRaw connects fd to sa within timeout. Over loopback the
 // handshake is done by the time connect returns, EINPROGRESS or not:
 // one getpeername tells. Otherwise (a worker's full accept queue drops
-// the SYN) it waits in Go's poller.
+// the SYN) it waits in Go's poller; with no timeout it does not wait,
+// and that is errWouldWait.
 func connectRaw(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 	switch err := unix.Connect(fd, sa); err {
 	case nil:
@@ -766,11 +786,15 @@ func connectRaw(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 	if ok, err := connected(); ok || err != nil {
 		return err
 	}
+	if timeout <= 0 {
+		return errWouldWait
+	}
 	return waitWritable(fd, timeout, connected)
 }
 
 // writeRaw writes all of b to fd, waiting in Go's poller, within
-// timeout, if fd's send buffer is full.
+// timeout, if fd's send buffer is full; with no timeout, that is
+// errWouldWait.
 func writeRaw(fd int, b []byte, timeout time.Duration) error {
 	try := func() (bool, error) {
 		for len(b) > 0 {
@@ -789,6 +813,9 @@ func writeRaw(fd int, b []byte, timeout time.Duration) error {
 	}
 	if ok, err := try(); ok || err != nil {
 		return err
+	}
+	if timeout <= 0 {
+		return errWouldWait
 	}
 	return waitWritable(fd, timeout, try)
 }

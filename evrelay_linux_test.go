@@ -36,7 +36,7 @@ func relayPair(t testing.TB, opts ...Option) (p *primary, r *relay, client, work
 	cc, cs := tcpPair(t)
 	p.conns.track(cs)
 	var up upstream
-	w := p.offer(&Request{}, nil, &up, true)
+	w, _ := p.offer(&Request{}, nil, &up, offerRaw)
 	if w == nil || up.fd < 0 {
 		t.Fatal("no raw worker connection")
 	}

@@ -106,12 +106,12 @@ func decodeHandoff(b []byte) (handoffMsg, error) {
 // connection counts as open in pr before it is sent, so that a close the
 // worker reports at once finds it there. With nowait (the raw accept
 // loop), it does not wait for an exit being settled either, which waits
-// for sends that may each take up to handoffTimeout: errHandoffBusy.
+// for sends that may each take up to handoffTimeout: errWouldWait.
 func handTo(pr *process, send func(*net.UnixConn) error, nowait bool) error {
 	if !nowait {
 		pr.handMu.RLock()
 	} else if !pr.handMu.TryRLock() {
-		return errHandoffBusy
+		return errWouldWait
 	}
 	defer pr.handMu.RUnlock()
 	if pr.handGone {
@@ -125,9 +125,10 @@ func handTo(pr *process, send func(*net.UnixConn) error, nowait bool) error {
 	return nil
 }
 
-// errHandoffBusy: a worker's hand-off queue is full, and the sender (the
-// raw accept loop, which must not wait) did not wait for room.
-var errHandoffBusy = errors.New("defuss: the worker's hand-off queue is full")
+// errWouldWait: a worker cannot take a connection without a wait (its
+// hand-off queue is full, its exit is being settled, its accept queue is
+// full), and the raw accept loop, which must not wait, did not.
+var errWouldWait = errors.New("defuss: the worker cannot take the connection without a wait")
 
 // peeker is a client socket whose head can be peeked at: a
 // *net.TCPConn, or the raw accept loop's fileConn.

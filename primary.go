@@ -40,9 +40,9 @@ type primary struct {
 	gate  *dialGate // connections being routed, dials in flight
 	// The raw accept loop's (rawaccept_linux.go): how long it keeps a
 	// connection whose head has not arrived (rawGrace; a test's), and how
-	// many connections it handed off itself (for tests).
+	// many connections it handed off or spliced itself (for tests).
 	rawGrace  time.Duration
-	rawHanded atomic.Uint64
+	rawServed atomic.Uint64
 	life      lifecycle // how the primary ends
 
 	// spawn starts a worker process for a slot: the seam between the

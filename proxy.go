@@ -232,11 +232,15 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
 		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
-		w = p.offer(req, func(uc *net.UnixConn) error { return sendConn(uc, tc, msg) }, nil, false)
+		w, _ = p.offer(req, func(uc *net.UnixConn) error { return sendConn(uc, tc, msg) }, nil, 0)
 	default:
 		// An event loop carries TCP clients (where there are loops):
 		// the worker's socket is then dialed raw, never in Go's poller.
-		w = p.offer(req, nil, &up, isTCP && p.relay() != nil)
+		var how offerHow
+		if isTCP && p.relay() != nil {
+			how = offerRaw
+		}
+		w, _ = p.offer(req, nil, &up, how)
 	}
 	doneRouting()
 	req.reset()
@@ -314,21 +318,22 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 
 // offer picks a worker for req and gives it the connection. With send
 // set (hand-off mode) it hands the connection to the worker's process
-// with send (see handTo); raw is the raw accept loop's, whose send does
-// not wait. Otherwise (splice mode) it dials the worker and sets *up,
-// with a raw socket if raw.
+// with send (see handTo). Otherwise (splice mode) it dials the worker and
+// sets *up, with a raw socket with offerRaw. With offerNowait (the raw
+// accept loop's) neither the hand-off nor the dial waits.
 //
 // A worker that fails is skipped for the next candidate, since it has
-// not received a byte, and so is one that cannot take a descriptor
-// without a wait (errHandoffBusy, not a failure). offer returns the
+// not received a byte, and so is one that cannot take the connection
+// without a wait (errWouldWait, not a failure). offer returns the
 // worker that took the connection, whose slot's connection count now
-// includes it, or nil.
-func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstream, raw bool) *WorkerInfo {
+// includes it, or nil, and then whether a worker could have taken it
+// with a wait (busy).
+func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstream, how offerHow) (w *WorkerInfo, busy bool) {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
 	if len(cands) == 0 {
-		return nil
+		return nil, false
 	}
 	i := p.pickWorker(req, cands)
 	for k := range cands {
@@ -343,19 +348,20 @@ func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstre
 		s.conns.Add(1)
 		var err error
 		if send != nil {
-			err = handTo(w.proc, send, raw)
+			err = handTo(w.proc, send, how&offerNowait != 0)
 		} else {
-			*up, err = p.dialUpstream(w.Addr, raw)
+			*up, err = p.dialUpstream(w.Addr, how)
 		}
 		if err == nil {
 			if w.proc != nil {
 				w.proc.dialed.Add(1)
 			}
 			p.tel.active.Add(bg, 1, s.attrs.worker)
-			return w
+			return w, false
 		}
 		s.conns.Add(-1)
-		if errors.Is(err, errHandoffBusy) {
+		if errors.Is(err, errWouldWait) {
+			busy = true
 			continue // no failure: the next worker, and the caller waits for room its own way
 		}
 		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
@@ -367,8 +373,16 @@ func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstre
 			}
 		}
 	}
-	return nil
+	return nil, busy
 }
+
+// offerHow is how offer gives a connection to a worker.
+type offerHow uint8
+
+const (
+	offerRaw    offerHow = 1 << iota // splice mode: dial a raw socket, for an event loop
+	offerNowait                      // the raw accept loop's: no hand-off or dial that waits
+)
 
 // upstream is the primary's connection to a worker in splice mode: a
 // raw socket that an event loop will carry (fd >= 0), or a net.TCPConn.
@@ -377,13 +391,22 @@ type upstream struct {
 	fd   int
 }
 
-// dialUpstream connects to the worker at addr: with raw, on a socket of
-// its own (dialWorkerRaw) where addr is an IP address, else with p.dial.
-func (p *primary) dialUpstream(addr string, raw bool) (upstream, error) {
-	if raw {
-		if fd, ok, err := dialWorkerRaw(addr, p.cfg.dialTimeout); ok {
+// dialUpstream connects to the worker at addr: with offerRaw, on a
+// socket of its own (dialWorkerRaw) where addr is an IP address, else
+// with p.dial. With offerNowait a connection that the worker's accept
+// queue does not take at once is errWouldWait.
+func (p *primary) dialUpstream(addr string, how offerHow) (upstream, error) {
+	if how&offerRaw != 0 {
+		timeout := p.cfg.dialTimeout
+		if how&offerNowait != 0 {
+			timeout = 0
+		}
+		if fd, ok, err := dialWorkerRaw(addr, timeout); ok {
 			return upstream{fd: fd}, err
 		}
+	}
+	if how&offerNowait != 0 {
+		return upstream{fd: -1}, errWouldWait // net's dial waits
 	}
 	c, err := p.dial(addr)
 	return upstream{conn: c, fd: -1}, err

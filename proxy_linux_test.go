@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -166,21 +167,26 @@ func TestPublicConnectionsKeepAlive(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cc.Close()
-	sc, err := ln.Accept()
+	// Accepted raw, as the raw accept loop does (net's Accept would set
+	// TCP_NODELAY itself).
+	lrc, err := ln.(*net.TCPListener).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sc.Close()
-	rc, err := sc.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
+	sfd := -1
+	var aerr error
+	lrc.Control(func(fd uintptr) { sfd, _, aerr = syscall.Accept4(int(fd), syscall.SOCK_CLOEXEC) })
+	if aerr != nil {
+		t.Fatal(aerr)
 	}
-	rc.Control(func(fd uintptr) {
+	defer syscall.Close(sfd)
+	func(fd uintptr) {
 		for _, o := range []struct {
 			name       string
 			level, opt int
 			want       int
 		}{
+			{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 			{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
 			{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
 			{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
@@ -190,5 +196,5 @@ func TestPublicConnectionsKeepAlive(t *testing.T) {
 				t.Errorf("%s = %d (%v), want %d", o.name, v, err, o.want)
 			}
 		}
-	})
+	}(uintptr(sfd))
 }

@@ -384,7 +384,11 @@ func TestDialRefusedTriesNextWorker(t *testing.T) {
 			m, opt := newMetrics(t)
 			p := newTestPrimary(t, always0, opt, deadAddr, live.Addr().String())
 			var up upstream
-			w := p.offer(&Request{}, nil, &up, raw)
+			var how offerHow
+			if raw {
+				how = offerRaw
+			}
+			w, _ := p.offer(&Request{}, nil, &up, how)
 			if w == nil {
 				t.Fatal("connect gave up although worker 1 accepts")
 			}

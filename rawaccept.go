@@ -13,16 +13,26 @@ import (
 // the loop already knows. It spares the connection what net.FileConn
 // costs: a second descriptor, four socket options and three queries.
 // The file is not embedded: its Fd would make the socket blocking.
+//
+// In splice mode the loop routes a connection itself with a fileConn
+// that has no file, only fd, the raw descriptor: a key for the
+// connection table, whose Close does nothing (the relay owns fd).
 type fileConn struct {
 	f            *os.File
+	fd           int // with no f
 	laddr, raddr *net.TCPAddr
 }
 
 var _ net.Conn = (*fileConn)(nil)
 
-func (c *fileConn) Read(b []byte) (int, error)         { return c.f.Read(b) }
-func (c *fileConn) Write(b []byte) (int, error)        { return c.f.Write(b) }
-func (c *fileConn) Close() error                       { return c.f.Close() }
+func (c *fileConn) Read(b []byte) (int, error)  { return c.f.Read(b) }
+func (c *fileConn) Write(b []byte) (int, error) { return c.f.Write(b) }
+func (c *fileConn) Close() error {
+	if c.f == nil {
+		return nil // the relay closes fd
+	}
+	return c.f.Close()
+}
 func (c *fileConn) LocalAddr() net.Addr                { return c.laddr }
 func (c *fileConn) RemoteAddr() net.Addr               { return c.raddr }
 func (c *fileConn) SetDeadline(t time.Time) error      { return c.f.SetDeadline(t) }

@@ -38,12 +38,28 @@ import (
 // serves.
 func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	tl, ok := p.ln.(*net.TCPListener)
-	if !p.cfg.handoff || !ok {
-		return false, nil
+	if !ok || !p.cfg.handoff && p.relay() == nil {
+		return false, nil // splice mode relays with goroutines: it needs net.Conns
 	}
 	lrc, err := tl.SyscallConn()
 	if err != nil {
 		return false, nil
+	}
+	if !p.cfg.handoff {
+		// The primary's own client sockets (hand-off's get theirs in
+		// the workers) inherit from the listener what net's Accept
+		// would set on each: TCP_NODELAY and keep-alive. So they are set
+		// there, on a socket from systemd or an upgrade too. The
+		// ListenConfig behind WithListener's listener may say other:
+		// net's Accept serves those.
+		if p.cfg.listener != nil {
+			return false, nil
+		}
+		var oerr error
+		if err := lrc.Control(func(fd uintptr) { oerr = publicSocketOpts(int(fd)) }); err != nil || oerr != nil {
+			p.log.Warn("no raw accept loop: socket options of the listener", "err", errors.Join(err, oerr))
+			return false, nil
+		}
 	}
 	a, err := newRawAccepter(p, lrc)
 	if err != nil {
@@ -227,10 +243,10 @@ func (a *rawAccepter) conn(fd int, sa syscall.Sockaddr) {
 		return
 	}
 	now := time.Now()
-	handed, wait := a.handOff(fd, sa, now)
+	watched := false
+	done, wait := a.serve(fd, sa, now, &watched)
 	switch {
-	case handed:
-		unix.Close(fd) // the worker has its own descriptor
+	case done:
 	case wait && len(a.pending) < rawPendingMax && a.watch(fd):
 		a.pending = append(a.pending, rawPending{fd: fd, sa: sa, at: now, due: now.Add(p.rawGrace)})
 		if len(a.pending) == 1 {
@@ -280,15 +296,16 @@ func (a *rawAccepter) ready(fd int, events uint32) {
 		return // cannot happen: the loop watches only what is pending
 	}
 	e := a.pending[i]
-	handed, wait := a.handOff(fd, e.sa, e.at)
+	watched := true
+	done, wait := a.serve(fd, e.sa, e.at, &watched)
 	if wait && events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) == 0 {
-		return // more of the head to come
+		return // more of the head to come; new bytes wake the loop again
 	}
 	a.pending = slices.Delete(a.pending, i, i+1)
-	a.unwatch(fd)
-	if handed {
-		unix.Close(fd)
-	} else {
+	if watched {
+		a.unwatch(fd) // before route has it
+	}
+	if !done {
 		a.route(fd, e.sa)
 	}
 	if i == 0 {
@@ -356,56 +373,191 @@ func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
 	go p.serveConn(c)
 }
 
-// handOff hands fd, from the client at sa accepted at start, to a worker
-// if its head is complete already and nothing needs route's path; the
-// caller closes fd then. It reports whether a worker took it; and if not,
-// whether the head is still on its way (no bytes yet, or part of a head),
-// so that waiting a little may let the loop hand it off after all.
-func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, start time.Time) (handed, wait bool) {
+// serve gives fd, from the client at sa accepted at start, to a worker if
+// its head is complete and nothing needs route's path: handed off, or
+// spliced by an event loop. done: fd is no longer the caller's. Else it
+// reports whether the head is still on its way (no bytes yet, or part of
+// a head), so that waiting a little may let the loop serve it after all.
+//
+// A connection in the loop's set (*watched) leaves it as soon as its head
+// is complete, before the descriptor goes anywhere: the set would hear of
+// it for as long as its socket lives, in a worker or an event loop too.
+// One whose head is not complete stays, so that only new bytes wake the
+// loop for it (adding it again would report what is there at once).
+func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watched *bool) (done, wait bool) {
+	req, n, wait := a.inspect(fd, sa)
+	if req == nil {
+		return false, wait
+	}
+	defer func() {
+		req.reset()
+		a.p.reqs.Put(req)
+	}()
+	if *watched {
+		a.unwatch(fd)
+		*watched = false
+	}
+	if a.p.cfg.handoff {
+		done = a.handOff(fd, sa, req, start)
+	} else {
+		done = a.splice(fd, sa, req, n, start)
+	}
+	return done, false
+}
+
+// unavailable answers a connection that no worker can take, as route
+// does (503 for HTTP/1, else a plain close), in a goroutine of its own:
+// the answer waits for the client. The Balancer is not asked again.
+func (a *rawAccepter) unavailable(fd int, sa syscall.Sockaddr, isHTTP bool) {
+	p := a.p
+	c, err := newFileConn(fd, sa)
+	if err != nil {
+		unix.Close(fd)
+		p.conns.closedHanded(1)
+		return
+	}
+	if !p.conns.claim(c) {
+		c.Close()
+		return
+	}
+	go func() {
+		defer p.conns.untrack(c)
+		p.refuseUnavailable(c, isHTTP)
+	}()
+}
+
+// inspect peeks at fd's head without waiting. It returns the request
+// parsed from a complete head (from p.reqs, for the caller to put back)
+// and the head's length, or nil, and whether the head is still on its
+// way. A head that needs route (a trusted proxy's PROXY header may come
+// first; a health check) is nil too.
+func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int, wait bool) {
 	p := a.p
 	if len(p.cfg.trusted) > 0 {
-		return false, false // a PROXY header may come first: route parses it
+		return nil, 0, false
 	}
 	head := a.buf[proxyRoom:]
 	n, _, err := unix.Recvfrom(fd, head, unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	switch {
 	case err == unix.EAGAIN:
-		return false, true
+		return nil, 0, true
 	case err != nil || n == 0:
-		return false, false // an error, or EOF: route sees it
+		return nil, 0, false // an error, or EOF: route sees it
 	case !headComplete(head[:n], 0):
-		return false, n < len(head)
+		return nil, 0, n < len(head)
 	}
 	head = head[:n]
-	req := p.reqs.Get().(*Request)
-	defer func() {
-		req.reset()
-		p.reqs.Put(req)
-	}()
+	req = p.reqs.Get().(*Request)
 	parseRequest(req, head)
 	classify(req, head)
 	req.RemoteAddr = sockaddrAddrPort(sa)
 	if p.isHealthCheck(req) {
-		return false, false
+		req.reset()
+		p.reqs.Put(req)
+		return nil, 0, false
 	}
+	return req, n, false
+}
+
+// handOff hands fd to the worker the Balancer picks for req, and closes
+// it then. With no worker that can take it, it answers unavailable. It
+// reports done unless a worker could take it after a wait, which route
+// does.
+func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
+	p := a.p
 	msg := appendHandoff(a.buf[:0:proxyRoom], handoffMsg{version: handoffV2})
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
-	p.rawHanded.Add(1) // before the worker can see it
-	// If no worker takes it, route asks the Balancer again: a stateful
-	// one sees this connection twice, in that rare case.
-	w := p.offer(req, func(uc *net.UnixConn) error { return sendNow(uc, msg, a.oob) }, nil, true)
+	p.rawServed.Add(1) // before the worker can see it
+	// A worker that takes it only after a wait: route asks the Balancer
+	// again, and waits. A stateful Balancer sees the connection twice,
+	// in that rare case.
+	w, busy := p.offer(req, func(uc *net.UnixConn) error { return sendNow(uc, msg, a.oob) }, nil, offerRaw|offerNowait)
 	p.gate.routing.Add(-1)
 	if w == nil {
-		p.rawHanded.Add(^uint64(0))
-		return false, false
+		p.rawServed.Add(^uint64(0))
+		if busy {
+			return false
+		}
+		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
+		return true
 	}
+	unix.Close(fd) // the worker has its own descriptor
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
-	return true, false
+	return true
+}
+
+// rawSpliceMax bounds the heads the loop splices itself: a head and its
+// PROXY header go to the worker's new socket in one write that cannot
+// wait, as its send buffer (16 KiB to begin with) holds them. Longer
+// ones go to route.
+const rawSpliceMax = 8 << 10
+
+// splice connects fd (whose head of n bytes is in a.buf) to the worker
+// the Balancer picks for req, sends it the PROXY header and the head,
+// and gives the pair to an event loop: route's work for splice mode,
+// with no goroutine, no registration in Go's poller and no dial that
+// waits. It reports done once fd is no longer the caller's: carried by
+// a loop, or closed (the connection limit, a shutdown).
+func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, start time.Time) (done bool) {
+	p := a.p
+	if n > rawSpliceMax {
+		return false
+	}
+	lsa, err := syscall.Getsockname(fd)
+	if err != nil {
+		return false
+	}
+	local := sockaddrAddrPort(lsa)
+	c := &fileConn{fd: fd, laddr: net.TCPAddrFromAddrPort(local), raddr: net.TCPAddrFromAddrPort(req.RemoteAddr)}
+	if !p.conns.claim(c) {
+		unix.Close(fd) // shutting down
+		return true
+	}
+	p.gate.routing.Add(1)
+	defer p.gate.routing.Add(-1)
+	var up upstream
+	w, busy := p.offer(req, nil, &up, offerRaw|offerNowait)
+	if w == nil {
+		// A worker that takes it only after a wait: route dials again,
+		// and waits, with a connection it can use. None at all: 503.
+		p.conns.unclaim(c)
+		if busy {
+			return false
+		}
+		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
+		return true
+	}
+	p.rawServed.Add(1)
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
+	r := &relay{p: p, client: c, worker: up, s: w.slot, sent: int64(n), routed: time.Now()}
+	p.conns.routed(c, nil, w.Index, w.PID)
+	// The head leaves the client's socket now, and goes to the worker
+	// behind its PROXY header, which goes in the buffer's spare room.
+	if m, err := unix.Read(fd, a.buf[proxyRoom:proxyRoom+n]); err != nil || m != n {
+		r.abort()
+	} else {
+		var hb [proxyRoom]byte
+		h := appendProxyV2(hb[:0], req.RemoteAddr, local, &p.secret)
+		copy(a.buf[proxyRoom-len(h):], h)
+		// A new socket's send buffer (16 KiB at first) takes it all:
+		// it never waits (no timeout), and were it to, it is aborted.
+		if err := up.write(a.buf[proxyRoom-len(h):proxyRoom+n], 0); err != nil {
+			r.abort()
+		}
+	}
+	if !p.relay().take(r) {
+		// Cannot happen: in splice mode the loop runs only where there
+		// are event loops, and they take a fileConn.
+		unix.Close(fd)
+		r.abort()
+		r.finish(0, 0)
+	}
+	return true
 }
 
 // sendNow writes the hand-off message msg with the descriptor in oob to
-// uc without waiting: a full queue is errHandoffBusy.
+// uc without waiting: a full queue is errWouldWait.
 func sendNow(uc *net.UnixConn, msg, oob []byte) error {
 	rc, err := uc.SyscallConn()
 	if err != nil {
@@ -423,7 +575,7 @@ func sendNow(uc *net.UnixConn, msg, oob []byte) error {
 	case err != nil:
 		return err
 	case serr == unix.EAGAIN:
-		return errHandoffBusy
+		return errWouldWait
 	case serr != nil:
 		return os.NewSyscallError("sendmsg", serr)
 	}

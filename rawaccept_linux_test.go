@@ -1,10 +1,12 @@
 package defuss
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -66,6 +68,7 @@ func newRawTest(t *testing.T, workers int, b Balancer, meter Option, opts ...Opt
 				t.Errorf("accept loop: %v", err)
 			}
 		}
+		p.stopRelay()
 	})
 	return rt
 }
@@ -166,7 +169,7 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 		}
 		readExactly(t, c, rawHead)
 	}
-	fast := rt.p.rawHanded.Load()
+	fast := rt.p.rawServed.Load()
 	if fast == 0 {
 		t.Fatalf("none of %d connections whose heads had arrived was handed off by the accept loop itself", early)
 	}
@@ -181,7 +184,7 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 	_, wc := rt.receive(t, 0)
 	readExactly(t, wc, rawHead)
 	waitFor(t, 5*time.Second, "route done", func() bool { return rt.live() == 0 })
-	if got := rt.p.rawHanded.Load(); got != fast {
+	if got := rt.p.rawServed.Load(); got != fast {
 		t.Errorf("the accept loop handed off %d connections itself; want %d: the last one's head came later", got, fast)
 	}
 	if got := rt.p.conns.handed.Load(); got != early+1 {
@@ -200,7 +203,7 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 	full := rt.p.pool.view.Load().cands[0].proc.handoffSock
 	for i := 0; ; i++ {
 		err := sendNow(full, []byte{handoffV2, 0, 0}, nil)
-		if errors.Is(err, errHandoffBusy) {
+		if errors.Is(err, errWouldWait) {
 			break
 		}
 		if err != nil || i > 1<<20 {
@@ -213,7 +216,7 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 		_, c := rt.receive(t, 1)
 		readExactly(t, c, rawHead)
 	}
-	if rt.p.rawHanded.Load() == 0 {
+	if rt.p.rawServed.Load() == 0 {
 		t.Error("no connection was handed off by the accept loop itself: the full queue sent them all to route's path")
 	}
 	if got := rt.p.pool.view.Load().cands[0].slot.conns.Load(); got != 0 {
@@ -248,7 +251,7 @@ func TestRawAcceptConnectionLimit(t *testing.T) {
 	if got := rt.p.conns.handed.Load(); got != 2 {
 		t.Errorf("%d connections count as handed off; want 2", got)
 	}
-	if got := rt.p.rawHanded.Load(); got != 2 {
+	if got := rt.p.rawServed.Load(); got != 2 {
 		t.Errorf("the accept loop handed off %d connections itself; want 2", got)
 	}
 }
@@ -264,7 +267,7 @@ func TestRawAcceptDrainClosesTheListeningSocket(t *testing.T) {
 	_, wc := rt.receive(t, 0)
 	readExactly(t, wc, rawHead)
 	c.Close()
-	if rt.p.rawHanded.Load() != 1 {
+	if rt.p.rawServed.Load() != 1 {
 		t.Fatal("the connection did not go through the raw accept loop")
 	}
 
@@ -300,7 +303,7 @@ func TestRawAcceptWaitsForALateHead(t *testing.T) {
 	io.WriteString(late, rawHead[20:])
 	_, c := rt.receive(t, 0)
 	readExactly(t, c, rawHead)
-	if got := rt.p.rawHanded.Load(); got != 1 {
+	if got := rt.p.rawServed.Load(); got != 1 {
 		t.Errorf("the accept loop handed off %d connections itself; want 1, the late head's", got)
 	}
 
@@ -339,10 +342,149 @@ func TestHandToNowaitDoesNotWaitForASettlingExit(t *testing.T) {
 	defer pr.handMu.Unlock()
 	sent := false
 	err = handTo(pr, func(*net.UnixConn) error { sent = true; return nil }, true)
-	if !errors.Is(err, errHandoffBusy) || sent {
-		t.Fatalf("handTo without waiting, while an exit is settled: %v (sent %v); want errHandoffBusy, nothing sent", err, sent)
+	if !errors.Is(err, errWouldWait) || sent {
+		t.Fatalf("handTo without waiting, while an exit is settled: %v (sent %v); want errWouldWait, nothing sent", err, sent)
 	}
 	if pr.open.Load() != 0 {
 		t.Errorf("%d connections count as open in the process; want 0", pr.open.Load())
+	}
+}
+
+// spliceWorkers gives rt's workers real addresses, for splice mode:
+// listeners that the test accepts on.
+func (rt *rawTest) spliceWorkers(t *testing.T) []net.Listener {
+	var lns []net.Listener
+	v := rt.p.pool.view.Load()
+	for i := range v.cands {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		v.cands[i].Addr = ln.Addr().String()
+		lns = append(lns, ln)
+	}
+	return lns
+}
+
+// In splice mode the raw accept loop routes a connection whose head has
+// arrived itself: it dials the worker, sends it the PROXY header (the
+// client's address, the address it reached) and the head, and gives the
+// pair to an event loop, which carries the answer back. Nothing stays
+// counted once the connections end.
+func TestRawAcceptSplicesCompleteHeadsAtOnce(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil, WithHandoff(false))
+	worker := rt.spliceWorkers(t)[0]
+	const early = 20
+	clients := rt.dial(t, early, rawHead)
+	want := map[string]bool{} // each client's PROXY header and head
+	for _, c := range clients {
+		h := appendProxyV2(nil, c.LocalAddr().(*net.TCPAddr).AddrPort(), rt.ln.Addr().(*net.TCPAddr).AddrPort(), &rt.p.secret)
+		want[string(h)+rawHead] = true
+	}
+	rt.start(t)
+	for range early {
+		wc, err := worker.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		wc.SetDeadline(time.Now().Add(5 * time.Second))
+		var got []byte
+		b := make([]byte, 4096)
+		for !bytes.HasSuffix(got, []byte(rawHead)) {
+			n, err := wc.Read(b)
+			if err != nil {
+				t.Fatalf("the worker read %q, then %v; want a PROXY header and the head", got, err)
+			}
+			got = append(got, b[:n]...)
+		}
+		if !want[string(got)] {
+			t.Fatalf("the worker read %q: not one client's PROXY header (its address, the listener's) and head", got)
+		}
+		delete(want, string(got))
+		io.WriteString(wc, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+		wc.Close()
+	}
+	for _, c := range clients {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil || !bytes.HasSuffix(b, []byte("\r\n\r\nok")) {
+			t.Fatalf("the client read %q, %v; want the worker's answer", b, err)
+		}
+		c.Close()
+	}
+	if got := rt.p.rawServed.Load(); got != early {
+		t.Errorf("the accept loop spliced %d of %d connections whose heads had arrived itself; want all", got, early)
+	}
+	waitFor(t, 5*time.Second, "every connection ended", func() bool { return rt.live() == 0 })
+	if got := rt.p.conns.handed.Load(); got != 0 {
+		t.Errorf("%d connections count as reserved; want 0", got)
+	}
+	if got := rt.p.pool.view.Load().cands[0].slot.conns.Load(); got != 0 {
+		t.Errorf("the worker counts %d connections; want 0", got)
+	}
+}
+
+// A late head in splice mode wakes the loop when it arrives, in pieces,
+// and is spliced by the loop; a head longer than the loop splices itself
+// (rawSpliceMax) goes to route, which splices it too.
+func TestRawAcceptSplicesLateAndLongHeads(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil, WithHandoff(false))
+	rt.p.rawGrace = time.Hour // only the head's arrival can wake the loop for it
+	worker := rt.spliceWorkers(t)[0]
+	late := rt.dial(t, 1, rawHead[:10])[0]
+	rt.start(t)
+	waitFor(t, 5*time.Second, "the connection accepted", func() bool { return rt.p.conns.handed.Load() == 1 })
+	io.WriteString(late, rawHead[10:20])
+	io.WriteString(late, rawHead[20:])
+	long := "GET /long HTTP/1.1\r\nHost: example.com\r\nX-Pad: " + strings.Repeat("a", rawSpliceMax) + "\r\n\r\n"
+	rt.dial(t, 1, long)
+	for _, head := range []string{rawHead, long} {
+		wc, err := worker.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer wc.Close()
+		wc.SetDeadline(time.Now().Add(5 * time.Second))
+		var got []byte
+		b := make([]byte, 64<<10)
+		for !bytes.HasSuffix(got, []byte(head)) {
+			n, err := wc.Read(b)
+			if err != nil {
+				t.Fatalf("the worker read %d bytes, then %v; want a PROXY header and a head of %d", len(got), err, len(head))
+			}
+			got = append(got, b[:n]...)
+		}
+		if h := proxyHeaderLen(got); h <= 0 || h != len(got)-len(head) {
+			t.Fatalf("the worker read %d bytes: want one PROXY header (%d by its own length) and a head of %d", len(got), h, len(head))
+		}
+	}
+	if got := rt.p.rawServed.Load(); got != 1 {
+		t.Errorf("the accept loop spliced %d connections itself; want 1, the late head's (the long one is route's)", got)
+	}
+}
+
+// No worker takes the connection (the only one refuses): the loop
+// answers 503 as route does, having asked the worker once, and nothing
+// stays counted.
+func TestRawAcceptSpliceWithNoWorkerAnswers503(t *testing.T) {
+	m, meter := newMetrics(t)
+	rt := newRawTest(t, 1, nil, meter, WithHandoff(false))
+	dead := rt.spliceWorkers(t)[0]
+	dead.Close() // refuses
+	c := rt.dial(t, 1, rawHead)[0]
+	rt.start(t)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, _ := io.ReadAll(c)
+	if !bytes.HasPrefix(b, []byte("HTTP/1.1 503 ")) {
+		t.Fatalf("the client read %q; want a 503", b)
+	}
+	c.Close()
+	waitFor(t, 5*time.Second, "the connection ended", func() bool { return rt.live() == 0 })
+	if got := rt.p.conns.handed.Load(); got != 0 {
+		t.Errorf("%d connections count as reserved; want 0", got)
+	}
+	if got := points(t, m.collect(), "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != 1 {
+		t.Errorf("dial.failures = %v; want 1: the loop dials once, and answers", got)
 	}
 }
