@@ -13,8 +13,10 @@ import (
 //
 // The primary calls a Balancer from many goroutines at once, once per new
 // connection, on the hot path: it must be safe for concurrent use and
-// should return quickly without blocking. It must not modify candidates or
-// keep req or candidates after it returns.
+// should return quickly without blocking. (On Linux most calls come from
+// the one goroutine of the accept loop: a slow Balancer delays every
+// accept.) It must not modify candidates or keep req or candidates after
+// it returns.
 //
 // A Balancer that panics, returns nil or returns a worker that is not one
 // of the candidates does not hurt the primary: the connection goes to the

@@ -354,19 +354,29 @@ func (a *rawAccepter) setDeadline(t time.Time) {
 	}
 }
 
+// claimFile makes the reserved connection fd, from the client at sa, a
+// live fileConn. It returns nil, having closed fd, if the connection
+// failed already (getsockname) or the table is closed.
+func (a *rawAccepter) claimFile(fd int, sa syscall.Sockaddr) *fileConn {
+	c, err := newFileConn(fd, sa)
+	if err != nil {
+		unix.Close(fd)
+		a.p.conns.closedHanded(1)
+		return nil
+	}
+	if !a.p.conns.claim(c) {
+		c.Close()
+		return nil
+	}
+	return c
+}
+
 // route gives the connection fd, from the client at sa, to route, in a
 // goroutine of its own, as a fileConn.
 func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
 	p := a.p
-	c, err := newFileConn(fd, sa)
-	if err != nil {
-		// The connection failed already (getsockname): nobody to serve.
-		unix.Close(fd)
-		p.conns.closedHanded(1)
-		return
-	}
-	if !p.conns.claim(c) {
-		c.Close()
+	c := a.claimFile(fd, sa)
+	if c == nil {
 		return
 	}
 	p.gate.routing.Add(1)
@@ -410,14 +420,8 @@ func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watche
 // the answer waits for the client. The Balancer is not asked again.
 func (a *rawAccepter) unavailable(fd int, sa syscall.Sockaddr, isHTTP bool) {
 	p := a.p
-	c, err := newFileConn(fd, sa)
-	if err != nil {
-		unix.Close(fd)
-		p.conns.closedHanded(1)
-		return
-	}
-	if !p.conns.claim(c) {
-		c.Close()
+	c := a.claimFile(fd, sa)
+	if c == nil {
 		return
 	}
 	go func() {
