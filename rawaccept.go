@@ -7,9 +7,8 @@ import (
 	"time"
 )
 
-// fileConn is a client socket that the raw accept loop (Linux, hand-off
-// mode) passes on to route as a net.Conn when it cannot hand it off at
-// once: an *os.File, in Go's poller like any socket, with the addresses
+// fileConn is a client socket that the raw accept loop (Linux) passes on
+// to route as a net.Conn when it cannot serve it at once: an *os.File, in Go's poller like any socket, with the addresses
 // the loop already knows. It spares the connection what net.FileConn
 // costs: a second descriptor, four socket options and three queries.
 // The file is not embedded: its Fd would make the socket blocking.

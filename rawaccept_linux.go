@@ -17,25 +17,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// rawAcceptLoop is acceptLoop for hand-off mode on a TCP listener: the
-// raw accept loop. It accepts with accept4 and, when a connection's head
-// has already arrived (as it has for most, since a client sends it right
-// after the handshake), peeks at it, routes it and passes the descriptor
-// to its worker there and then: accept4, recv(MSG_PEEK), sendmsg and
-// close, with no goroutine and no registration in Go's poller. A
-// connection whose head is still on its way waits in the loop's own epoll
-// set, for at most rawGrace, and is handed off the same way when it
-// arrives. Any other connection goes to route as a fileConn in a
-// goroutine of its own, as acceptLoop's do: a head that takes longer, a
-// health check, a PROXY header from a trusted proxy, no worker whose
-// hand-off queue has room.
+// rawAcceptLoop is acceptLoop on a TCP listener: the raw accept loop. It
+// accepts with accept4 and, when a connection's head has already arrived
+// (as it has for most, since a client sends it right after the
+// handshake), peeks at it, routes it and serves it there and then. In
+// hand-off mode: recv(MSG_PEEK), sendmsg and close. In splice mode: a raw
+// dial of the worker, the head read and written behind its PROXY header,
+// and the pair given to an event loop. Either way with no goroutine and
+// no registration in Go's poller. A connection whose head is still on its
+// way waits in the loop's own epoll set, for at most rawGrace, and is
+// served the same way when it arrives. Any other connection goes to
+// route as a fileConn in a goroutine of its own, as acceptLoop's do: a
+// head that takes longer, a health check, every connection with trusted
+// proxies, no worker that takes it without a wait.
 //
 // The Balancer runs in this one goroutine, as its contract allows ("return
 // quickly without blocking"): a slow one delays every accept.
 //
 // It reports handled=false, having done nothing, where it does not apply
-// (splice mode, another kind of listener, no epoll); acceptLoop then
-// serves.
+// (another kind of listener, no epoll; in splice mode, no event loops or
+// a WithListener listener); acceptLoop then serves.
 func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	tl, ok := p.ln.(*net.TCPListener)
 	if !ok || !p.cfg.handoff && p.relay() == nil {
@@ -63,7 +64,7 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	}
 	a, err := newRawAccepter(p, lrc)
 	if err != nil {
-		p.log.Warn("hand-off: no raw accept loop; accepting through Go's poller", "err", err)
+		p.log.Warn("no raw accept loop; accepting through Go's poller", "err", err)
 		return false, nil
 	}
 	// The drain closes the epoll set, which wakes the loop (the listener
