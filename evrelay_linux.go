@@ -71,18 +71,23 @@ func (r *evRelay) take(rl *relay) bool {
 	if r == nil {
 		return false
 	}
-	raw, isFile := rl.client.(*fileConn)
-	if _, ok := rl.client.(*net.TCPConn); !ok && !isFile {
+	// raw: the raw accept loop's client, whose descriptor was never in
+	// Go's poller. Any other is detached.
+	var raw *fileConn
+	switch c := rl.client.(type) {
+	case *net.TCPConn:
+	case *fileConn:
+		if c.f == nil {
+			raw = c
+		}
+	default:
 		return false
-	}
-	if isFile && raw.f != nil {
-		isFile = false // route's fileConn: detached as a net.Conn is
 	}
 	wfd, err := rl.worker.detach()
 	if err != nil {
 		// Aborted (the head could not be written), or closed under us
 		// by a shutdown: nothing to relay.
-		if isFile {
+		if raw != nil {
 			unix.Close(raw.fd)
 		} else {
 			rl.client.Close()
@@ -91,8 +96,8 @@ func (r *evRelay) take(rl *relay) bool {
 		return true
 	}
 	var cfd int
-	if isFile {
-		cfd = raw.fd // the raw accept loop's: never in Go's poller
+	if raw != nil {
+		cfd = raw.fd
 	} else {
 		cfd, err = detach(rl.client.(detachable))
 	}

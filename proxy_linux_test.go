@@ -180,21 +180,19 @@ func TestPublicConnectionsKeepAlive(t *testing.T) {
 		t.Fatal(aerr)
 	}
 	defer syscall.Close(sfd)
-	func(fd uintptr) {
-		for _, o := range []struct {
-			name       string
-			level, opt int
-			want       int
-		}{
-			{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
-			{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-			{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
-			{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
-			{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
-		} {
-			if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v != o.want {
-				t.Errorf("%s = %d (%v), want %d", o.name, v, err, o.want)
-			}
+	for _, o := range []struct {
+		name       string
+		level, opt int
+		want       int
+	}{
+		{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+		{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+		{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+		{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+	} {
+		if v, err := unix.GetsockoptInt(sfd, o.level, o.opt); err != nil || v != o.want {
+			t.Errorf("%s = %d (%v), want %d", o.name, v, err, o.want)
 		}
-	}(uintptr(sfd))
+	}
 }

@@ -8,9 +8,10 @@ import (
 )
 
 // fileConn is a client socket that the raw accept loop (Linux) passes on
-// to route as a net.Conn when it cannot serve it at once: an *os.File, in Go's poller like any socket, with the addresses
-// the loop already knows. It spares the connection what net.FileConn
-// costs: a second descriptor, four socket options and three queries.
+// to route as a net.Conn when it cannot serve it at once: an *os.File, in
+// Go's poller like any socket, with the addresses the loop already knows.
+// It spares the connection what net.FileConn costs: a second descriptor,
+// five socket options and three queries.
 // The file is not embedded: its Fd would make the socket blocking.
 //
 // In splice mode the loop routes a connection itself with a fileConn
@@ -18,7 +19,7 @@ import (
 // connection table, whose Close does nothing (the relay owns fd).
 type fileConn struct {
 	f            *os.File
-	fd           int // with no f
+	fd           int // the descriptor; the relay's when there is no f
 	laddr, raddr *net.TCPAddr
 }
 
@@ -42,7 +43,7 @@ func (c *fileConn) SyscallConn() (syscall.RawConn, error) {
 }
 
 // rawGrace is how long the raw accept loop keeps a connection whose head
-// has not arrived when it is accepted, looking again each time it wakes,
-// before it gives the connection to route. A client sends its head right
+// has not arrived when it is accepted, waking for each arrival of its
+// bytes, before it gives the connection to route. A client sends its head right
 // after the handshake: it is there within microseconds, as a rule.
 const rawGrace = 2 * time.Millisecond

@@ -249,10 +249,8 @@ func (a *rawAccepter) conn(fd int, sa syscall.Sockaddr) {
 	switch {
 	case done:
 	case wait && len(a.pending) < rawPendingMax && a.watch(fd):
+		// The loop sets its deadline for it (expire) before it waits.
 		a.pending = append(a.pending, rawPending{fd: fd, sa: sa, at: now, due: now.Add(p.rawGrace)})
-		if len(a.pending) == 1 {
-			a.setDeadline(a.pending[0].due)
-		}
 	default:
 		a.route(fd, sa)
 	}
@@ -309,12 +307,11 @@ func (a *rawAccepter) ready(fd int, events uint32) {
 	if !done {
 		a.route(fd, e.sa)
 	}
-	if i == 0 {
-		a.setDeadline(a.due())
-	}
 }
 
-// expire gives route the pending connections that are due by now.
+// expire gives route the pending connections that are due by now, and
+// sets the loop's deadline for the next. The loop calls it after every
+// wake-up, before it waits again.
 func (a *rawAccepter) expire(now time.Time) {
 	k := 0
 	for k < len(a.pending) && !a.pending[k].due.After(now) {
@@ -359,7 +356,7 @@ func (a *rawAccepter) setDeadline(t time.Time) {
 // live fileConn. It returns nil, having closed fd, if the connection
 // failed already (getsockname) or the table is closed.
 func (a *rawAccepter) claimFile(fd int, sa syscall.Sockaddr) *fileConn {
-	c, err := newFileConn(fd, sa)
+	c, err := newFileConn(fd, sa, true)
 	if err != nil {
 		unix.Close(fd)
 		a.p.conns.closedHanded(1)
@@ -509,12 +506,11 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 	if n > rawSpliceMax {
 		return false
 	}
-	lsa, err := syscall.Getsockname(fd)
+	c, err := newFileConn(fd, sa, false)
 	if err != nil {
 		return false
 	}
-	local := sockaddrAddrPort(lsa)
-	c := &fileConn{fd: fd, laddr: net.TCPAddrFromAddrPort(local), raddr: net.TCPAddrFromAddrPort(req.RemoteAddr)}
+	local := c.laddr.AddrPort()
 	if !p.conns.claim(c) {
 		unix.Close(fd) // shutting down
 		return true
@@ -551,13 +547,9 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 			r.abort()
 		}
 	}
-	if !p.relay().take(r) {
-		// Cannot happen: in splice mode the loop runs only where there
-		// are event loops, and they take a fileConn.
-		unix.Close(fd)
-		r.abort()
-		r.finish(0, 0)
-	}
+	// In splice mode the loop runs only where there are event loops, and
+	// they take a fileConn: take reports true.
+	p.relay().take(r)
 	return true
 }
 
@@ -587,17 +579,22 @@ func sendNow(uc *net.UnixConn, msg, oob []byte) error {
 	return nil
 }
 
-// newFileConn makes fd, from the client at sa, a fileConn.
-func newFileConn(fd int, sa syscall.Sockaddr) (*fileConn, error) {
+// newFileConn makes fd, from the client at sa, a fileConn: with its
+// file (in Go's poller), or with the raw descriptor alone.
+func newFileConn(fd int, sa syscall.Sockaddr, file bool) (*fileConn, error) {
 	lsa, err := syscall.Getsockname(fd)
 	if err != nil {
 		return nil, os.NewSyscallError("getsockname", err)
 	}
-	return &fileConn{
-		f:     os.NewFile(uintptr(fd), "defuss-client"),
+	c := &fileConn{
+		fd:    fd,
 		laddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(lsa)),
 		raddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(sa)),
-	}, nil
+	}
+	if file {
+		c.f = os.NewFile(uintptr(fd), "defuss-client")
+	}
+	return c, nil
 }
 
 // CloseWrite shuts down the sending side, as *net.TCPConn's does.
