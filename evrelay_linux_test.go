@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -225,6 +226,65 @@ func BenchmarkEvRelayRoundTrip(b *testing.B) {
 		}
 		if _, err := io.ReadFull(cc, got[:len(msg)]); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// runBulk acts on bulk events until evBulkBudget bytes have moved, and
+// the next look starts where this one stopped, so that every transfer
+// gets its turn however many there are.
+func TestEvLoopBulkBudgetRotates(t *testing.T) {
+	l := &evLoop{}
+	evs := make([]unix.EpollEvent, 10)
+	for i := range evs {
+		evs[i].Fd = int32(i)
+	}
+	const chunk = 300 << 10 // four of them pass the budget
+	var got []int32
+	moving := func(ev unix.EpollEvent) { got = append(got, ev.Fd); l.moved += chunk }
+	for _, want := range [][]int32{{0, 1, 2, 3}, {4, 5, 6, 7}, {8, 9, 0, 1}} {
+		got = got[:0]
+		l.runBulk(evs, moving)
+		if !slices.Equal(got, want) {
+			t.Fatalf("acted on %v, want %v", got, want)
+		}
+	}
+	// Events that move nothing (their data went meanwhile) are each acted
+	// on once, and none twice.
+	got = got[:0]
+	l.runBulk(evs, func(ev unix.EpollEvent) { got = append(got, ev.Fd) })
+	if want := []int32{2, 3, 4, 5, 6, 7, 8, 9, 0, 1}; !slices.Equal(got, want) {
+		t.Fatalf("acted on %v, want %v", got, want)
+	}
+	l.runBulk(nil, moving) // nothing to do
+}
+
+// isBulk tells a socket with a bulk transfer on it (either direction
+// peeking) from others, and from events of a pair that is gone.
+func TestEvLoopIsBulk(t *testing.T) {
+	pr := &evPair{id: 1, gen: 7}
+	l := &evLoop{pairs: []*evPair{nil, pr}}
+	ev := func(side int32, gen int32) unix.EpollEvent {
+		return unix.EpollEvent{Fd: pr.id<<1 | side, Pad: gen}
+	}
+	for _, c := range []struct {
+		name     string
+		up, down bool
+		ev       unix.EpollEvent
+		want     bool
+	}{
+		{"small exchange, client socket", false, false, ev(0, 7), false},
+		{"small exchange, worker socket", false, false, ev(1, 7), false},
+		{"download, client socket", false, true, ev(0, 7), true},
+		{"download, worker socket", false, true, ev(1, 7), true},
+		{"upload, worker socket", true, false, ev(1, 7), true},
+		{"download, a pair since gone", false, true, ev(0, 6), false},
+		{"no such pair", false, true, unix.EpollEvent{Fd: 9 << 1, Pad: 7}, false},
+		{"a freed slot", false, true, unix.EpollEvent{Fd: 0, Pad: 7}, false},
+	} {
+		pr.up.peek, pr.down.peek = c.up, c.down
+		if got := l.isBulk(c.ev); got != c.want {
+			t.Errorf("%s: isBulk = %v, want %v", c.name, got, c.want)
 		}
 	}
 }
