@@ -2,12 +2,14 @@ package defuss
 
 import (
 	"bytes"
+	"cmp"
 	"container/heap"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -173,6 +175,7 @@ type evPair struct {
 	parked   [2]bool   // cfd, wfd out of epoll: hung up while what they sent waits (see event)
 	up, down evDir     // client to worker; worker to client
 	finAt    time.Time
+	turn     uint64 // the loop's turn count at the pair's last bulk turn
 	closed   bool
 }
 
@@ -234,7 +237,7 @@ type evLoop struct {
 	spare  []evCmd // the inbox's other buffer
 	events []unix.EpollEvent
 	bulk   []unix.EpollEvent // this look's bulk events (see evBulkBudget)
-	turn   uint              // bulk events acted on, ever: where the next look's turn starts
+	turn   uint64            // bulk turns given, ever (see runBulk)
 	moved  int64             // bytes written, ever
 	buf    []byte
 	pairs  []*evPair // by id
@@ -353,10 +356,12 @@ func (l *evLoop) run() {
 }
 
 // evBulkBudget is how many bytes a loop moves for bulk transfers between
-// two looks at its sockets. A transfer is bulk while its reads fill their
-// buffer (a download, a large upload); it gets its turn after everything
-// else the look found, and only as much of it as the budget allows, in
-// rotation. Other connections' small exchanges then wait about one
+// two looks at its sockets. A direction is bulk from a read that fills
+// its buffer, or that its receiver does not take whole, until its sender
+// has nothing more queued (a download, a large upload, a slow reader's
+// answer). A socket with a bulk direction on it gets its turn after
+// everything else the look found, and only as much as the budget allows,
+// the longest-waiting first. Other connections' small exchanges then wait about one
 // budget's worth of copying, however many transfers are in flight: a few
 // milliseconds, where a look at 500 downloads took 60 when each of them
 // moved its buffer (bench/run.sh's slow-reader attack opening). HAProxy's
@@ -368,35 +373,51 @@ const evBulkBudget = 1 << 20
 // isBulk reports whether ev is for a socket with a bulk transfer on it:
 // the direction reading it, or the one writing to it, is peeking.
 func (l *evLoop) isBulk(ev unix.EpollEvent) bool {
-	id := ev.Fd >> 1
-	if int(id) >= len(l.pairs) {
-		return false
-	}
-	pr := l.pairs[id]
-	if pr == nil || pr.gen != ev.Pad {
-		return false
-	}
-	return pr.up.peek || pr.down.peek
+	pr := l.pairOf(ev)
+	return pr != nil && (pr.up.peek || pr.down.peek)
 }
 
 // runBulk acts on bulk events (act is l.event) until evBulkBudget bytes
-// have moved, starting where the last look's turn ended.
+// have moved, the pairs that had their turn longest ago first. (epoll
+// returns sockets that stay ready in the same order look after look, at
+// most len(l.events) of them: taking them in that order would serve the
+// first few for ever.)
 func (l *evLoop) runBulk(evs []unix.EpollEvent, act func(unix.EpollEvent)) {
-	if len(evs) == 0 {
-		return
-	}
+	slices.SortStableFunc(evs, func(a, b unix.EpollEvent) int {
+		return cmp.Compare(l.lastTurn(a), l.lastTurn(b))
+	})
 	start := l.moved
-	i := int(l.turn % uint(len(evs)))
-	for range evs {
+	for _, ev := range evs {
 		if l.moved-start >= evBulkBudget {
 			return
 		}
-		act(evs[i])
 		l.turn++
-		if i++; i == len(evs) {
-			i = 0
+		if pr := l.pairOf(ev); pr != nil {
+			pr.turn = l.turn
 		}
+		act(ev)
 	}
+}
+
+// pairOf returns the pair ev is for, nil if it is gone.
+func (l *evLoop) pairOf(ev unix.EpollEvent) *evPair {
+	id := ev.Fd >> 1
+	if id < 0 || int(id) >= len(l.pairs) {
+		return nil
+	}
+	if pr := l.pairs[id]; pr != nil && pr.gen == ev.Pad {
+		return pr
+	}
+	return nil
+}
+
+// lastTurn is when ev's pair last had a bulk turn: 0 for never, or for a
+// pair that is gone.
+func (l *evLoop) lastTurn(ev unix.EpollEvent) uint64 {
+	if pr := l.pairOf(ev); pr != nil {
+		return pr.turn
+	}
+	return 0
 }
 
 // shut closes every pair left and the loop's descriptors.
@@ -544,7 +565,10 @@ func (l *evLoop) peekRead(pr *evPair, d *evDir) {
 	n, err := recvFlags(d.src, l.buf, unix.MSG_PEEK)
 	switch {
 	case n > 0:
-	case err == unix.EAGAIN || err == unix.EINTR:
+	case err == unix.EAGAIN:
+		d.peek = false // src is drained and dst took it all: plain reads again, and no longer bulk
+		return
+	case err == unix.EINTR:
 		return
 	case err == nil: // EOF
 		l.ended(pr, d, true)

@@ -377,6 +377,7 @@ type workerConn struct {
 	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
 	once      sync.Once
 	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
+	wmu       sync.Mutex   // keeps each Write whole, as net.TCPConn does, now that large ones go in pieces
 
 	// Handed off by a primary that records connections' durations and
 	// bytes (stats): when, and the bytes read (in) and written (out).
@@ -416,7 +417,9 @@ func (c *workerConn) Read(b []byte) (int, error) {
 }
 
 func (c *workerConn) Write(b []byte) (int, error) {
+	c.wmu.Lock()
 	n, err := writeChunked(c.TCPConn, b, runtime.Gosched)
+	c.wmu.Unlock()
 	if c.stats {
 		c.out.Add(int64(n))
 	}
@@ -441,6 +444,9 @@ func writeChunked(w io.Writer, b []byte, yield func()) (int, error) {
 	for len(b) > writeChunk {
 		m, err := w.Write(b[:writeChunk])
 		n += m
+		if err == nil && m < writeChunk {
+			err = io.ErrShortWrite
+		}
 		if err != nil {
 			return n, err
 		}
@@ -455,7 +461,9 @@ func writeChunked(w io.Writer, b []byte, yield func()) (int, error) {
 // sends files with ReadFrom, and io.Copy on a hijacked connection uses
 // either.
 func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
+	c.wmu.Lock()
 	n, err := c.TCPConn.ReadFrom(r)
+	c.wmu.Unlock()
 	if c.stats {
 		c.out.Add(n)
 	}
