@@ -171,7 +171,21 @@ func TestWriteChunkedShortWrite(t *testing.T) {
 // net.TCPConn: the pieces of one never land among the other's. (Found in
 // review: they could, once large writes went in pieces.)
 func TestWorkerConnWritesStayWhole(t *testing.T) {
-	client, server := tcpPair(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
 	wc := &workerConn{TCPConn: server.(*net.TCPConn)}
 	const size = 8 * writeChunk
 	done := make(chan error, 2)
