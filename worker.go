@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -377,7 +376,6 @@ type workerConn struct {
 	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
 	once      sync.Once
 	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
-	wmu       sync.Mutex   // keeps each Write whole, as net.TCPConn does, now that large ones go in pieces
 
 	// Handed off by a primary that records connections' durations and
 	// bytes (stats): when, and the bytes read (in) and written (out).
@@ -417,53 +415,18 @@ func (c *workerConn) Read(b []byte) (int, error) {
 }
 
 func (c *workerConn) Write(b []byte) (int, error) {
-	c.wmu.Lock()
-	n, err := writeChunked(c.TCPConn, b, runtime.Gosched)
-	c.wmu.Unlock()
+	n, err := c.TCPConn.Write(b)
 	if c.stats {
 		c.out.Add(int64(n))
 	}
 	return n, err
 }
 
-// writeChunk is the most a worker's connection writes at once before it
-// lets other goroutines run. A handler that writes a large body in one
-// Write otherwise copies all of it into the kernel in one system call (a
-// loopback socket's send buffer takes megabytes), and a burst of such
-// writes (a slow-read attack opening, many downloads starting together)
-// keeps the CPUs and Go's run queue while other clients' small requests
-// wait behind them: hundreds of milliseconds in bench/run.sh's slow-reader
-// table. In pieces, with a turn for others between them, the same bytes
-// cost a few more system calls.
-const writeChunk = 64 << 10
-
-// writeChunked writes b to w in pieces of at most writeChunk, calling
-// yield between them. It returns the bytes written and the first error.
-func writeChunked(w io.Writer, b []byte, yield func()) (int, error) {
-	n := 0
-	for len(b) > writeChunk {
-		m, err := w.Write(b[:writeChunk])
-		n += m
-		if err == nil && m < writeChunk {
-			err = io.ErrShortWrite
-		}
-		if err != nil {
-			return n, err
-		}
-		b = b[writeChunk:]
-		yield()
-	}
-	m, err := w.Write(b)
-	return n + m, err
-}
-
 // ReadFrom and WriteTo count what moves without Write or Read: net/http
 // sends files with ReadFrom, and io.Copy on a hijacked connection uses
 // either.
 func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
-	c.wmu.Lock()
 	n, err := c.TCPConn.ReadFrom(r)
-	c.wmu.Unlock()
 	if c.stats {
 		c.out.Add(n)
 	}

@@ -1,11 +1,8 @@
 package defuss
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
-	"errors"
-	"io"
 	"log"
 	"net"
 	"net/http"
@@ -94,119 +91,4 @@ func TestServerFor(t *testing.T) {
 			t.Fatalf("ReadHeaderTimeout %v, IdleTimeout %v; want -1 kept", srv.ReadHeaderTimeout, srv.IdleTimeout)
 		}
 	})
-}
-
-// chunkRecorder records the size of each Write, and fails the one at
-// index failAt (if ≥ 0) after taking half of it.
-type chunkRecorder struct {
-	sizes  []int
-	got    []byte
-	failAt int
-}
-
-func (r *chunkRecorder) Write(b []byte) (int, error) {
-	r.sizes = append(r.sizes, len(b))
-	if len(r.sizes)-1 == r.failAt {
-		r.got = append(r.got, b[:len(b)/2]...)
-		return len(b) / 2, errors.New("broken pipe")
-	}
-	r.got = append(r.got, b...)
-	return len(b), nil
-}
-
-// A worker's connection writes a large body in pieces of writeChunk and
-// lets other goroutines run between them; up to writeChunk goes in one
-// Write, as before; an error stops it with the count of what went.
-func TestWriteChunked(t *testing.T) {
-	body := make([]byte, 1<<20+1)
-	for i := range body {
-		body[i] = byte(i % 251)
-	}
-	for _, c := range []struct {
-		name       string
-		n, failAt  int
-		wantSizes  []int
-		wantYields int
-		wantN      int
-		wantErr    bool
-	}{
-		{"empty", 0, -1, []int{0}, 0, 0, false},
-		{"small", 13, -1, []int{13}, 0, 13, false},
-		{"one chunk", writeChunk, -1, []int{writeChunk}, 0, writeChunk, false},
-		{"one byte more", writeChunk + 1, -1, []int{writeChunk, 1}, 1, writeChunk + 1, false},
-		{"1 MiB and a byte", 1<<20 + 1, -1, append(slices.Repeat([]int{writeChunk}, 16), 1), 16, 1<<20 + 1, false},
-		{"fails in the third piece", 1 << 20, 2, slices.Repeat([]int{writeChunk}, 3), 2, 2*writeChunk + writeChunk/2, true},
-	} {
-		r := &chunkRecorder{failAt: c.failAt}
-		yields := 0
-		n, err := writeChunked(r, body[:c.n], func() { yields++ })
-		if n != c.wantN || (err != nil) != c.wantErr {
-			t.Errorf("%s: wrote %d (%v), want %d (error %v)", c.name, n, err, c.wantN, c.wantErr)
-		}
-		if !slices.Equal(r.sizes, c.wantSizes) || yields != c.wantYields {
-			t.Errorf("%s: writes %v and %d yields, want %v and %d", c.name, r.sizes, yields, c.wantSizes, c.wantYields)
-		}
-		if !bytes.Equal(r.got, body[:n]) {
-			t.Errorf("%s: the bytes written are not the body's first %d", c.name, n)
-		}
-	}
-}
-
-// shortWriter takes half of every write and reports no error.
-type shortWriter struct{}
-
-func (shortWriter) Write(b []byte) (int, error) { return len(b) / 2, nil }
-
-// A writer that takes less than a piece without saying why stops the
-// write with io.ErrShortWrite, rather than skipping what it left.
-func TestWriteChunkedShortWrite(t *testing.T) {
-	n, err := writeChunked(shortWriter{}, make([]byte, 3*writeChunk), func() {})
-	if n != writeChunk/2 || !errors.Is(err, io.ErrShortWrite) {
-		t.Fatalf("wrote %d (%v), want %d and io.ErrShortWrite", n, err, writeChunk/2)
-	}
-}
-
-// Two goroutines writing large buffers to one worker connection (a
-// hijacked one, say) each get their buffer through whole, as with a
-// net.TCPConn: the pieces of one never land among the other's. (Found in
-// review: they could, once large writes went in pieces.)
-func TestWorkerConnWritesStayWhole(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
-	wc := &workerConn{TCPConn: server.(*net.TCPConn)}
-	const size = 8 * writeChunk
-	done := make(chan error, 2)
-	for _, c := range []byte("ab") {
-		go func() {
-			_, err := wc.Write(bytes.Repeat([]byte{c}, size))
-			done <- err
-		}()
-	}
-	client.SetReadDeadline(time.Now().Add(10 * time.Second))
-	got := make([]byte, 2*size)
-	if _, err := io.ReadFull(client, got); err != nil {
-		t.Fatal(err)
-	}
-	for range 2 {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
-	first, second := got[:size], got[size:]
-	if !bytes.Equal(first, bytes.Repeat(first[:1], size)) || !bytes.Equal(second, bytes.Repeat(second[:1], size)) {
-		t.Fatalf("the two writes interleaved: the first %d bytes hold %d a's and %d b's", size, bytes.Count(first, []byte("a")), bytes.Count(first, []byte("b")))
-	}
 }
