@@ -7,8 +7,9 @@
 //
 //  1. throughput: requests/s, p50 and p99 latency, the ratio to "direct",
 //     and CPU time per 10,000 requests (the proxy's, the servers', both)
-//     for four workloads (13-byte and 64 KiB bodies, keep-alive and
-//     "Connection: close"), measured with wrk;
+//     for five workloads (13-byte and 64 KiB bodies, keep-alive and
+//     "Connection: close"; a 1 MiB body on keep-alive, the one workload
+//     whose handler writes more than 64 KiB at once), measured with wrk;
 //  2. idle: the proxy process's RSS per idle proxied connection (the
 //     defuss primary beside HAProxy);
 //  3. pool: the defuss primary's CPU per 10,000 requests with 2, 4 and 8
@@ -74,6 +75,7 @@ var workloads = []workload{
 	{"13 B close", "/small", true},
 	{"64 KiB keep-alive", "/large", false},
 	{"64 KiB close", "/large", true},
+	{"1 MiB keep-alive", "/huge", false},
 }
 
 type harness struct {
