@@ -361,13 +361,14 @@ func (l *evLoop) run() {
 // has nothing more queued (a download, a large upload, a slow reader's
 // answer). A socket with a bulk direction on it gets its turn after
 // everything else the look found, and only as much as the budget allows,
-// the longest-waiting first. Other connections' small exchanges then wait about one
-// budget's worth of copying, however many transfers are in flight: a few
-// milliseconds, where a look at 500 downloads took 60 when each of them
-// moved its buffer (bench/run.sh's slow-reader attack opening). HAProxy's
-// scheduler keeps bulk work in a class of its own for the same reason.
-// What a look skips stays ready (the sockets are level-triggered) and
-// comes back in the next one.
+// the longest-waiting first, so that a small exchange waits behind about
+// one budget's worth of copying per loop, however many transfers are in
+// flight (by construction; the README's "While the attack opens" has what
+// the benchmark saw). Before, every ready download moved a buffer per
+// look, and small requests were answered about every 59 ms while 500
+// large answers started at once. HAProxy's scheduler keeps bulk work in a
+// class of its own for the same reason. What a look skips stays ready
+// (the sockets are level-triggered) and comes back in the next one.
 const evBulkBudget = 1 << 20
 
 // isBulk reports whether ev is for a socket with a bulk transfer on it:
