@@ -319,7 +319,7 @@ func TestEvRelayBulkTransfersAndSmallExchange(t *testing.T) {
 	for i := range body {
 		body[i] = byte(i*7 + i>>12)
 	}
-	errs := make(chan error, bulk+1)
+	errs := make(chan error, 2*bulk+1) // room for every goroutine's send: none blocks after a failure
 	for range bulk {
 		r, cc, wc := addRelay(t, p, ln)
 		if !p.relay().take(r) {
