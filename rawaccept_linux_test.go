@@ -327,6 +327,69 @@ func TestRawAcceptWaitsForALateHead(t *testing.T) {
 	waitFor(t, 5*time.Second, "route done", func() bool { return rt.live() == 0 })
 }
 
+// The raw accept loop sets TCP_DEFER_ACCEPT on a listening socket the
+// primary opened: the kernel queues a connection for accept once its
+// first bytes arrive, so that the loop finds heads there and serves them
+// in the pass that accepts them. A silent connection is accepted about a
+// second later (rawDeferSecs) and served as before.
+func TestRawAcceptDefersSilentConnections(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil)
+	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deferSecs := func() int {
+		v, gerr := -1, error(nil)
+		lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
+		if gerr != nil {
+			t.Fatal(gerr)
+		}
+		return v
+	}
+	if v := deferSecs(); v != 0 {
+		t.Fatalf("TCP_DEFER_ACCEPT is %d before the loop runs", v)
+	}
+	rt.start(t)
+	waitFor(t, 5*time.Second, "TCP_DEFER_ACCEPT on the listener", func() bool { return deferSecs() > 0 })
+
+	silent := rt.dial(t, 1, "")[0]
+	rt.dial(t, 1, rawHead)
+	_, c := rt.receive(t, 0)
+	readExactly(t, c, rawHead)
+	// The silent one connected first and is not accepted yet (it would
+	// be within a second).
+	if got := rt.p.conns.handed.Load(); got != 1 {
+		t.Fatalf("%d connections accepted; want 1: the silent one waits in the kernel", got)
+	}
+	if got := rt.p.rawServed.Load(); got != 1 {
+		t.Fatalf("the accept loop served %d connections itself; want 1", got)
+	}
+	waitFor(t, 5*time.Second, "the silent connection accepted", func() bool { return rt.p.conns.handed.Load() == 2 })
+	io.WriteString(silent, rawHead)
+	_, c = rt.receive(t, 0)
+	readExactly(t, c, rawHead)
+}
+
+// A WithListener listener is its owner's: the loop leaves its options
+// alone.
+func TestRawAcceptLeavesWithListenerOptions(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil)
+	rt.p.cfg.listener = rt.ln
+	rt.start(t)
+	rt.dial(t, 1, rawHead)
+	_, c := rt.receive(t, 0)
+	readExactly(t, c, rawHead)
+	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, gerr := -1, error(nil)
+	lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
+	if gerr != nil || v != 0 {
+		t.Fatalf("TCP_DEFER_ACCEPT = %d (%v) on a WithListener listener; want 0, as its owner left it", v, gerr)
+	}
+}
+
 // The raw accept loop does not wait to hand a descriptor to a worker
 // whose exit is being settled (settleHanded waits for the sends in
 // flight, each of which may take up to handoffTimeout): it moves on.
