@@ -49,7 +49,12 @@ const (
 	envTestPrimaryOpts = "DEFUSS_TEST_PRIMARY_OPTS" // options of a primary process
 	envTestFDCheck     = "DEFUSS_TEST_FDCHECK"      // print which of fds 3-5 are open, and exit
 	envTestServer      = "DEFUSS_TEST_SERVER"       // the worker serves with WithServer: "hooks;idle=1s;readheader=1s"
+	envTestRole        = "DEFUSS_TEST_ROLE"         // run the helper of testRoles by that name, and exit
 )
+
+// testRoles are helper processes that a test runs from its own binary
+// (envTestRole), registered by platform-specific test files.
+var testRoles = map[string]func() int{}
 
 // handoffMode runs the tests' primaries in hand-off mode instead of
 // splice mode: DEFUSS_TEST_HANDOFF=1 go test ./... runs the core tests in
@@ -107,6 +112,8 @@ var workerServer atomic.Pointer[Server]
 
 func TestMain(m *testing.M) {
 	switch {
+	case testRoles[os.Getenv(envTestRole)] != nil:
+		os.Exit(testRoles[os.Getenv(envTestRole)]())
 	case os.Getenv(envTestFDCheck) != "":
 		os.Exit(fdCheckMain())
 	case IsWorker():
