@@ -102,7 +102,7 @@ func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool) (n,
 	}
 	outcome = sniffTimeout
 	var perr error
-	err = rc.Read(func(fd uintptr) bool {
+	peek := func(fd uintptr) bool {
 		m, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		switch {
 		case err == unix.EAGAIN:
@@ -134,7 +134,16 @@ func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool) (n,
 			return false // wait for more bytes to arrive
 		}
 		return true
-	})
+	}
+	for waited := !detectProxy; ; waited = true {
+		err = rc.Read(peek)
+		if waited || n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		// No byte from a trusted proxy yet: wait for the first ones
+		// (see trustedFirstByteWait).
+		c.SetReadDeadline(time.Now().Add(trustedFirstByteWait))
+	}
 	if hdr == proxyUnknown {
 		hdr = 0
 		if n > 0 {

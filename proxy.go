@@ -461,14 +461,23 @@ func (p *primary) refuseUnavailable(c net.Conn, isHTTP bool) {
 // start of buf (0 if none, -1 if one started but is malformed or did not
 // arrive in time); why it stopped; and the error that ended reading early,
 // if any (a timeout is not an error: whatever arrived is routed).
+//
+// With detectProxy, a connection with no byte when timeout passes waits
+// trustedFirstByteWait more for its first ones.
 func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
 	if detectProxy {
 		hdr = proxyUnknown
 	}
+	waited := !detectProxy
 	for n < len(buf) {
 		m, rerr := c.Read(buf[n:])
+		if m == 0 && n == 0 && !waited && errors.Is(rerr, os.ErrDeadlineExceeded) {
+			waited = true
+			c.SetReadDeadline(time.Now().Add(trustedFirstByteWait))
+			continue
+		}
 		prev := n
 		n += m
 		if m > 0 && hdr == proxyUnknown {
@@ -501,6 +510,18 @@ func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, 
 	}
 	return n, hdr, sniffCap, nil
 }
+
+// trustedFirstByteWait is how long a connection from a trusted proxy may
+// have sent nothing, beyond the inspection timeout, before it is routed as
+// one without a PROXY header. Whether a header comes first is decided on
+// the connection's bytes: taken for none, a header that came late would
+// reach the worker's net/http as request bytes (a 400 to the client, seen
+// once behind HAProxy). A load balancer sends its header as it connects,
+// so the wait is for a peer descheduled, or a routing goroutine that came
+// to read after its deadline had passed with the bytes already there. On
+// Linux, TCP_DEFER_ACCEPT keeps a silent connection from being accepted
+// for about as long.
+const trustedFirstByteWait = time.Second
 
 // isHealthCheck reports whether req is for the primary's health path.
 func (p *primary) isHealthCheck(req *Request) bool {
