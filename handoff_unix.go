@@ -90,7 +90,7 @@ func receiveListener(uc *net.UnixConn, timeout time.Duration) (net.Listener, err
 // bytes it saw, the length of the PROXY header at their start (0 if none,
 // -1 if one started but is malformed or did not arrive in time), why it
 // stopped, and the error that ended it early.
-func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
+func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool, firstByteWait time.Duration) (n, hdr int, outcome string, err error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0, 0, sniffEOF, err
@@ -135,14 +135,14 @@ func peekHead(c peeker, buf []byte, timeout time.Duration, detectProxy bool) (n,
 		}
 		return true
 	}
-	for waited := !detectProxy; ; waited = true {
+	for waited := firstByteWait <= 0; ; waited = true {
 		err = rc.Read(peek)
 		if waited || n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 			break
 		}
 		// No byte from a trusted proxy yet: wait for the first ones
 		// (see trustedFirstByteWait).
-		c.SetReadDeadline(time.Now().Add(trustedFirstByteWait))
+		c.SetReadDeadline(time.Now().Add(firstByteWait))
 	}
 	if hdr == proxyUnknown {
 		hdr = 0

@@ -71,7 +71,7 @@ func TestConsumeProxyHeader(t *testing.T) {
 			// The bytes are in the server's queue once it can peek them
 			// all, as they are when the primary hands the socket off.
 			b := make([]byte, len(tc.sent))
-			if n, _, _, err := peekHead(server.(*net.TCPConn), b, 5*time.Second, false); err != nil || n != len(tc.sent) {
+			if n, _, _, err := peekHead(server.(*net.TCPConn), b, 5*time.Second, false, 0); err != nil || n != len(tc.sent) {
 				t.Fatalf("peek: %d bytes, %v", n, err)
 			}
 			start := time.Now()
@@ -142,7 +142,7 @@ func TestDeliverUnservableCountsAsAccepted(t *testing.T) {
 func TestPeekHeadEmptyCloseIsEOF(t *testing.T) {
 	client, server := tcpPair(t)
 	client.Close()
-	n, _, _, err := peekHead(server.(*net.TCPConn), make([]byte, 1024), 5*time.Second, false)
+	n, _, _, err := peekHead(server.(*net.TCPConn), make([]byte, 1024), 5*time.Second, false, 0)
 	if n != 0 || !errors.Is(err, io.EOF) {
 		t.Fatalf("peekHead after a close without a byte: %d bytes, %v; want io.EOF", n, err)
 	}
@@ -198,10 +198,10 @@ func TestTrustedProxyHeaderAfterTheInspectionTimeout(t *testing.T) {
 		sniff func(c net.Conn, buf []byte) (n, hdr int, outcome string, err error)
 	}{
 		{"splice (sniff)", func(c net.Conn, buf []byte) (int, int, string, error) {
-			return sniff(c, buf, 10*time.Millisecond, true)
+			return sniff(c, buf, 10*time.Millisecond, true, trustedFirstByteWait)
 		}},
 		{"hand-off (peekHead)", func(c net.Conn, buf []byte) (int, int, string, error) {
-			return peekHead(c.(*net.TCPConn), buf, 10*time.Millisecond, true)
+			return peekHead(c.(*net.TCPConn), buf, 10*time.Millisecond, true, trustedFirstByteWait)
 		}},
 	} {
 		client, server := tcpPair(t)
@@ -211,6 +211,30 @@ func TestTrustedProxyHeaderAfterTheInspectionTimeout(t *testing.T) {
 		if err != nil || n != len(msg) || h != len(hdr) || outcome != sniffComplete {
 			t.Errorf("%s: %d bytes, PROXY header %d, %s, %v; want %d bytes, header %d, complete",
 				c.name, n, h, outcome, err, len(msg), len(hdr))
+		}
+	}
+}
+
+// Only a trusted peer's silent connection waits for its first bytes: with
+// trusted proxies set, a silent one from anywhere else is routed at its
+// inspection timeout, as before, so that it holds no goroutine and buffer
+// for a second more.
+func TestOnlyTrustedSilentConnectionsWait(t *testing.T) {
+	for _, c := range []struct {
+		trusted string
+		wait    bool
+	}{{"10.0.0.0/8", false}, {"127.0.0.1/32", true}} {
+		p := newTestPrimary(t, nil, WithTrustedProxies(c.trusted), "127.0.0.1:1")
+		p.cfg.inspectionTimeout = 10 * time.Millisecond
+		for _, handoff := range []bool{false, true} {
+			_, server := tcpPair(t)
+			start := time.Now()
+			p.inspect(server, make([]byte, proxyRoom+1024), handoff)
+			took := time.Since(start)
+			if waited := took >= trustedFirstByteWait; waited != c.wait {
+				t.Errorf("trusted %s, hand-off %v: a silent connection from 127.0.0.1 took %v to inspect; want a wait of %v: %v",
+					c.trusted, handoff, took, trustedFirstByteWait, c.wait)
+			}
 		}
 	}
 }

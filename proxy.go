@@ -289,10 +289,15 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	start := time.Now()
 	var outcome string
 	var err error
+	detect := len(p.cfg.trusted) > 0
+	var wait time.Duration // for a trusted peer's first bytes (trustedFirstByteWait)
+	if detect && p.cfg.trusts(clientAddr(c).Addr()) {
+		wait = trustedFirstByteWait
+	}
 	if handoff {
-		n, hdr, outcome, err = peekHead(c.(peeker), buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
+		n, hdr, outcome, err = peekHead(c.(peeker), buf, p.cfg.inspectionTimeout, detect, wait)
 	} else {
-		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, len(p.cfg.trusted) > 0)
+		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, detect, wait)
 	}
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
 	if err != nil {
@@ -462,20 +467,20 @@ func (p *primary) refuseUnavailable(c net.Conn, isHTTP bool) {
 // arrive in time); why it stopped; and the error that ended reading early,
 // if any (a timeout is not an error: whatever arrived is routed).
 //
-// With detectProxy, a connection with no byte when timeout passes waits
-// trustedFirstByteWait more for its first ones.
-func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool) (n, hdr int, outcome string, err error) {
+// A connection with no byte when timeout passes waits firstByteWait more
+// for its first ones (a trusted proxy's: trustedFirstByteWait; else 0).
+func sniff(c net.Conn, buf []byte, timeout time.Duration, detectProxy bool, firstByteWait time.Duration) (n, hdr int, outcome string, err error) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
 	if detectProxy {
 		hdr = proxyUnknown
 	}
-	waited := !detectProxy
+	waited := firstByteWait <= 0
 	for n < len(buf) {
 		m, rerr := c.Read(buf[n:])
 		if m == 0 && n == 0 && !waited && errors.Is(rerr, os.ErrDeadlineExceeded) {
 			waited = true
-			c.SetReadDeadline(time.Now().Add(trustedFirstByteWait))
+			c.SetReadDeadline(time.Now().Add(firstByteWait))
 			continue
 		}
 		prev := n
@@ -573,9 +578,13 @@ func (p *primary) quiesce() { p.gate.quiesce(p.cfg.dialTimeout + 100*time.Millis
 // awaitRoutingIdle waits, once the listener is closed, until every
 // accepted connection has been routed (or refused), so that no connection
 // is dialed to a worker after it was told to drain. Bounded by the
-// inspection and dial timeouts.
+// inspection and dial timeouts, and trustedFirstByteWait with trusted
+// proxies.
 func (p *primary) awaitRoutingIdle() {
 	limit := p.cfg.inspectionTimeout + p.cfg.dialTimeout + 100*time.Millisecond
+	if len(p.cfg.trusted) > 0 {
+		limit += trustedFirstByteWait
+	}
 	select {
 	case <-p.acceptDone:
 	case <-time.After(limit):

@@ -150,8 +150,12 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 // timeout starts when it is accepted.
 //
 // Only on a socket the primary opened or inherited (not WithListener's,
-// whose owner configured it).
+// whose owner configured it), and only where it is not set: a value from
+// systemd's DeferAcceptSec= (socket activation) is kept.
 func deferAccept(fd int) error {
+	if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT); err != nil || v != 0 {
+		return os.NewSyscallError("getsockopt", err) // set already (systemd's DeferAcceptSec=): kept
+	}
 	return os.NewSyscallError("setsockopt", unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, rawDeferSecs))
 }
 
