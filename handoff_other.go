@@ -17,7 +17,7 @@ import (
 
 func sendConn(*net.UnixConn, syscall.Conn, []byte) error { return ErrNotSupported }
 
-func peekHead(peeker, []byte, time.Duration, bool) (int, int, string, error) {
+func peekHead(peeker, []byte, time.Duration, bool, time.Duration) (int, int, string, error) {
 	return 0, 0, sniffEOF, ErrNotSupported
 }
 
