@@ -309,9 +309,9 @@ func WithSignalHandling(on bool) Option {
 // address it carries on to the worker. A connection from anywhere else
 // that starts with a PROXY header is closed and counted. A trusted source
 // may also connect without a header. The header must arrive within the
-// inspection timeout; a connection that has sent nothing by then gets a
-// second more for its first bytes, so that a header that comes late is
-// never taken for request bytes. By default no source is trusted and
+// inspection timeout; a trusted connection that has sent nothing by then
+// gets a second more for its first bytes, so that a header up to a second
+// late is not taken for request bytes. By default no source is trusted and
 // PROXY headers are not looked for.
 func WithTrustedProxies(cidrs ...string) Option {
 	return optionFunc(func(c *config) {

@@ -187,7 +187,8 @@ func TestHandOffRacingExitCountsOnce(t *testing.T) {
 // timeout (a load balancer descheduled, or the routing goroutine late to
 // read) is not taken for one without a PROXY header: the header would
 // reach the worker's net/http as request bytes, and the client get a 400
-// (seen once in TestBehindHAProxy under CI). With no byte yet, sniff and
+// (the likely cause, found by reading the code, of a 400 seen once in
+// TestBehindHAProxy under CI). With no byte yet, sniff and
 // peekHead wait for the first ones (trustedFirstByteWait) and decide on
 // them.
 func TestTrustedProxyHeaderAfterTheInspectionTimeout(t *testing.T) {

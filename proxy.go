@@ -289,9 +289,10 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	start := time.Now()
 	var outcome string
 	var err error
+	peer := clientAddr(c)
 	detect := len(p.cfg.trusted) > 0
 	var wait time.Duration // for a trusted peer's first bytes (trustedFirstByteWait)
-	if detect && p.cfg.trusts(clientAddr(c).Addr()) {
+	if detect && p.cfg.trusts(peer.Addr()) {
 		wait = trustedFirstByteWait
 	}
 	if handoff {
@@ -306,15 +307,14 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 		// or an EOF after some bytes, is no error: what came is routed.
 		return 0, 0, client, false
 	}
-	client = clientAddr(c)
 	if hdr == 0 {
-		return n, 0, client, true
+		return n, 0, peer, true
 	}
 	var reason string
-	if client, reason = p.proxiedClient(client, buf[:max(hdr, 0)], hdr); reason != "" {
+	if client, reason = p.proxiedClient(peer, buf[:max(hdr, 0)], hdr); reason != "" {
 		p.tel.proxyRejected.Add(bg, 1, p.tel.rejectReason[reason])
 		if ok, dropped := p.logs.proxy.allow(); ok {
-			p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", clientAddr(c).String(), "suppressed", dropped)
+			p.log.Warn("PROXY header rejected; connection closed", "reason", reason, "peer", peer.String(), "suppressed", dropped)
 		}
 		return n, hdr, client, false
 	}

@@ -334,18 +334,7 @@ func TestRawAcceptWaitsForALateHead(t *testing.T) {
 // second later (rawDeferSecs) and served as before.
 func TestRawAcceptDefersSilentConnections(t *testing.T) {
 	rt := newRawTest(t, 1, nil, nil)
-	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	deferSecs := func() int {
-		v, gerr := -1, error(nil)
-		lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
-		if gerr != nil {
-			t.Fatal(gerr)
-		}
-		return v
-	}
+	deferSecs := func() int { return listenerDeferAccept(t, rt.ln) }
 	if v := deferSecs(); v != 0 {
 		t.Fatalf("TCP_DEFER_ACCEPT is %d before the loop runs", v)
 	}
@@ -378,17 +367,10 @@ func TestRawAcceptDefersSilentConnections(t *testing.T) {
 // DeferAcceptSec= on a socket-activated one) keeps its value.
 func TestRawAcceptKeepsADeferAcceptAlreadySet(t *testing.T) {
 	rt := newRawTest(t, 1, nil, nil)
+	get := func() int { return listenerDeferAccept(t, rt.ln) }
 	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
-	}
-	get := func() int {
-		v, gerr := -1, error(nil)
-		lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
-		if gerr != nil {
-			t.Fatal(gerr)
-		}
-		return v
 	}
 	lrc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 5) })
 	want := get() // Linux rounds it to whole SYN-ACK retransmissions
@@ -410,15 +392,25 @@ func TestRawAcceptLeavesWithListenerOptions(t *testing.T) {
 	rt.dial(t, 1, rawHead)
 	_, c := rt.receive(t, 0)
 	readExactly(t, c, rawHead)
-	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
+	if v := listenerDeferAccept(t, rt.ln); v != 0 {
+		t.Fatalf("TCP_DEFER_ACCEPT = %d on a WithListener listener; want 0, as its owner left it", v)
+	}
+}
+
+// listenerDeferAccept is ln's TCP_DEFER_ACCEPT, in seconds as Linux
+// reports it.
+func listenerDeferAccept(t *testing.T, ln net.Listener) int {
+	t.Helper()
+	lrc, err := ln.(*net.TCPListener).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
 	v, gerr := -1, error(nil)
 	lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
-	if gerr != nil || v != 0 {
-		t.Fatalf("TCP_DEFER_ACCEPT = %d (%v) on a WithListener listener; want 0, as its owner left it", v, gerr)
+	if gerr != nil {
+		t.Fatal(gerr)
 	}
+	return v
 }
 
 // The raw accept loop does not wait to hand a descriptor to a worker
