@@ -5,6 +5,7 @@ package defuss
 import (
 	"net"
 	"os"
+	"syscall"
 )
 
 // This platform cannot pass descriptors to a child process (Start returns
@@ -16,4 +17,4 @@ func inheritedSocket(int) (*net.UnixConn, error) { return nil, ErrNotSupported }
 
 func passedListener(int, string) (net.Listener, error) { return nil, ErrNotSupported }
 
-func hasUnread(*net.TCPConn) bool { return false }
+func hasUnread(syscall.Conn) bool { return false }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -110,7 +111,7 @@ func passedListener(fd int, from string) (net.Listener, error) {
 
 // hasUnread reports whether bytes have arrived on c that nobody has read
 // yet (closing c now would reset it and lose them).
-func hasUnread(c *net.TCPConn) bool {
+func hasUnread(c syscall.Conn) bool {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return false

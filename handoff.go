@@ -21,48 +21,94 @@ import (
 //	   it still carries a fixed port's listening socket.
 //	2  proxied u16, the length of the PROXY header from a trusted load
 //	   balancer at the start of the stream, which the worker consumes
-//	   before serving; if proxied > 0, then family u8 (4 or 6), the
-//	   client's address (4 or 16 bytes) and port u16, which the handler
-//	   gets as r.RemoteAddr. The worker reports the close of such a
-//	   connection with its duration and bytes (see frameClosed), which a
-//	   primary that sends version 2 decodes; of a version 1 connection, by
-//	   count alone.
+//	   before serving; if proxied > 0, then the client's address (see
+//	   below), which the handler gets as r.RemoteAddr. The worker
+//	   reports the close of such a connection with its duration and
+//	   bytes (see frameClosed), which a primary that sends version 2 or
+//	   3 decodes; of a version 1 connection, by count alone.
+//	3  flags u8, proxied u16 as in version 2, the peer's address (the
+//	   socket's own, as the primary accepted it), and, if proxied > 0,
+//	   the client's address. Flag handoffOptsSet: the socket has
+//	   TCP_NODELAY and keep-alive as net's Accept sets them (from the
+//	   listening socket, or set by net's Accept in the primary), so the
+//	   worker sets nothing on it and asks it nothing it was told. Primaries
+//	   send version 3 since version 3 was made; workers decode all three.
 //
-// A worker of an earlier version reads the first byte only, ignores it,
-// and serves the connection as it arrived: a PROXY header it was not told
-// about reaches net/http as bytes (a 400), and is never trusted. So does a
-// PROXY header in a version 1 message, or with proxied 0.
+// An address is family u8 (4 or 6), the address (4 or 16 bytes) and the
+// port u16.
+//
+// The primary and its workers run one binary, but the binary on disk may
+// be replaced while the primary runs, so a worker it starts later may be
+// newer: a worker decodes every earlier version. A message of a later
+// version than the worker knows is refused, and its connection closed.
 const (
 	handoffV1     byte = 1
 	handoffV2     byte = 2
-	handoffMsgMax      = 1 + 2 + 1 + 16 + 2
+	handoffV3     byte = 3
+	handoffMsgMax      = 1 + 1 + 2 + 2*handoffAddrMax
+
+	handoffAddrMax = 1 + 16 + 2
+
+	// handoffOptsSet: version 3's flag for a socket that has net's
+	// accept-time options already.
+	handoffOptsSet byte = 1 << 0
 )
 
 // handoffMsg is a decoded hand-off message.
 type handoffMsg struct {
 	version byte
-	proxied int            // version 2: bytes of PROXY header to consume before serving
-	client  netip.AddrPort // version 2 with proxied > 0: the client's address
+	optsSet bool           // version 3: handoffOptsSet
+	proxied int            // version 2 and 3: bytes of PROXY header to consume before serving
+	peer    netip.AddrPort // version 3: the socket's peer
+	client  netip.AddrPort // version 2 and 3 with proxied > 0: the client's address
+}
+
+// handoffFor is the message for a connection from peer, whose socket has
+// net's accept-time options already if optsSet, behind a trusted PROXY
+// header of proxied bytes that names client (if proxied > 0). A peer the
+// message cannot carry (a link-local IPv6 address's zone) makes it a
+// version 2 message: the worker then asks the socket, and sets the
+// options itself.
+func handoffFor(peer netip.AddrPort, optsSet bool, proxied int, client netip.AddrPort) handoffMsg {
+	if !peer.IsValid() || peer.Addr().Zone() != "" {
+		return handoffMsg{version: handoffV2, proxied: proxied, client: client}
+	}
+	return handoffMsg{version: handoffV3, optsSet: optsSet, proxied: proxied, peer: peer, client: client}
 }
 
 // appendHandoff appends the encoding of m.
 func appendHandoff(b []byte, m handoffMsg) []byte {
 	b = append(b, m.version)
-	if m.version == handoffV1 {
+	switch m.version {
+	case handoffV1:
 		return b
+	case handoffV3:
+		var flags byte
+		if m.optsSet {
+			flags |= handoffOptsSet
+		}
+		b = append(b, flags)
 	}
 	b = binary.BigEndian.AppendUint16(b, uint16(m.proxied))
+	if m.version == handoffV3 {
+		b = appendHandoffAddr(b, m.peer)
+	}
 	if m.proxied == 0 {
 		return b
 	}
-	if a := m.client.Addr(); a.Is4() {
-		a4 := a.As4()
+	return appendHandoffAddr(b, m.client)
+}
+
+// appendHandoffAddr appends the encoding of the address a.
+func appendHandoffAddr(b []byte, a netip.AddrPort) []byte {
+	if ip := a.Addr(); ip.Is4() {
+		a4 := ip.As4()
 		b = append(append(b, 4), a4[:]...)
 	} else {
-		a16 := a.As16()
+		a16 := ip.As16()
 		b = append(append(b, 6), a16[:]...)
 	}
-	return binary.BigEndian.AppendUint16(b, m.client.Port())
+	return binary.BigEndian.AppendUint16(b, a.Port())
 }
 
 // decodeHandoff decodes and validates a hand-off message.
@@ -71,34 +117,53 @@ func decodeHandoff(b []byte) (handoffMsg, error) {
 	if len(b) == 0 {
 		return m, fmt.Errorf("%w: empty hand-off message", errFrame)
 	}
-	switch m.version = b[0]; {
-	case m.version == handoffV1 && len(b) == 1:
+	m.version = b[0]
+	rest := b[1:]
+	switch {
+	case m.version == handoffV1 && len(rest) == 0:
 		return m, nil
-	case m.version != handoffV2 || len(b) < 3:
+	case m.version == handoffV2 && len(rest) >= 2:
+	case m.version == handoffV3 && len(rest) >= 3 && rest[0]&^handoffOptsSet == 0:
+		m.optsSet = rest[0]&handoffOptsSet != 0
+		rest = rest[1:]
+	default:
 		return m, fmt.Errorf("%w: hand-off message version %d, %d bytes", errFrame, b[0], len(b))
 	}
-	m.proxied = int(binary.BigEndian.Uint16(b[1:]))
-	rest := b[3:]
-	if m.proxied == 0 {
-		if len(rest) != 0 {
-			return m, fmt.Errorf("%w: hand-off message of %d bytes without a PROXY header", errFrame, len(b))
-		}
-		return m, nil
-	}
+	m.proxied = int(binary.BigEndian.Uint16(rest))
+	rest = rest[2:]
 	if m.proxied > proxyV2Max {
 		return m, fmt.Errorf("%w: PROXY header of %d bytes in a hand-off message", errFrame, m.proxied)
 	}
+	var err error
+	if m.version == handoffV3 {
+		if m.peer, rest, err = decodeHandoffAddr(rest); err != nil {
+			return m, err
+		}
+	}
+	if m.proxied > 0 {
+		if m.client, rest, err = decodeHandoffAddr(rest); err != nil {
+			return m, err
+		}
+	}
+	if len(rest) != 0 {
+		return m, fmt.Errorf("%w: hand-off message of %d bytes, %d of them left over", errFrame, len(b), len(rest))
+	}
+	return m, nil
+}
+
+// decodeHandoffAddr decodes the address at the start of b, and returns
+// what follows it.
+func decodeHandoffAddr(b []byte) (netip.AddrPort, []byte, error) {
 	var a netip.Addr
 	switch {
-	case len(rest) == 1+4+2 && rest[0] == 4:
-		a = netip.AddrFrom4([4]byte(rest[1:]))
-	case len(rest) == 1+16+2 && rest[0] == 6:
-		a = netip.AddrFrom16([16]byte(rest[1:]))
+	case len(b) >= 1+4+2 && b[0] == 4:
+		a, b = netip.AddrFrom4([4]byte(b[1:])), b[1+4:]
+	case len(b) >= 1+16+2 && b[0] == 6:
+		a, b = netip.AddrFrom16([16]byte(b[1:])), b[1+16:]
 	default:
-		return m, fmt.Errorf("%w: hand-off message with a client address of %d bytes", errFrame, len(rest))
+		return netip.AddrPort{}, nil, fmt.Errorf("%w: hand-off message with an address cut short, or not of family 4 or 6", errFrame)
 	}
-	m.client = netip.AddrPortFrom(a, binary.BigEndian.Uint16(rest[len(rest)-2:]))
-	return m, nil
+	return netip.AddrPortFrom(a, binary.BigEndian.Uint16(b)), b[2:], nil
 }
 
 // handTo passes a client's descriptor to process pr with send, which

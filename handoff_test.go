@@ -29,6 +29,16 @@ func TestDecodeHandoff(t *testing.T) {
 			append(append([]byte{2, 2, 16, 6}, v6.Addr().AsSlice()...), 1, 187)},
 		{"IPv4-mapped IPv6 client stays IPv6", handoffMsg{version: handoffV2, proxied: 28, client: mapped},
 			append(append([]byte{2, 0, 28, 6}, mapped.Addr().AsSlice()...), 0, 80)},
+		{"version 3: IPv4 peer, options set", handoffMsg{version: handoffV3, optsSet: true, peer: v4},
+			[]byte{3, 1, 0, 0, 4, 203, 0, 113, 7, 0x15, 0xb3}},
+		{"version 3: IPv6 peer, options not set", handoffMsg{version: handoffV3, peer: v6},
+			append(append([]byte{3, 0, 0, 0, 6}, v6.Addr().AsSlice()...), 1, 187)},
+		{"version 3: a proxy's IPv4 peer, an IPv6 client", handoffMsg{version: handoffV3, optsSet: true, proxied: proxyV2Max, peer: v4, client: v6},
+			append(append([]byte{3, 1, 2, 16, 4, 203, 0, 113, 7, 0x15, 0xb3, 6}, v6.Addr().AsSlice()...), 1, 187)},
+		{"version 3: IPv4-mapped IPv6 peer stays IPv6", handoffMsg{version: handoffV3, optsSet: true, peer: mapped},
+			append(append([]byte{3, 1, 0, 0, 6}, mapped.Addr().AsSlice()...), 0, 80)},
+		{"the longest", handoffMsg{version: handoffV3, optsSet: true, proxied: 60, peer: v6, client: v6},
+			append(append(append(append([]byte{3, 1, 0, 60, 6}, v6.Addr().AsSlice()...), 1, 187, 6), v6.Addr().AsSlice()...), 1, 187)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := appendHandoff(nil, tc.msg)
@@ -45,13 +55,25 @@ func TestDecodeHandoff(t *testing.T) {
 		})
 	}
 	good := appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45, client: v4})
+	good3 := appendHandoff(nil, handoffMsg{version: handoffV3, optsSet: true, proxied: 45, peer: v4, client: v4})
+	if _, err := decodeHandoff(good3); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		b    []byte
 	}{
 		{"empty", nil},
 		{"version 0", []byte{0}},
-		{"version 3: a newer primary", []byte{3, 0, 0}},
+		{"version 4: a newer primary", append([]byte{4}, good3[1:]...)},
+		{"version 3 without a peer", []byte{3, 1, 0, 0}},
+		{"version 3 cut short", []byte{3, 1, 0}},
+		{"version 3 with an unknown flag", append([]byte{3, 3}, good3[2:]...)},
+		{"version 3 with a header, without a client", good3[:len(good3)-7]},
+		{"version 3 without a header, with a client", append([]byte{3, 1, 0, 0}, good3[4:]...)},
+		{"version 3 with a peer of family 5", append(append([]byte{3, 1, 0, 45, 5}, good3[5:11]...), good3[11:]...)},
+		{"version 3 one byte long", append(bytes.Clone(good3), 0)},
+		{"version 3 header longer than any accepted", append([]byte{3, 1, 2, 17}, good3[4:]...)},
 		{"version 1 with more bytes", []byte{1, 0, 0}},
 		{"version 2 cut short", []byte{2, 0}},
 		{"no header, with an address", append([]byte{2, 0, 0}, good[3:]...)},
@@ -70,6 +92,35 @@ func TestDecodeHandoff(t *testing.T) {
 	}
 }
 
+// handoffFor sends version 3, but for a peer the message cannot carry:
+// the worker then asks the socket (version 2) and sets the options.
+func TestHandoffFor(t *testing.T) {
+	client := netip.MustParseAddrPort("203.0.113.7:5555")
+	for _, tc := range []struct {
+		name string
+		peer netip.AddrPort
+		want handoffMsg
+	}{
+		{"IPv4", netip.MustParseAddrPort("127.0.0.1:4000"),
+			handoffMsg{version: handoffV3, optsSet: true, proxied: 45, peer: netip.MustParseAddrPort("127.0.0.1:4000"), client: client}},
+		{"IPv6", netip.MustParseAddrPort("[::1]:4000"),
+			handoffMsg{version: handoffV3, optsSet: true, proxied: 45, peer: netip.MustParseAddrPort("[::1]:4000"), client: client}},
+		{"link-local IPv6 with a zone", netip.MustParseAddrPort("[fe80::1%eth0]:4000"),
+			handoffMsg{version: handoffV2, proxied: 45, client: client}},
+		{"none", netip.AddrPort{}, handoffMsg{version: handoffV2, proxied: 45, client: client}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := handoffFor(tc.peer, true, 45, client)
+			if m != tc.want {
+				t.Fatalf("handoffFor = %+v, want %+v", m, tc.want)
+			}
+			if got, err := decodeHandoff(appendHandoff(nil, m)); err != nil || got != m {
+				t.Fatalf("decoded %+v, %v; want %+v", got, err, m)
+			}
+		})
+	}
+}
+
 // FuzzDecodeHandoff checks that decodeHandoff never panics and that what
 // it accepts re-encodes to the very same bytes.
 func FuzzDecodeHandoff(f *testing.F) {
@@ -77,6 +128,9 @@ func FuzzDecodeHandoff(f *testing.F) {
 	f.Add([]byte{2, 0, 0})
 	f.Add(appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 45, client: netip.MustParseAddrPort("203.0.113.7:5555")}))
 	f.Add(appendHandoff(nil, handoffMsg{version: handoffV2, proxied: 64, client: netip.MustParseAddrPort("[2001:db8::1]:443")}))
+	f.Add(appendHandoff(nil, handoffMsg{version: handoffV3, optsSet: true, peer: netip.MustParseAddrPort("127.0.0.1:40000")}))
+	f.Add(appendHandoff(nil, handoffMsg{version: handoffV3, proxied: 45, peer: netip.MustParseAddrPort("[::1]:40000"),
+		client: netip.MustParseAddrPort("203.0.113.7:5555")}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		orig := bytes.Clone(b)
 		m, err := decodeHandoff(b)
@@ -94,6 +148,9 @@ func FuzzDecodeHandoff(f *testing.F) {
 		}
 		if m.proxied > 0 && !m.client.IsValid() {
 			t.Fatalf("%+v: a PROXY header without a client address", m)
+		}
+		if m.version == handoffV3 && !m.peer.IsValid() {
+			t.Fatalf("%+v: version 3 without the peer's address", m)
 		}
 	})
 }

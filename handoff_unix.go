@@ -221,29 +221,26 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 // connection that cannot be served is closed, and its close reported; it
 // counts as accepted, so that a drain does not wait for it.
 func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Logger) {
-	f := os.NewFile(uintptr(fd), "handed-off")
-	c, err := net.FileConn(f)
-	f.Close()
-	tc, ok := c.(*net.TCPConn)
-	if err != nil || !ok {
-		log.Error("handed-off connection is not TCP", "err", err)
-		if c != nil {
-			c.Close()
-		}
+	if merr != nil {
+		m = handoffMsg{} // nothing it says is known
+	}
+	tc, err := handedTCPConn(fd, m)
+	if err != nil {
+		log.Error("handed-off connection cannot be served", "err", err)
 		l.accepted.Add(1)
 		l.w.handedClose(nil)
 		return
 	}
-	hc := &workerConn{TCPConn: tc, w: l.w, handed: true}
+	hc := &workerConn{tcpConn: tc, w: l.w, handed: true}
 	if merr == nil && m.proxied > 0 {
 		if merr = consumeProxyHeader(tc, m.proxied); merr == nil {
 			hc.remote = net.TCPAddrFromAddrPort(m.client)
 		}
 	}
 	if merr == nil {
-		// A primary that sends version 2 messages records each served
+		// A primary that sends version 2 or 3 messages records each served
 		// connection's duration and bytes from its close report.
-		hc.stats, hc.since = m.version == handoffV2, time.Now()
+		hc.stats, hc.since = m.version >= handoffV2, time.Now()
 	}
 	l.w.trackConn(hc) // from here on, its close is reported
 	if merr != nil {
@@ -259,11 +256,29 @@ func (l *handoffListener) deliver(fd int, m handoffMsg, merr error, log *slog.Lo
 	}
 }
 
+// fileTCPConn makes the descriptor fd a *net.TCPConn, with net.FileConn:
+// a copy of the descriptor, with the options net's Accept sets. It takes
+// fd, also when it fails.
+func fileTCPConn(fd int) (tcpConn, error) {
+	f := os.NewFile(uintptr(fd), "handed-off")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("a %T, not a TCP connection", c)
+	}
+	return tc, nil
+}
+
 // consumeProxyHeader reads the n bytes of the PROXY header at the start
 // of c, which the primary has seen in c's receive queue, without waiting
 // for them, and checks that they are one PROXY header of exactly n bytes:
 // the worker strips nothing else.
-func consumeProxyHeader(c *net.TCPConn, n int) error {
+func consumeProxyHeader(c syscall.Conn, n int) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err

@@ -31,3 +31,8 @@ func handoffSocketpair() ([2]int, error) {
 	unix.CloseOnExec(fds[1])
 	return fds, nil
 }
+
+// handedTCPConn makes the descriptor fd, handed off with message m, a
+// connection to serve, with net.FileConn: handedConn, which skips its
+// work, is Linux's alone. It takes fd, also when it fails.
+func handedTCPConn(fd int, _ handoffMsg) (tcpConn, error) { return fileTCPConn(fd) }

@@ -421,8 +421,19 @@ func testApp() http.Handler {
 		}
 		fmt.Fprint(w, "forged")
 	})
+	// /file?path=P serves the file at P with http.ServeFile, ranges too.
+	mux.HandleFunc("/file", func(w http.ResponseWriter, r *http.Request) {
+		http.ServeFile(w, r, r.URL.Query().Get("path"))
+	})
+	for path, h := range platformRoutes {
+		mux.HandleFunc(path, h)
+	}
 	return mux
 }
+
+// platformRoutes are testApp's routes that only some platforms' tests
+// have, added by their files' init.
+var platformRoutes = map[string]http.HandlerFunc{}
 
 // exeSize is the size of this process's binary when first asked.
 var exeSize = sync.OnceValue(func() int64 {

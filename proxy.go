@@ -231,7 +231,7 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// The worker consumes the trusted PROXY header, if any, itself,
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
-		msg := appendHandoff((*bp)[:0:proxyRoom], handoffMsg{version: handoffV2, proxied: hdr, client: client})
+		msg := appendHandoff((*bp)[:0:proxyRoom], handoffFor(clientAddr(c), acceptedWithOpts(c), hdr, client))
 		w, _ = p.offer(req, func(uc *net.UnixConn) error { return sendConn(uc, tc, msg) }, nil, 0)
 	default:
 		// An event loop carries TCP clients (where there are loops):
@@ -625,6 +625,20 @@ func tcpSocket(c net.Conn) (peeker, bool) {
 		return c, true
 	}
 	return nil, false
+}
+
+// acceptedWithOpts reports whether the client socket c has the options
+// net's Accept sets (TCP_NODELAY, keep-alive), or those its listener's
+// ListenConfig asked for: net's Accept made a *net.TCPConn; a fileConn
+// has them from its listener.
+func acceptedWithOpts(c net.Conn) bool {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return true
+	case *fileConn:
+		return c.optsSet
+	}
+	return false
 }
 
 // clientAddr is the client's address, or the zero AddrPort for

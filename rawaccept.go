@@ -21,6 +21,7 @@ type fileConn struct {
 	f            *os.File
 	fd           int // the descriptor; the relay's when there is no f
 	laddr, raddr *net.TCPAddr
+	optsSet      bool // accepted from a listener that gave it net's options
 }
 
 var _ net.Conn = (*fileConn)(nil)

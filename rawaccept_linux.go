@@ -46,21 +46,25 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	if err != nil {
 		return false, nil
 	}
-	if !p.cfg.handoff {
-		// The primary's own client sockets (hand-off's get theirs in
-		// the workers) inherit from the listener what net's Accept
-		// would set on each: TCP_NODELAY and keep-alive. So they are set
-		// there, on a socket from systemd or an upgrade too. The
-		// ListenConfig behind WithListener's listener may say other:
-		// net's Accept serves those.
-		if p.cfg.listener != nil {
-			return false, nil
-		}
+	// Accepted sockets inherit from the listener what net's Accept
+	// would set on each: TCP_NODELAY and keep-alive. So they are set
+	// there, on a socket from systemd or an upgrade too: for the
+	// primary's own client sockets in splice mode, and, in hand-off
+	// mode, so that a worker need not set them (handoffOptsSet). The
+	// ListenConfig behind WithListener's listener may say other: in
+	// splice mode net's Accept serves those, and in hand-off mode the
+	// workers set net's defaults, as net.FileConn did.
+	optsSet := false
+	if p.cfg.listener == nil {
 		var oerr error
 		if err := lrc.Control(func(fd uintptr) { oerr = publicSocketOpts(int(fd)) }); err != nil || oerr != nil {
-			p.log.Warn("no raw accept loop: socket options of the listener", "err", errors.Join(err, oerr))
-			return false, nil
+			p.log.Warn("socket options of the listener not set", "err", errors.Join(err, oerr))
+		} else {
+			optsSet = true
 		}
+	}
+	if !p.cfg.handoff && !optsSet {
+		return false, nil
 	}
 	if p.cfg.listener == nil {
 		var derr error
@@ -74,6 +78,7 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		p.log.Warn("no raw accept loop; accepting through Go's poller", "err", err)
 		return false, nil
 	}
+	a.optsSet = optsSet
 	// The drain closes the epoll set, which wakes the loop (the listener
 	// is closed by then, and its registration gone with it).
 	done := make(chan struct{})
@@ -190,6 +195,7 @@ type rawAccepter struct {
 	oob       []byte       // SCM_RIGHTS for one descriptor, set for each send
 	pending   []rawPending // in the epoll set, waiting for their heads, oldest (first due) first
 	deadline  time.Time    // file's read deadline: when the oldest pending is due
+	optsSet   bool         // accepted sockets have net's options, from the listener
 	op        epollOp      // ctl's call
 	doOp      func(ep uintptr)
 	accept    func(lfd uintptr) // acceptPass
@@ -399,6 +405,7 @@ func (a *rawAccepter) claimFile(fd int, sa syscall.Sockaddr) *fileConn {
 		a.p.conns.closedHanded(1)
 		return nil
 	}
+	c.optsSet = a.optsSet
 	if !a.p.conns.claim(c) {
 		c.Close()
 		return nil
@@ -504,7 +511,7 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 // does.
 func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
 	p := a.p
-	msg := appendHandoff(a.buf[:0:proxyRoom], handoffMsg{version: handoffV2})
+	msg := appendHandoff(a.buf[:0:proxyRoom], handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{}))
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it

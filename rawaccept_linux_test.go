@@ -164,8 +164,12 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 	rt.start(t)
 	for range early {
 		m, c := rt.receive(t, 0)
-		if m.version != handoffV2 || m.proxied != 0 {
-			t.Errorf("hand-off message %+v; want version 2, nothing proxied", m)
+		// The listener has net's options (newRawTest's p.cfg.listener
+		// is nil), and the message names the peer the worker serves.
+		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		if m.version != handoffV3 || !m.optsSet || m.proxied != 0 ||
+			m.peer.Addr().Unmap() != peer.Addr().Unmap() || m.peer.Port() != peer.Port() {
+			t.Errorf("hand-off message %+v; want version 3, options set, the peer %v, nothing proxied", m, peer)
 		}
 		readExactly(t, c, rawHead)
 	}

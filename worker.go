@@ -255,7 +255,7 @@ func (w *worker) closeIdle(began time.Time) {
 	}
 	w.openMu.Unlock()
 	for _, c := range idle {
-		if !hasUnread(c.TCPConn) {
+		if !hasUnread(c.tcpConn) {
 			c.Close()
 		}
 	}
@@ -370,7 +370,7 @@ func (l trackingListener) Accept() (net.Conn, error) {
 // timeout. The close of a connection the primary handed off is reported
 // to the primary, for its connection counts.
 type workerConn struct {
-	*net.TCPConn
+	tcpConn
 	w         *worker
 	handed    bool
 	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
@@ -386,9 +386,32 @@ type workerConn struct {
 
 var _ net.Conn = (*workerConn)(nil)
 
+// tcpConn is a TCP connection a worker serves: a *net.TCPConn, or (on
+// Linux, handed off) a handedConn. A handler that hijacks a connection
+// gets a *workerConn, with these methods, in hand-off mode; in splice
+// mode, the PROXY protocol reader's connection, whose Raw() is one.
+type tcpConn interface {
+	net.Conn
+	syscall.Conn
+	io.ReaderFrom
+	io.WriterTo
+	CloseRead() error
+	CloseWrite() error
+	File() (*os.File, error)
+	SetKeepAlive(bool) error
+	SetKeepAlivePeriod(time.Duration) error
+	SetKeepAliveConfig(net.KeepAliveConfig) error
+	SetLinger(sec int) error
+	SetNoDelay(bool) error
+	SetReadBuffer(bytes int) error
+	SetWriteBuffer(bytes int) error
+}
+
+var _ tcpConn = (*net.TCPConn)(nil)
+
 // track counts c as open until it is closed.
-func (w *worker) track(c *net.TCPConn, handed bool) *workerConn {
-	return w.trackConn(&workerConn{TCPConn: c, w: w, handed: handed})
+func (w *worker) track(c tcpConn, handed bool) *workerConn {
+	return w.trackConn(&workerConn{tcpConn: c, w: w, handed: handed})
 }
 
 // trackConn counts wc as open until it is closed.
@@ -404,7 +427,7 @@ func (w *worker) trackConn(wc *workerConn) *workerConn {
 // next request's head before it reports the connection active, and
 // closeIdle must not close it meanwhile.
 func (c *workerConn) Read(b []byte) (int, error) {
-	n, err := c.TCPConn.Read(b)
+	n, err := c.tcpConn.Read(b)
 	if n > 0 {
 		c.idleSince.Store(0)
 		if c.stats {
@@ -415,7 +438,7 @@ func (c *workerConn) Read(b []byte) (int, error) {
 }
 
 func (c *workerConn) Write(b []byte) (int, error) {
-	n, err := c.TCPConn.Write(b)
+	n, err := c.tcpConn.Write(b)
 	if c.stats {
 		c.out.Add(int64(n))
 	}
@@ -426,7 +449,7 @@ func (c *workerConn) Write(b []byte) (int, error) {
 // sends files with ReadFrom, and io.Copy on a hijacked connection uses
 // either.
 func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
-	n, err := c.TCPConn.ReadFrom(r)
+	n, err := c.tcpConn.ReadFrom(r)
 	if c.stats {
 		c.out.Add(n)
 	}
@@ -434,7 +457,7 @@ func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
 }
 
 func (c *workerConn) WriteTo(w io.Writer) (int64, error) {
-	n, err := c.TCPConn.WriteTo(w)
+	n, err := c.tcpConn.WriteTo(w)
 	if c.stats {
 		c.in.Add(n)
 	}
@@ -447,11 +470,11 @@ func (c *workerConn) RemoteAddr() net.Addr {
 	if c.remote != nil {
 		return c.remote
 	}
-	return c.TCPConn.RemoteAddr()
+	return c.tcpConn.RemoteAddr()
 }
 
 func (c *workerConn) Close() error {
-	err := c.TCPConn.Close()
+	err := c.tcpConn.Close()
 	c.once.Do(c.closed)
 	return err
 }

@@ -1,0 +1,312 @@
+package defuss
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// handedConn is a connection the primary handed off, served from the
+// descriptor that arrived, in Go's poller through an *os.File: what
+// net.FileConn would make of it costs ten system calls more per
+// connection (a copy of the descriptor, three questions to the socket,
+// the five options net's Accept sets, and the original's close), which
+// on a Connection: close load made about a tenth of a worker's CPU.
+// The primary says in its hand-off message (version 3) who the peer is,
+// and that the socket has those options already; a message that does not
+// (an older primary, a WithListener listener accepted raw) gets
+// net.FileConn as before.
+//
+// It has what *net.TCPConn has, but MultipathTCP, so that a handler that
+// hijacks a connection finds the same methods in both modes; errors are
+// *net.OpError, as net's, so that net/http tells a timeout or a reset
+// from a bad request. ReadFrom sends an *os.File with sendfile(2), as
+// net's does for http.ServeFile.
+type handedConn struct {
+	f            *os.File // the descriptor, in Go's poller
+	laddr, raddr *net.TCPAddr
+}
+
+var _ tcpConn = (*handedConn)(nil)
+
+// handedTCPConn makes the descriptor fd, handed off with message m, a
+// connection to serve: a handedConn if m says enough, else with
+// net.FileConn. It takes fd, also when it fails.
+func handedTCPConn(fd int, m handoffMsg) (tcpConn, error) {
+	if m.version < handoffV3 || !m.optsSet {
+		return fileTCPConn(fd)
+	}
+	return newHandedConn(fd, m.peer)
+}
+
+// newHandedConn makes fd, whose peer is at peer, a handedConn. It asks the
+// socket only its local address, which net/http reads for every
+// connection. It takes fd, also when it fails.
+func newHandedConn(fd int, peer netip.AddrPort) (*handedConn, error) {
+	lsa, err := syscall.Getsockname(fd)
+	if err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("getsockname", err)
+	}
+	c := &handedConn{
+		// The primary's accept made the socket non-blocking (the flag
+		// travels with it), so os.NewFile puts it in Go's poller.
+		f:     os.NewFile(uintptr(fd), "defuss-handed"),
+		laddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(lsa)),
+		raddr: net.TCPAddrFromAddrPort(peer),
+	}
+	if err := c.f.SetDeadline(time.Time{}); err != nil {
+		c.f.Close()
+		return nil, fmt.Errorf("a blocking socket, which cannot be served with deadlines: %w", err)
+	}
+	return c, nil
+}
+
+func (c *handedConn) Read(b []byte) (int, error) {
+	n, err := c.f.Read(b)
+	return n, c.opErr("read", err)
+}
+
+func (c *handedConn) Write(b []byte) (int, error) {
+	n, err := c.f.Write(b)
+	return n, c.opErr("write", err)
+}
+
+func (c *handedConn) Close() error                  { return c.opErr("close", c.f.Close()) }
+func (c *handedConn) LocalAddr() net.Addr           { return c.laddr }
+func (c *handedConn) RemoteAddr() net.Addr          { return c.raddr }
+func (c *handedConn) SetDeadline(t time.Time) error { return c.opErr("set", c.f.SetDeadline(t)) }
+func (c *handedConn) SetReadDeadline(t time.Time) error {
+	return c.opErr("set", c.f.SetReadDeadline(t))
+}
+func (c *handedConn) SetWriteDeadline(t time.Time) error {
+	return c.opErr("set", c.f.SetWriteDeadline(t))
+}
+
+func (c *handedConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
+
+// opErr makes err, from c's file, the error net gives for op: io.EOF as
+// it is, the rest in a *net.OpError, with net.ErrClosed for a closed
+// connection and a system call's name on an errno.
+func (c *handedConn) opErr(op string, err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	if pe, ok := err.(*os.PathError); ok {
+		err = pe.Err
+	}
+	switch e := err.(type) {
+	case syscall.Errno:
+		err = os.NewSyscallError(op, e)
+	default:
+		if err == os.ErrClosed {
+			err = net.ErrClosed
+		}
+	}
+	return &net.OpError{Op: op, Net: "tcp", Source: c.laddr, Addr: c.raddr, Err: err}
+}
+
+// ReadFrom sends r with sendfile(2) when it is an *os.File (or an
+// io.LimitedReader of one, as http.ServeContent makes), and copies it
+// otherwise.
+func (c *handedConn) ReadFrom(r io.Reader) (int64, error) {
+	n, handled, err := c.sendFile(r)
+	if !handled {
+		return io.Copy(writerOnly{c}, r)
+	}
+	return n, c.opErr("readfrom", err)
+}
+
+// sendFileChunk bounds one sendfile call, as net's does.
+const sendFileChunk = 4 << 20
+
+// sendFile sends r, a file, with sendfile(2) from its offset, waiting in
+// Go's poller while c's send buffer is full. It has not handled r when r
+// is no file, or one sendfile cannot send from (a pipe): nothing is sent
+// then.
+func (c *handedConn) sendFile(r io.Reader) (written int64, handled bool, err error) {
+	remain := int64(1<<63 - 1)
+	lr, limited := r.(*io.LimitedReader)
+	if limited {
+		remain, r = lr.N, lr.R
+		if remain <= 0 {
+			return 0, true, nil
+		}
+	}
+	f, ok := r.(*os.File)
+	if !ok {
+		return 0, false, nil
+	}
+	src, err := f.SyscallConn()
+	if err != nil {
+		return 0, false, nil
+	}
+	dst, err := c.f.SyscallConn()
+	if err != nil {
+		return 0, true, err
+	}
+	var errno, werr error
+	cerr := src.Control(func(in uintptr) {
+		werr = dst.Write(func(out uintptr) bool {
+			for remain > 0 {
+				n, err := unix.Sendfile(int(out), int(in), nil, int(min(remain, sendFileChunk)))
+				if n > 0 {
+					written += int64(n)
+					remain -= int64(n)
+				}
+				switch {
+				case err == unix.EINTR:
+				case err == unix.EAGAIN:
+					return false // c's send buffer is full: wait for room
+				case err != nil:
+					errno = err
+					return true
+				case n == 0:
+					return true // the file's end
+				}
+			}
+			return true
+		})
+	})
+	if limited {
+		lr.N -= written
+	}
+	switch {
+	case written == 0 && (errno == unix.EINVAL || errno == unix.ENOSYS || errno == unix.EOPNOTSUPP):
+		return 0, false, nil // not a file sendfile sends from: copied
+	case errno != nil:
+		err = os.NewSyscallError("sendfile", errno)
+	case werr != nil:
+		err = werr
+	default:
+		err = cerr
+	}
+	return written, true, err
+}
+
+// WriteTo copies what c receives to w.
+func (c *handedConn) WriteTo(w io.Writer) (int64, error) { return io.Copy(w, readerOnly{c}) }
+
+// writerOnly and readerOnly hide their field's ReadFrom and WriteTo from
+// io.Copy, which would call them back.
+type (
+	writerOnly struct{ io.Writer }
+	readerOnly struct{ io.Reader }
+)
+
+// File returns a copy of c's descriptor, as *net.TCPConn's does.
+func (c *handedConn) File() (*os.File, error) {
+	var fd int
+	err := c.control("file", "fcntl", func(s int) (err error) {
+		fd, err = unix.FcntlInt(uintptr(s), unix.F_DUPFD_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), c.f.Name()), nil
+}
+
+func (c *handedConn) CloseRead() error {
+	return c.control("close", "shutdown", func(fd int) error { return unix.Shutdown(fd, unix.SHUT_RD) })
+}
+
+func (c *handedConn) CloseWrite() error {
+	return c.control("close", "shutdown", func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) })
+}
+
+func (c *handedConn) SetNoDelay(on bool) error {
+	return c.setInt(unix.IPPROTO_TCP, unix.TCP_NODELAY, boolInt(on))
+}
+
+func (c *handedConn) SetKeepAlive(on bool) error {
+	return c.setInt(unix.SOL_SOCKET, unix.SO_KEEPALIVE, boolInt(on))
+}
+
+// SetKeepAlivePeriod sets the idle time before the first probe, as
+// net's does: 0 means net's default of 15 s; below 0, nothing is set.
+func (c *handedConn) SetKeepAlivePeriod(d time.Duration) error {
+	return c.setSeconds(unix.TCP_KEEPIDLE, d, 15*time.Second)
+}
+
+// SetKeepAliveConfig sets keep-alive as net's does, with its defaults
+// for zero fields.
+func (c *handedConn) SetKeepAliveConfig(k net.KeepAliveConfig) error {
+	if err := c.SetKeepAlive(k.Enable); err != nil {
+		return err
+	}
+	if err := c.setSeconds(unix.TCP_KEEPIDLE, k.Idle, 15*time.Second); err != nil {
+		return err
+	}
+	if err := c.setSeconds(unix.TCP_KEEPINTVL, k.Interval, 15*time.Second); err != nil {
+		return err
+	}
+	switch {
+	case k.Count == 0:
+		k.Count = 9
+	case k.Count < 0:
+		return nil
+	}
+	return c.setInt(unix.IPPROTO_TCP, unix.TCP_KEEPCNT, k.Count)
+}
+
+func (c *handedConn) SetLinger(sec int) error {
+	l := unix.Linger{}
+	if sec >= 0 {
+		l = unix.Linger{Onoff: 1, Linger: int32(sec)}
+	}
+	return c.control("set", "setsockopt", func(fd int) error { return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l) })
+}
+
+func (c *handedConn) SetReadBuffer(bytes int) error {
+	return c.setInt(unix.SOL_SOCKET, unix.SO_RCVBUF, bytes)
+}
+
+func (c *handedConn) SetWriteBuffer(bytes int) error {
+	return c.setInt(unix.SOL_SOCKET, unix.SO_SNDBUF, bytes)
+}
+
+// setSeconds sets the TCP option opt to d in whole seconds, rounded up:
+// def for 0, nothing below 0.
+func (c *handedConn) setSeconds(opt int, d, def time.Duration) error {
+	switch {
+	case d == 0:
+		d = def
+	case d < 0:
+		return nil
+	}
+	return c.setInt(unix.IPPROTO_TCP, opt, int((d+time.Second-1)/time.Second))
+}
+
+func (c *handedConn) setInt(level, opt, v int) error {
+	return c.control("set", "setsockopt", func(fd int) error { return unix.SetsockoptInt(fd, level, opt, v) })
+}
+
+// control runs the system call fn, named name, on c's descriptor, with
+// its error as net gives it for op.
+func (c *handedConn) control(op, name string, fn func(fd int) error) error {
+	rc, err := c.f.SyscallConn()
+	if err == nil {
+		var ferr error
+		if err = rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err == nil && ferr != nil {
+			err = os.NewSyscallError(name, ferr)
+		}
+	}
+	if err != nil {
+		return &net.OpError{Op: op, Net: "tcp", Source: c.laddr, Addr: c.raddr, Err: err}
+	}
+	return nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
