@@ -1,11 +1,14 @@
 package defuss
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -13,24 +16,27 @@ import (
 )
 
 // handedConn is a connection the primary handed off, served from the
-// descriptor that arrived, in Go's poller through an *os.File: what
-// net.FileConn would make of it costs ten system calls more per
-// connection (a copy of the descriptor, three questions to the socket,
-// the five options net's Accept sets, and the original's close), which
-// on a Connection: close load made about a tenth of a worker's CPU.
-// The primary says in its hand-off message (version 3) who the peer is,
-// and that the socket has those options already; a message that does not
-// (an older primary, a WithListener listener accepted raw) gets
-// net.FileConn as before.
+// descriptor that arrived, in Go's poller through an *os.File. What
+// net.FileConn would make of it costs about twelve system calls more per
+// connection (a copy of the descriptor and a second poller registration,
+// three questions to the socket, the five options net's Accept sets, and
+// the original's close): 20.8 against 8.2 per connection in a worker
+// under a Connection: close load (strace -c), and net.FileConn was 10% of
+// a worker's samples in a perf profile. The primary says in its hand-off
+// message (version 3) who the peer is, and that the socket has those
+// options already; a message that does not (an older primary or worker,
+// a WithListener listener accepted raw) gets net.FileConn as before.
 //
-// It has what *net.TCPConn has, but MultipathTCP, so that a handler that
-// hijacks a connection finds the same methods in both modes; errors are
-// *net.OpError, as net's, so that net/http tells a timeout or a reset
-// from a bad request. ReadFrom sends an *os.File with sendfile(2), as
-// net's does for http.ServeFile.
+// It has the methods of *net.TCPConn but MultipathTCP, and its errors
+// are *net.OpError, as net's, so that net/http tells a timeout or a reset
+// from a bad request. ReadFrom sends a regular file with sendfile(2), as
+// net's does for http.ServeFile and io.Copy from an *os.File; unlike
+// net's, it copies from a socket or a pipe through user space (no
+// splice(2)), and so does WriteTo.
 type handedConn struct {
 	f            *os.File // the descriptor, in Go's poller
 	laddr, raddr *net.TCPAddr
+	closed       atomic.Bool // Close was called: errors are net.ErrClosed
 }
 
 var _ tcpConn = (*handedConn)(nil)
@@ -78,7 +84,11 @@ func (c *handedConn) Write(b []byte) (int, error) {
 	return n, c.opErr("write", err)
 }
 
-func (c *handedConn) Close() error                  { return c.opErr("close", c.f.Close()) }
+func (c *handedConn) Close() error {
+	c.closed.Store(true)
+	return c.opErr("close", c.f.Close())
+}
+
 func (c *handedConn) LocalAddr() net.Addr           { return c.laddr }
 func (c *handedConn) RemoteAddr() net.Addr          { return c.raddr }
 func (c *handedConn) SetDeadline(t time.Time) error { return c.opErr("set", c.f.SetDeadline(t)) }
@@ -92,8 +102,9 @@ func (c *handedConn) SetWriteDeadline(t time.Time) error {
 func (c *handedConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
 
 // opErr makes err, from c's file, the error net gives for op: io.EOF as
-// it is, the rest in a *net.OpError, with net.ErrClosed for a closed
-// connection and a system call's name on an errno.
+// it is, the rest in a *net.OpError, with net.ErrClosed once c is closed
+// (os says "file already closed", or "use of closed file") and a system
+// call's name on an errno.
 func (c *handedConn) opErr(op string, err error) error {
 	if err == nil || err == io.EOF {
 		return err
@@ -105,14 +116,14 @@ func (c *handedConn) opErr(op string, err error) error {
 	case syscall.Errno:
 		err = os.NewSyscallError(op, e)
 	default:
-		if err == os.ErrClosed {
+		if err == os.ErrClosed || c.closed.Load() && !errors.Is(err, os.ErrDeadlineExceeded) {
 			err = net.ErrClosed
 		}
 	}
 	return &net.OpError{Op: op, Net: "tcp", Source: c.laddr, Addr: c.raddr, Err: err}
 }
 
-// ReadFrom sends r with sendfile(2) when it is an *os.File (or an
+// ReadFrom sends r with sendfile(2) when it is a regular file (or an
 // io.LimitedReader of one, as http.ServeContent makes), and copies it
 // otherwise.
 func (c *handedConn) ReadFrom(r io.Reader) (int64, error) {
@@ -123,13 +134,15 @@ func (c *handedConn) ReadFrom(r io.Reader) (int64, error) {
 	return n, c.opErr("readfrom", err)
 }
 
-// sendFileChunk bounds one sendfile call, as net's does.
+// sendFileChunk bounds one sendfile call.
 const sendFileChunk = 4 << 20
 
-// sendFile sends r, a file, with sendfile(2) from its offset, waiting in
-// Go's poller while c's send buffer is full. It has not handled r when r
-// is no file, or one sendfile cannot send from (a pipe): nothing is sent
-// then.
+// sendFile sends r, a regular file, with sendfile(2) from its offset,
+// waiting in Go's poller while c's send buffer is full. It has not
+// handled r when r is no regular file (an *os.File, or os's wrapper of
+// one that io.Copy passes on), or one sendfile cannot send from: nothing
+// is sent then. (A socket or a pipe as the source could make sendfile
+// say EAGAIN for the source, which the loop would take for c's.)
 func (c *handedConn) sendFile(r io.Reader) (written int64, handled bool, err error) {
 	remain := int64(1<<63 - 1)
 	lr, limited := r.(*io.LimitedReader)
@@ -139,8 +152,14 @@ func (c *handedConn) sendFile(r io.Reader) (written int64, handled bool, err err
 			return 0, true, nil
 		}
 	}
-	f, ok := r.(*os.File)
+	f, ok := r.(interface {
+		syscall.Conn
+		Stat() (fs.FileInfo, error)
+	})
 	if !ok {
+		return 0, false, nil
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
 		return 0, false, nil
 	}
 	src, err := f.SyscallConn()
@@ -200,7 +219,8 @@ type (
 	readerOnly struct{ io.Reader }
 )
 
-// File returns a copy of c's descriptor, as *net.TCPConn's does.
+// File returns a copy of c's descriptor (F_DUPFD_CLOEXEC), which stays
+// non-blocking until its Fd is called.
 func (c *handedConn) File() (*os.File, error) {
 	var fd int
 	err := c.control("file", "fcntl", func(s int) (err error) {
@@ -299,6 +319,9 @@ func (c *handedConn) control(op, name string, fn func(fd int) error) error {
 		}
 	}
 	if err != nil {
+		if c.closed.Load() {
+			err = net.ErrClosed
+		}
 		return &net.OpError{Op: op, Net: "tcp", Source: c.laddr, Addr: c.raddr, Err: err}
 	}
 	return nil

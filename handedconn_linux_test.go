@@ -106,6 +106,18 @@ func TestHandedConnAsNetTCPConn(t *testing.T) {
 				if err := server.Close(); !errors.Is(err, net.ErrClosed) {
 					t.Errorf("second Close: %v; want net.ErrClosed", err)
 				}
+				for name, err := range map[string]error{
+					"SetDeadline": server.SetDeadline(time.Now()),
+					"CloseWrite":  server.CloseWrite(),
+					"SetNoDelay":  server.SetNoDelay(true),
+				} {
+					if !errors.Is(err, net.ErrClosed) {
+						t.Errorf("%s after Close: %v; want net.ErrClosed", name, err)
+					}
+				}
+				if _, err := server.ReadFrom(bytes.NewReader([]byte("x"))); !errors.Is(err, net.ErrClosed) {
+					t.Errorf("ReadFrom after Close: %v; want net.ErrClosed", err)
+				}
 			})
 			t.Run("CloseWrite", func(t *testing.T) {
 				client, server := kind.pair(t)
@@ -409,6 +421,11 @@ func TestHandedConnSendsFilesWithSendfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
+	dir, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -425,7 +442,9 @@ func TestHandedConnSendsFilesWithSendfile(t *testing.T) {
 	}{
 		{"part of a file", &io.LimitedReader{R: f, N: 30_000}, true, 30_000},
 		{"the rest of the file", f, true, 70_000},
+		{"a directory", dir, false, 0},
 		{"a pipe", pr, false, 0},
+		{"a file in a wrapper, as io.Copy passes os's", struct{ *os.File }{f}, true, 0},
 		{"bytes", bytes.NewReader([]byte("bytes")), false, 0},
 	} {
 		n, handled, err := hc.sendFile(tc.r)

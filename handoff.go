@@ -29,18 +29,24 @@ import (
 //	3  flags u8, proxied u16 as in version 2, the peer's address (the
 //	   socket's own, as the primary accepted it), and, if proxied > 0,
 //	   the client's address. Flag handoffOptsSet: the socket has
-//	   TCP_NODELAY and keep-alive as net's Accept sets them (from the
-//	   listening socket, or set by net's Accept in the primary), so the
-//	   worker sets nothing on it and asks it nothing it was told. Primaries
-//	   send version 3 since version 3 was made; workers decode all three.
+//	   TCP_NODELAY and keep-alive already, so the worker sets nothing on
+//	   it (see acceptedWithOpts and the raw accept loop's optsSet for
+//	   when the primary says so).
 //
 // An address is family u8 (4 or 6), the address (4 or 16 bytes) and the
 // port u16.
 //
 // The primary and its workers run one binary, but the binary on disk may
-// be replaced while the primary runs, so a worker it starts later may be
-// newer: a worker decodes every earlier version. A message of a later
-// version than the worker knows is refused, and its connection closed.
+// be replaced while the primary runs, by a newer one or an older one, and
+// the workers it starts then run that. So a worker decodes every earlier
+// version, and a primary sends version 3 only to a worker that announced
+// it decodes it: a worker of version 3 or later writes, before its ready
+// frame, a one-byte message on the hand-off socket, the highest version
+// it decodes (announceHandoff), which the primary reads at ready
+// (handoffAnnounced). To any other worker it sends version 2. A message of
+// a later version than a worker knows is refused, and its connection
+// closed. handoffFor also falls back to version 2 for a peer the message
+// cannot carry.
 const (
 	handoffV1     byte = 1
 	handoffV2     byte = 2
@@ -74,6 +80,15 @@ func handoffFor(peer netip.AddrPort, optsSet bool, proxied int, client netip.Add
 		return handoffMsg{version: handoffV2, proxied: proxied, client: client}
 	}
 	return handoffMsg{version: handoffV3, optsSet: optsSet, proxied: proxied, peer: peer, client: client}
+}
+
+// upTo is m as a worker that decodes versions up to v gets it: version 3
+// becomes version 2, with what version 2 carries.
+func (m handoffMsg) upTo(v byte) handoffMsg {
+	if m.version <= v {
+		return m
+	}
+	return handoffMsg{version: handoffV2, proxied: m.proxied, client: m.client}
 }
 
 // appendHandoff appends the encoding of m.
@@ -167,12 +182,13 @@ func decodeHandoffAddr(b []byte) (netip.AddrPort, []byte, error) {
 }
 
 // handTo passes a client's descriptor to process pr with send, which
-// writes it, in its hand-off message, to pr's hand-off socket. The
+// writes it, in its hand-off message (of a version up to the one it is
+// given, what pr decodes), to pr's hand-off socket. The
 // connection counts as open in pr before it is sent, so that a close the
 // worker reports at once finds it there. With nowait (the raw accept
 // loop), it does not wait for an exit being settled either, which waits
 // for sends that may each take up to handoffTimeout: errWouldWait.
-func handTo(pr *process, send func(*net.UnixConn) error, nowait bool) error {
+func handTo(pr *process, send func(*net.UnixConn, byte) error, nowait bool) error {
 	if !nowait {
 		pr.handMu.RLock()
 	} else if !pr.handMu.TryRLock() {
@@ -183,7 +199,7 @@ func handTo(pr *process, send func(*net.UnixConn) error, nowait bool) error {
 		return errWorkerExited
 	}
 	pr.open.Add(1)
-	if err := send(pr.handoffSock); err != nil {
+	if err := send(pr.handoffSock, byte(max(pr.handoffVersion.Load(), uint32(handoffV2)))); err != nil {
 		pr.open.Add(-1)
 		return err
 	}

@@ -28,3 +28,7 @@ func sendFD(*net.UnixConn, syscall.Conn) error { return ErrNotSupported }
 func receiveListener(*net.UnixConn, time.Duration) (net.Listener, error) { return nil, ErrNotSupported }
 
 func (l *handoffListener) receive(wg *sync.WaitGroup, _ *slog.Logger) { wg.Done() }
+
+func announceHandoff(*net.UnixConn) error { return ErrNotSupported }
+
+func handoffAnnounced(*net.UnixConn) byte { return handoffV2 }

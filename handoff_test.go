@@ -72,7 +72,7 @@ func TestDecodeHandoff(t *testing.T) {
 		{"version 3 with a header, without a client", good3[:len(good3)-7]},
 		{"version 3 without a header, with a client", append([]byte{3, 1, 0, 0}, good3[4:]...)},
 		{"version 3 with a peer of family 5", append(append([]byte{3, 1, 0, 45, 5}, good3[5:11]...), good3[11:]...)},
-		{"version 3 one byte long", append(bytes.Clone(good3), 0)},
+		{"version 3 one byte too long", append(bytes.Clone(good3), 0)},
 		{"version 3 header longer than any accepted", append([]byte{3, 1, 2, 17}, good3[4:]...)},
 		{"version 1 with more bytes", []byte{1, 0, 0}},
 		{"version 2 cut short", []byte{2, 0}},

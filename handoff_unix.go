@@ -308,3 +308,37 @@ func consumeProxyHeader(c syscall.Conn, n int) error {
 	}
 	return nil
 }
+
+// announceHandoff tells the primary, on the hand-off socket uc, the
+// highest hand-off message version this worker decodes: a one-byte
+// message, written before the ready frame (see handoffAnnounced).
+func announceHandoff(uc *net.UnixConn) error {
+	_, err := uc.Write([]byte{handoffV3})
+	return err
+}
+
+// handoffAnnounced is the highest hand-off message version the worker
+// at the other end of uc announced it decodes, read without waiting once
+// its ready frame has come (which it wrote after the announcement, so the
+// message is there): version 2 if there is none, as from a worker before
+// version 3; never more than this primary sends.
+func handoffAnnounced(uc *net.UnixConn) byte {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return handoffV2
+	}
+	var b [8]byte
+	n := 0
+	rc.Control(func(fd uintptr) {
+		for {
+			var err error
+			if n, _, err = unix.Recvfrom(int(fd), b[:], unix.MSG_DONTWAIT); err != unix.EINTR {
+				return
+			}
+		}
+	})
+	if n != 1 || b[0] < handoffV3 {
+		return handoffV2
+	}
+	return handoffV3
+}

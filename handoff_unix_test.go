@@ -168,7 +168,7 @@ func TestHandOffRacingExitCountsOnce(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				send := func(uc *net.UnixConn) error { return sendConn(uc, server.(*net.TCPConn), []byte{handoffV1}) }
+				send := func(uc *net.UnixConn, _ byte) error { return sendConn(uc, server.(*net.TCPConn), []byte{handoffV1}) }
 				if handTo(pr, send, false) == nil {
 					t.Error("a hand-off to a dead worker succeeded")
 				}
@@ -238,4 +238,63 @@ func TestOnlyTrustedSilentConnectionsWait(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A worker announces the hand-off version it decodes; the primary reads
+// what is there without waiting, and sends version 2 to a worker that
+// announced nothing it knows.
+func TestHandoffAnnounced(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		msgs [][]byte
+		want byte
+	}{
+		{"nothing: a worker before version 3", nil, handoffV2},
+		{"version 3", [][]byte{{handoffV3}}, handoffV3},
+		{"a later version: what this primary sends", [][]byte{{9}}, handoffV3},
+		{"version 1", [][]byte{{handoffV1}}, handoffV2},
+		{"two bytes", [][]byte{{handoffV3, 0}}, handoffV2},
+		{"empty", [][]byte{{}}, handoffV2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ours, theirs, err := handoffPair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ours.Close()
+			far, err := net.FileConn(theirs)
+			theirs.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer far.Close()
+			for _, m := range tc.msgs {
+				if _, err := far.Write(m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := handoffAnnounced(ours); got != tc.want {
+				t.Errorf("handoffAnnounced = %d, want %d", got, tc.want)
+			}
+		})
+	}
+	t.Run("announceHandoff", func(t *testing.T) {
+		ours, theirs, err := handoffPair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ours.Close()
+		far, err := net.FileConn(theirs)
+		theirs.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer far.Close()
+		if err := announceHandoff(far.(*net.UnixConn)); err != nil {
+			t.Fatal(err)
+		}
+		if got := handoffAnnounced(ours); got != handoffV3 {
+			t.Errorf("handoffAnnounced = %d after announceHandoff, want %d", got, handoffV3)
+		}
+	})
 }

@@ -72,7 +72,7 @@ const (
 // A frameClosed reports handed-off connections closed. A worker sends the
 // count alone (all that workers of earlier versions send, and all that
 // primaries of earlier versions decode) for connections that arrived in
-// version 1 hand-off messages. For those that arrived in version 2
+// version 1 hand-off messages. For those that arrived in version 2 or 3
 // messages, whose primary decodes both forms, it adds what the clients
 // sent and what the worker sent, in bytes, and each connection's life,
 // from hand-off to close, for defuss.connection.bytes and

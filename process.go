@@ -27,6 +27,10 @@ type process struct {
 	handoffSock *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
 	dialed      atomic.Uint64 // connections the primary made (or handed) to this process
 	open        atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
+	// handoffVersion is the highest hand-off message version the worker
+	// announced it decodes, from its ready frame on; 0 (version 2) if it
+	// announced none.
+	handoffVersion atomic.Uint32
 	// handMu is held for reading by every hand-off in flight to this
 	// process, and for writing when its exit settles open (handGone).
 	handMu   sync.RWMutex

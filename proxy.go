@@ -231,8 +231,11 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// The worker consumes the trusted PROXY header, if any, itself,
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
-		msg := appendHandoff((*bp)[:0:proxyRoom], handoffFor(clientAddr(c), acceptedWithOpts(c), hdr, client))
-		w, _ = p.offer(req, func(uc *net.UnixConn) error { return sendConn(uc, tc, msg) }, nil, 0)
+		m := handoffFor(clientAddr(c), acceptedWithOpts(c), hdr, client)
+		send := func(uc *net.UnixConn, v byte) error {
+			return sendConn(uc, tc, appendHandoff((*bp)[:0:proxyRoom], m.upTo(v)))
+		}
+		w, _ = p.offer(req, send, nil, 0)
 	default:
 		// An event loop carries TCP clients (where there are loops):
 		// the worker's socket is then dialed raw, never in Go's poller.
@@ -333,7 +336,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 // worker that took the connection, whose slot's connection count now
 // includes it, or nil, and then whether a worker could have taken it
 // with a wait (busy).
-func (p *primary) offer(req *Request, send func(*net.UnixConn) error, up *upstream, how offerHow) (w *WorkerInfo, busy bool) {
+func (p *primary) offer(req *Request, send func(*net.UnixConn, byte) error, up *upstream, how offerHow) (w *WorkerInfo, busy bool) {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -627,10 +630,12 @@ func tcpSocket(c net.Conn) (peeker, bool) {
 	return nil, false
 }
 
-// acceptedWithOpts reports whether the client socket c has the options
-// net's Accept sets (TCP_NODELAY, keep-alive), or those its listener's
-// ListenConfig asked for: net's Accept made a *net.TCPConn; a fileConn
-// has them from its listener.
+// acceptedWithOpts reports whether the client socket c has its
+// options already, so that a worker it is handed to sets none: a
+// *net.TCPConn has TCP_NODELAY and keep-alive as net's Accept set them
+// (a WithListener listener's ListenConfig may have said no keep-alive,
+// which the worker then keeps); a fileConn from the raw accept loop has
+// net's from its listener, unless the loop could not set them there.
 func acceptedWithOpts(c net.Conn) bool {
 	switch c := c.(type) {
 	case *net.TCPConn:

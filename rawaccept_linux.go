@@ -50,17 +50,28 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	// would set on each: TCP_NODELAY and keep-alive. So they are set
 	// there, on a socket from systemd or an upgrade too: for the
 	// primary's own client sockets in splice mode, and, in hand-off
-	// mode, so that a worker need not set them (handoffOptsSet). The
-	// ListenConfig behind WithListener's listener may say other: in
-	// splice mode net's Accept serves those, and in hand-off mode the
-	// workers set net's defaults, as net.FileConn did.
-	optsSet := false
+	// mode, so that a worker need not set them (handoffOptsSet). A
+	// socket takes them from the listener when its handshake completes,
+	// so those already waiting in the accept queue of an inherited
+	// listener lack them: the loop sets them on each it accepts until it
+	// has emptied the queue once (optsEach). The ListenConfig behind
+	// WithListener's listener may say other: in splice mode net's Accept
+	// serves those, and in hand-off mode the workers set net's defaults
+	// (no handoffOptsSet).
+	optsSet, optsEach := false, false
 	if p.cfg.listener == nil {
 		var oerr error
-		if err := lrc.Control(func(fd uintptr) { oerr = publicSocketOpts(int(fd)) }); err != nil || oerr != nil {
-			p.log.Warn("socket options of the listener not set", "err", errors.Join(err, oerr))
-		} else {
+		err := lrc.Control(func(fd uintptr) {
+			if optsEach = !hasPublicSocketOpts(int(fd)); optsEach {
+				oerr = publicSocketOpts(int(fd))
+			}
+		})
+		if err = errors.Join(err, oerr); err == nil {
 			optsSet = true
+		} else if p.cfg.handoff {
+			p.log.Warn("socket options of the listener not set; workers set them on each connection", "err", err)
+		} else {
+			p.log.Warn("no raw accept loop: socket options of the listener", "err", err)
 		}
 	}
 	if !p.cfg.handoff && !optsSet {
@@ -78,7 +89,7 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		p.log.Warn("no raw accept loop; accepting through Go's poller", "err", err)
 		return false, nil
 	}
-	a.optsSet = optsSet
+	a.optsSet, a.optsEach = optsSet, optsEach
 	// The drain closes the epoll set, which wakes the loop (the listener
 	// is closed by then, and its registration gone with it).
 	done := make(chan struct{})
@@ -191,12 +202,15 @@ type rawAccepter struct {
 	file      *os.File // the epoll set, in Go's poller; its read deadline is the next due
 	rc        syscall.RawConn
 	events    []unix.EpollEvent
-	buf       []byte       // proxyRoom for the hand-off message, then the peek
-	oob       []byte       // SCM_RIGHTS for one descriptor, set for each send
-	pending   []rawPending // in the epoll set, waiting for their heads, oldest (first due) first
-	deadline  time.Time    // file's read deadline: when the oldest pending is due
-	optsSet   bool         // accepted sockets have net's options, from the listener
-	op        epollOp      // ctl's call
+	buf       []byte                          // proxyRoom for the hand-off message, then the peek
+	oob       []byte                          // SCM_RIGHTS for one descriptor, set for each send
+	pending   []rawPending                    // in the epoll set, waiting for their heads, oldest (first due) first
+	deadline  time.Time                       // file's read deadline: when the oldest pending is due
+	optsSet   bool                            // accepted sockets have net's options, from the listener
+	optsEach  bool                            // until the accept queue is first empty: set them on each
+	msg       handoffMsg                      // handOff's message, for send
+	send      func(*net.UnixConn, byte) error // sendMsg
+	op        epollOp                         // ctl's call
 	doOp      func(ep uintptr)
 	accept    func(lfd uintptr) // acceptPass
 	acceptErr error
@@ -246,6 +260,7 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 	}
 	a.doOp = func(ep uintptr) { a.op.err = unix.EpollCtl(int(ep), a.op.op, a.op.fd, a.op.ev) }
 	a.accept = a.acceptPass
+	a.send = a.sendMsg
 	return a, nil
 }
 
@@ -265,9 +280,13 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 		fd, sa, err := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
 		switch err {
 		case nil:
+			if a.optsEach {
+				publicSocketOpts(fd) // failing, the socket fails its first read or write too
+			}
 			a.conn(fd, sa)
 		case syscall.EINTR, syscall.ECONNABORTED:
 		case syscall.EAGAIN:
+			a.optsEach = false // what comes now was made with the listener's options
 			return
 		default:
 			a.acceptErr = os.NewSyscallError("accept4", err)
@@ -511,14 +530,14 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 // does.
 func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
 	p := a.p
-	msg := appendHandoff(a.buf[:0:proxyRoom], handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{}))
+	a.msg = handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{})
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it
 	// A worker that takes it only after a wait: route asks the Balancer
 	// again, and waits. A stateful Balancer sees the connection twice,
 	// in that rare case.
-	w, busy := p.offer(req, func(uc *net.UnixConn) error { return sendNow(uc, msg, a.oob) }, nil, offerRaw|offerNowait)
+	w, busy := p.offer(req, a.send, nil, offerRaw|offerNowait)
 	p.gate.routing.Add(-1)
 	if w == nil {
 		p.rawServed.Add(^uint64(0))
@@ -595,6 +614,12 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 	// they take a fileConn: take reports true.
 	p.relay().take(r)
 	return true
+}
+
+// sendMsg sends handOff's message (a.msg, up to version v) with the
+// descriptor in a.oob, without waiting.
+func (a *rawAccepter) sendMsg(uc *net.UnixConn, v byte) error {
+	return sendNow(uc, appendHandoff(a.buf[:0:proxyRoom], a.msg.upTo(v)), a.oob)
 }
 
 // sendNow writes the hand-off message msg with the descriptor in oob to

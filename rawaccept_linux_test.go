@@ -58,6 +58,11 @@ func newRawTest(t *testing.T, workers int, b Balancer, meter Option, opts ...Opt
 		}
 		t.Cleanup(func() { ours.Close(); far.Close() })
 		v.cands[i].proc = &process{handoffSock: ours}
+		// A worker of this version announces it (handoffAnnounced).
+		if err := announceHandoff(far.(*net.UnixConn)); err != nil {
+			t.Fatal(err)
+		}
+		v.cands[i].proc.handoffVersion.Store(uint32(handoffAnnounced(ours)))
 		rt.far = append(rt.far, far.(*net.UnixConn))
 	}
 	t.Cleanup(func() {
@@ -122,6 +127,14 @@ func (rt *rawTest) receive(t *testing.T, i int) (handoffMsg, net.Conn) {
 	if err != nil || len(fds) != 1 {
 		t.Fatalf("hand-off without one descriptor: %v", err)
 	}
+	if m.optsSet {
+		// What the message promises, before net.FileConn sets anything.
+		f := os.NewFile(uintptr(fds[0]), "handed")
+		if got, err := readSockOpts(f); err != nil || got["TCP_NODELAY"] != 1 || got["SO_KEEPALIVE"] != 1 ||
+			got["TCP_KEEPIDLE"] != 15 || got["TCP_KEEPINTVL"] != 15 || got["TCP_KEEPCNT"] != 9 {
+			t.Errorf("a hand-off message says the socket has net's options; it has %v (%v)", got, err)
+		}
+	}
 	f := os.NewFile(uintptr(fds[0]), "handed")
 	defer f.Close()
 	c, err := net.FileConn(f)
@@ -149,6 +162,21 @@ func (rt *rawTest) live() int {
 }
 
 const rawHead = "GET /raw HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+// A worker that announced no hand-off version (one of an older binary,
+// started after the binary on disk was replaced) gets version 2
+// messages, which say nothing of the socket's options: it sets them.
+func TestRawAcceptSendsVersion2ToAWorkerThatDidNotAnnounce(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil)
+	rt.p.pool.view.Load().cands[0].proc.handoffVersion.Store(0)
+	rt.start(t)
+	rt.dial(t, 1, rawHead)
+	m, c := rt.receive(t, 0)
+	if m != (handoffMsg{version: handoffV2}) {
+		t.Errorf("hand-off message %+v; want version 2, nothing proxied", m)
+	}
+	readExactly(t, c, rawHead)
+}
 
 // The raw accept loop hands a connection whose head has already arrived
 // to its worker itself, and one whose head is still on its way through
@@ -431,7 +459,7 @@ func TestHandToNowaitDoesNotWaitForASettlingExit(t *testing.T) {
 	pr.handMu.Lock() // an exit being settled
 	defer pr.handMu.Unlock()
 	sent := false
-	err = handTo(pr, func(*net.UnixConn) error { sent = true; return nil }, true)
+	err = handTo(pr, func(*net.UnixConn, byte) error { sent = true; return nil }, true)
 	if !errors.Is(err, errWouldWait) || sent {
 		t.Fatalf("handTo without waiting, while an exit is settled: %v (sent %v); want errWouldWait, nothing sent", err, sent)
 	}

@@ -220,6 +220,9 @@ func (sv *supervisor) onReady(pr *process, m *message, now time.Time) {
 	}
 	pr.ready = true
 	pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(m.port))
+	if pr.handoffSock != nil {
+		pr.handoffVersion.Store(uint32(handoffAnnounced(pr.handoffSock)))
+	}
 	if !pr.draining {
 		pr.disarm() // the start timeout
 	}

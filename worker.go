@@ -163,6 +163,10 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 	w.wg.Add(1)
 	go w.serve()
 	if cfg.handoff {
+		if err := announceHandoff(uc); err != nil {
+			// The primary then sends version 2, which needs no more.
+			w.log.Warn("hand-off version not announced", "err", err)
+		}
 		w.handed = &handoffListener{uc: uc, addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{}),
 			accepted: &w.accepted, w: w}
 		w.kick = make(chan struct{}, 1)
