@@ -127,16 +127,15 @@ func (rt *rawTest) receive(t *testing.T, i int) (handoffMsg, net.Conn) {
 	if err != nil || len(fds) != 1 {
 		t.Fatalf("hand-off without one descriptor: %v", err)
 	}
+	f := os.NewFile(uintptr(fds[0]), "handed")
+	defer f.Close()
 	if m.optsSet {
 		// What the message promises, before net.FileConn sets anything.
-		f := os.NewFile(uintptr(fds[0]), "handed")
 		if got, err := readSockOpts(f); err != nil || got["TCP_NODELAY"] != 1 || got["SO_KEEPALIVE"] != 1 ||
 			got["TCP_KEEPIDLE"] != 15 || got["TCP_KEEPINTVL"] != 15 || got["TCP_KEEPCNT"] != 9 {
 			t.Errorf("a hand-off message says the socket has net's options; it has %v (%v)", got, err)
 		}
 	}
-	f := os.NewFile(uintptr(fds[0]), "handed")
-	defer f.Close()
 	c, err := net.FileConn(f)
 	if err != nil {
 		t.Fatal(err)
