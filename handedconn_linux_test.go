@@ -223,6 +223,28 @@ func TestHandedConnAsNetTCPConn(t *testing.T) {
 					t.Fatalf("the client got %d bytes, not the %d sent", len(b), len(exp))
 				}
 			})
+			t.Run("ReadFrom past a write deadline", func(t *testing.T) {
+				_, server := kind.pair(t) // the client reads nothing
+				f, err := os.Create(filepath.Join(t.TempDir(), "sparse"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer f.Close()
+				const size = 256 << 20 // more than the socket buffers hold
+				if err := f.Truncate(size); err != nil {
+					t.Fatal(err)
+				}
+				server.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+				lr := &io.LimitedReader{R: f, N: size}
+				n, err := server.ReadFrom(lr)
+				var ne net.Error
+				if n <= 0 || n >= size || !errors.As(err, &ne) || !ne.Timeout() || lr.N != size-n {
+					t.Fatalf("ReadFrom past the deadline: %d bytes, %v, %d left; want some bytes, a timeout, and the rest left", n, err, lr.N)
+				}
+				if off, _ := f.Seek(0, io.SeekCurrent); off != n {
+					t.Errorf("the file's offset is %d after %d bytes sent", off, n)
+				}
+			})
 			t.Run("WriteTo", func(t *testing.T) {
 				client, server := kind.pair(t)
 				data := bytes.Repeat([]byte("0123456789"), 10_000)

@@ -257,17 +257,7 @@ func TestHandoffAnnounced(t *testing.T) {
 		{"empty", [][]byte{{}}, handoffV2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ours, theirs, err := handoffPair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ours.Close()
-			far, err := net.FileConn(theirs)
-			theirs.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer far.Close()
+			ours, far := handoffEnds(t)
 			for _, m := range tc.msgs {
 				if _, err := far.Write(m); err != nil {
 					t.Fatal(err)
@@ -279,22 +269,30 @@ func TestHandoffAnnounced(t *testing.T) {
 		})
 	}
 	t.Run("announceHandoff", func(t *testing.T) {
-		ours, theirs, err := handoffPair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ours.Close()
-		far, err := net.FileConn(theirs)
-		theirs.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer far.Close()
-		if err := announceHandoff(far.(*net.UnixConn)); err != nil {
+		ours, far := handoffEnds(t)
+		if err := announceHandoff(far); err != nil {
 			t.Fatal(err)
 		}
 		if got := handoffAnnounced(ours); got != handoffV3 {
 			t.Errorf("handoffAnnounced = %d after announceHandoff, want %d", got, handoffV3)
 		}
 	})
+}
+
+// handoffEnds is a hand-off socket pair: the primary's end and the
+// worker's, both closed when the test ends.
+func handoffEnds(t *testing.T) (ours, far *net.UnixConn) {
+	t.Helper()
+	ours, theirs, err := handoffPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ours.Close() })
+	c, err := net.FileConn(theirs)
+	theirs.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return ours, c.(*net.UnixConn)
 }
