@@ -18,21 +18,24 @@ import (
 // handedConn is a connection the primary handed off, served from the
 // descriptor that arrived, in Go's poller through an *os.File. What
 // net.FileConn would make of it costs about twelve system calls more per
-// connection (a copy of the descriptor and a second poller registration,
-// three questions to the socket, the five options net's Accept sets, and
-// the original's close): 20.8 against 8.2 per connection in a worker
-// under a Connection: close load (strace -c), and net.FileConn was 10% of
-// a worker's samples in a perf profile. The primary says in its hand-off
-// message (version 3) who the peer is, and that the socket has those
-// options already; a message that does not (an older primary or worker,
-// a WithListener listener accepted raw) gets net.FileConn as before.
+// connection (a copy of the descriptor, with fcntl calls that make it
+// blocking and non-blocking again, a second poller registration, two more
+// questions to the socket (SO_TYPE, getpeername), the five options net's
+// Accept sets, and the original's close): 20.8 against 8.2 per connection
+// in a worker under a Connection: close load (strace -c), and
+// net.FileConn was 10% of a worker's samples in a perf profile. The
+// primary says in its hand-off message (version 3) who the peer is, and
+// that the socket has its options already; a message that does not (an
+// older primary; a worker that did not announce version 3; a link-local
+// IPv6 peer; a WithListener listener accepted raw, or a listener whose
+// options could not be set) gets net.FileConn as before.
 //
 // It has the methods of *net.TCPConn but MultipathTCP, and its errors
 // are *net.OpError, as net's, so that net/http tells a timeout or a reset
 // from a bad request. ReadFrom sends a regular file with sendfile(2), as
 // net's does for http.ServeFile and io.Copy from an *os.File; unlike
-// net's, it copies from a socket or a pipe through user space (no
-// splice(2)), and so does WriteTo.
+// net's, it copies from a TCP or Unix stream socket through user space
+// (net splices those; from a pipe both copy), and so does WriteTo.
 type handedConn struct {
 	f            *os.File // the descriptor, in Go's poller
 	laddr, raddr *net.TCPAddr

@@ -28,9 +28,10 @@ import (
 //	   3 decodes; of a version 1 connection, by count alone.
 //	3  flags u8, proxied u16 as in version 2, the peer's address (the
 //	   socket's own, as the primary accepted it), and, if proxied > 0,
-//	   the client's address. Flag handoffOptsSet: the socket has
-//	   TCP_NODELAY and keep-alive already, so the worker sets nothing on
-//	   it (see acceptedWithOpts and the raw accept loop's optsSet for
+//	   the client's address. Flag handoffOptsSet: the socket has the
+//	   options its accept gave it (net's, from the listening socket or
+//	   net's Accept, or a WithListener ListenConfig's), so the worker sets
+//	   nothing on it (see acceptedWithOpts and the raw accept loop's optsSet for
 //	   when the primary says so).
 //
 // An address is family u8 (4 or 6), the address (4 or 16 bytes) and the
@@ -55,8 +56,8 @@ const (
 
 	handoffAddrMax = 1 + 16 + 2
 
-	// handoffOptsSet: version 3's flag for a socket that has net's
-	// accept-time options already.
+	// handoffOptsSet: version 3's flag for a socket that has the
+	// options its accept gave it already.
 	handoffOptsSet byte = 1 << 0
 )
 

@@ -54,7 +54,8 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	// socket takes them from the listener when its handshake completes,
 	// so those already waiting in the accept queue of an inherited
 	// listener lack them: the loop sets them on each it accepts until it
-	// has emptied the queue once (optsEach). The ListenConfig behind
+	// has emptied the queue once (optsEach; the raw tests' receive checks
+	// every socket a message says has them, queued ones too). The ListenConfig behind
 	// WithListener's listener may say other: in splice mode net's Accept
 	// serves those, and in hand-off mode the workers set net's defaults
 	// (no handoffOptsSet).
@@ -281,7 +282,7 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 		switch err {
 		case nil:
 			if a.optsEach {
-				publicSocketOpts(fd) // failing, the socket fails its first read or write too
+				publicSocketOpts(fd) // an error is ignored: the message still says they are set
 			}
 			a.conn(fd, sa)
 		case syscall.EINTR, syscall.ECONNABORTED:

@@ -391,9 +391,11 @@ type workerConn struct {
 var _ net.Conn = (*workerConn)(nil)
 
 // tcpConn is a TCP connection a worker serves: a *net.TCPConn, or (on
-// Linux, handed off) a handedConn. A handler that hijacks a connection
-// gets a *workerConn, with these methods, in hand-off mode; in splice
-// mode, the PROXY protocol reader's connection, whose Raw() is one.
+// Linux, handed off in a version 3 message that says its options are
+// set) a handedConn. A handler that hijacks a plain TCP connection gets a
+// *workerConn, with these methods, in hand-off mode; in splice mode, the
+// PROXY protocol reader's connection, whose Raw() is one; over TLS in the
+// workers, the *tls.Conn.
 type tcpConn interface {
 	net.Conn
 	syscall.Conn
