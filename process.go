@@ -1,6 +1,7 @@
 package defuss
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"net"
@@ -167,6 +168,10 @@ func (pr *process) release() {
 // readFrames reads frames from a worker's status pipe and emits them,
 // until EOF, an unrecoverable error, or the process is released.
 func readFrames(r io.Reader, pr *process) {
+	// Buffered: a frame's header and payload come in one read, and the
+	// frames a worker wrote meanwhile with them, rather than two reads a
+	// frame (close reports come every 2 ms from each busy worker).
+	r = bufio.NewReaderSize(r, frameHeaderLen+maxFramePayload)
 	buf := make([]byte, maxFramePayload)
 	for {
 		typ, payload, err := readFrame(r, buf)
