@@ -96,6 +96,7 @@ func BenchmarkHandoffConn(b *testing.B) {
 	}), "127.0.0.1:1")
 	v := p.pool.view.Load()
 	v.cands[0].proc = &process{handoffSock: ours}
+	v.cands[0].proc.handoffVersion.Store(uint32(handoffV3)) // as a worker of this version announces
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)

@@ -144,8 +144,8 @@ const sendFileChunk = 4 << 20
 // waiting in Go's poller while c's send buffer is full. It has not
 // handled r when r is no regular file (an *os.File, or os's wrapper of
 // one that io.Copy passes on), or one sendfile cannot send from: nothing
-// is sent then. (A socket or a pipe as the source could make sendfile
-// say EAGAIN for the source, which the loop would take for c's.)
+// is sent then. (The loop takes EAGAIN for c's: the check keeps it to
+// the sources sendfile is for.)
 func (c *handedConn) sendFile(r io.Reader) (written int64, handled bool, err error) {
 	remain := int64(1<<63 - 1)
 	lr, limited := r.(*io.LimitedReader)

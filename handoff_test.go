@@ -121,6 +121,30 @@ func TestHandoffFor(t *testing.T) {
 	}
 }
 
+// A worker that decodes only version 2 gets what version 2 carries: the
+// PROXY header's length and the client, without the peer and the flag.
+func TestHandoffUpTo(t *testing.T) {
+	client := netip.MustParseAddrPort("203.0.113.7:5555")
+	peer := netip.MustParseAddrPort("10.0.0.1:4000")
+	m3 := handoffMsg{version: handoffV3, optsSet: true, proxied: 45, peer: peer, client: client}
+	for _, tc := range []struct {
+		v    byte
+		want handoffMsg
+	}{
+		{handoffV3, m3},
+		{9, m3},
+		{handoffV2, handoffMsg{version: handoffV2, proxied: 45, client: client}},
+	} {
+		m := m3.upTo(tc.v)
+		if m != tc.want {
+			t.Errorf("upTo(%d) = %+v, want %+v", tc.v, m, tc.want)
+		}
+		if got, err := decodeHandoff(appendHandoff(nil, m)); err != nil || got != tc.want {
+			t.Errorf("upTo(%d) decoded: %+v, %v; want %+v", tc.v, got, err, tc.want)
+		}
+	}
+}
+
 // FuzzDecodeHandoff checks that decodeHandoff never panics and that what
 // it accepts re-encodes to the very same bytes.
 func FuzzDecodeHandoff(f *testing.F) {

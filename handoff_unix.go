@@ -321,7 +321,9 @@ func announceHandoff(uc *net.UnixConn) error {
 // at the other end of uc announced it decodes, read without waiting once
 // its ready frame has come (which it wrote after the announcement, so the
 // message is there): version 2 if there is none, as from a worker before
-// version 3; never more than this primary sends.
+// version 3; never more than this primary sends. Only the first byte
+// counts, so that a later worker may say more after it. A worker must
+// write it before its ready frame.
 func handoffAnnounced(uc *net.UnixConn) byte {
 	rc, err := uc.SyscallConn()
 	if err != nil {
@@ -337,7 +339,7 @@ func handoffAnnounced(uc *net.UnixConn) byte {
 			}
 		}
 	})
-	if n != 1 || b[0] < handoffV3 {
+	if n < 1 || b[0] < handoffV3 {
 		return handoffV2
 	}
 	return handoffV3

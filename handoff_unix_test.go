@@ -253,7 +253,7 @@ func TestHandoffAnnounced(t *testing.T) {
 		{"version 3", [][]byte{{handoffV3}}, handoffV3},
 		{"a later version: what this primary sends", [][]byte{{9}}, handoffV3},
 		{"version 1", [][]byte{{handoffV1}}, handoffV2},
-		{"two bytes", [][]byte{{handoffV3, 0}}, handoffV2},
+		{"a longer announcement: its first byte counts", [][]byte{{handoffV3, 0}}, handoffV3},
 		{"empty", [][]byte{{}}, handoffV2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -29,8 +29,8 @@ type process struct {
 	dialed      atomic.Uint64 // connections the primary made (or handed) to this process
 	open        atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
 	// handoffVersion is the highest hand-off message version the worker
-	// announced it decodes, from its ready frame on; 0 (version 2) if it
-	// announced none.
+	// announced it decodes, set when its ready frame comes (2 if it
+	// announced none); 0, read as 2, before.
 	handoffVersion atomic.Uint32
 	// handMu is held for reading by every hand-off in flight to this
 	// process, and for writing when its exit settles open (handGone).

@@ -90,7 +90,7 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		p.log.Warn("no raw accept loop; accepting through Go's poller", "err", err)
 		return false, nil
 	}
-	a.optsSet, a.optsEach = optsSet, optsEach
+	a.optsSet, a.optsEach = optsSet, optsSet && optsEach
 	// The drain closes the epoll set, which wakes the loop (the listener
 	// is closed by then, and its registration gone with it).
 	done := make(chan struct{})
