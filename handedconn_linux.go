@@ -48,7 +48,7 @@ var _ tcpConn = (*handedConn)(nil)
 // connection to serve: a handedConn if m says enough, else with
 // net.FileConn. It takes fd, also when it fails.
 func handedTCPConn(fd int, m handoffMsg) (tcpConn, error) {
-	if m.version < handoffV3 || !m.optsSet {
+	if !m.optsSet { // only version 3 has the flag
 		return fileTCPConn(fd)
 	}
 	return newHandedConn(fd, m.peer)

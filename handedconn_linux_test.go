@@ -177,24 +177,8 @@ func TestHandedConnAsNetTCPConn(t *testing.T) {
 				for i := range data {
 					data[i] = byte(i * 7)
 				}
-				path := filepath.Join(t.TempDir(), "data")
-				if err := os.WriteFile(path, data, 0o600); err != nil {
-					t.Fatal(err)
-				}
-				f, err := os.Open(path)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer f.Close()
-				pr, pw, err := os.Pipe()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer pr.Close()
-				go func() {
-					pw.Write(data[:5000])
-					pw.Close()
-				}()
+				f := openFile(t, writeTempFile(t, data))
+				pr := pipeOf(t, data[:5000])
 				// A part (as http.ServeContent sends a range), the rest
 				// of the file from its offset, and a pipe's bytes, which
 				// sendfile cannot send from.
@@ -434,32 +418,9 @@ func TestHandedConnRefusesABlockingSocket(t *testing.T) {
 func TestHandedConnSendsFilesWithSendfile(t *testing.T) {
 	client, server := handedPair(t)
 	go io.Copy(io.Discard, client)
-	path := filepath.Join(t.TempDir(), "data")
-	if err := os.WriteFile(path, bytes.Repeat([]byte("x"), 100_000), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	f2, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f2.Close()
-	dir, err := os.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dir.Close()
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.Close()
-	pw.Write([]byte("piped"))
-	pw.Close()
+	path := writeTempFile(t, bytes.Repeat([]byte("x"), 100_000))
+	f, f2, dir := openFile(t, path), openFile(t, path), openFile(t, t.TempDir())
+	pr := pipeOf(t, []byte("piped"))
 	hc := server.(*handedConn)
 	for _, tc := range []struct {
 		name    string
@@ -479,4 +440,43 @@ func TestHandedConnSendsFilesWithSendfile(t *testing.T) {
 			t.Errorf("%s: sendFile = %d, %v, %v; want %d, %v", tc.name, n, handled, err, tc.n, tc.handled)
 		}
 	}
+}
+
+// writeTempFile writes b to a new file in the test's directory, and
+// returns its path.
+func writeTempFile(t *testing.T, b []byte) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "data")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// openFile opens path for reading until the test ends.
+func openFile(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// pipeOf is the read end of a pipe that holds b (at most a pipe buffer,
+// 64 KiB on Linux) and is closed at its other end.
+func pipeOf(t *testing.T, b []byte) *os.File {
+	t.Helper()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pr.Close() })
+	_, err = pw.Write(b)
+	pw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pr
 }

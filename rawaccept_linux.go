@@ -55,10 +55,10 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	// so those already waiting in the accept queue of an inherited
 	// listener lack them: the loop sets them on each it accepts until it
 	// has emptied the queue once (optsEach; the raw tests' receive checks
-	// every socket a message says has them, queued ones too). The ListenConfig behind
-	// WithListener's listener may say other: in splice mode net's Accept
-	// serves those, and in hand-off mode the workers set net's defaults
-	// (no handoffOptsSet).
+	// every socket a message says has them, queued ones too). The
+	// ListenConfig behind WithListener's listener may say other: in splice
+	// mode net's Accept serves those, and in hand-off mode the workers set
+	// net's defaults (no handoffOptsSet).
 	optsSet, optsEach := false, false
 	if p.cfg.listener == nil {
 		var oerr error
