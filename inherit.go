@@ -39,8 +39,9 @@ const maxListenFDs = 1024
 // A passedSocket is where the public socket comes from when the
 // primary does not bind it.
 type passedSocket struct {
-	fd   int
-	from string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
+	fd        int
+	from      string // for logs and errors: "systemd socket activation", "upgrade from pid 123"
+	activated bool   // from systemd, which holds the socket too
 }
 
 // inheritedFromEnv reads which socket this process inherits, if any: an
@@ -84,7 +85,7 @@ func inheritedFromEnv(getenv func(string) string, pid, ppid int, name string) (*
 	case n > 1:
 		return nil, fmt.Errorf("%w: socket activation: systemd passed %d sockets (%s=%q); choose one with WithActivatedSocket(name)", ErrInvalidOption, n, envListenFDNames, getenv(envListenFDNames))
 	}
-	return &passedSocket{fd: fdListenStart + i, from: "systemd socket activation"}, nil
+	return &passedSocket{fd: fdListenStart + i, from: "systemd socket activation", activated: true}, nil
 }
 
 // isInheritEnv reports whether kv, an environment entry, passes

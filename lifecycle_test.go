@@ -657,3 +657,59 @@ func TestStartServerHandler(t *testing.T) {
 		t.Errorf("Start spawned processes: %v", after)
 	}
 }
+
+// A graceful stop resets no connection the kernel has already completed:
+// those waiting in the listening socket's accept queue when the stop
+// comes are served, and a client that comes after is refused, never reset
+// after its handshake. The primary is stopped (SIGSTOP) while the clients
+// connect and send their requests, so that they wait in its accept queue
+// for certain when SIGTERM is handled; with no drain delay it closes the
+// listener at once.
+func TestStopServesQueuedConnections(t *testing.T) {
+	logs, err := os.CreateTemp(t.TempDir(), "primary-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startPrimaryProcess(t, 1, logs)
+	const n = 200
+	conns := make([]net.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	if err := syscall.Kill(p.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		c, err := net.DialTimeout("tcp", p.addr, 5*time.Second)
+		if err != nil {
+			syscall.Kill(p.cmd.Process.Pid, syscall.SIGCONT)
+			t.Fatalf("dial %d: %v", len(conns), err)
+		}
+		conns = append(conns, c)
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+	}
+	syscall.Kill(p.cmd.Process.Pid, syscall.SIGTERM)
+	syscall.Kill(p.cmd.Process.Pid, syscall.SIGCONT)
+	var failures []string
+	for i, c := range conns {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			failures = append(failures, fmt.Sprintf("%d: %v", i, err))
+			continue
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			failures = append(failures, fmt.Sprintf("%d: status %d", i, resp.StatusCode))
+		}
+	}
+	if len(failures) > 0 {
+		out, _ := os.ReadFile(logs.Name())
+		t.Errorf("%d of %d connections queued at the stop were not served: %v\nprimary's log:\n%s", len(failures), n, failures[:min(len(failures), 5)], out)
+	}
+	if err := p.wait(); err != nil {
+		t.Errorf("primary exited with %v, want 0", err)
+	}
+}

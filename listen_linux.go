@@ -1,6 +1,8 @@
 package defuss
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"os"
 	"syscall"
@@ -12,14 +14,23 @@ import (
 // accepted connection inherits TCP keep-alive and TCP_NODELAY from the
 // listening socket, so they are set there once (publicSocketOpts), rather
 // than with five system calls on every connection.
+//
+// The socket is plain TCP, as HAProxy's and nginx's are by default, not
+// the Multipath TCP that net's Listen opens where the kernel has it (since
+// Go 1.24). A plain TCP client, nearly every client, gets plain TCP from
+// either. An MPTCP listening socket refuses the socket filter with which
+// a graceful stop holds off new connections (stopHandshakes). For MPTCP,
+// give WithListener a socket from a ListenConfig with SetMultipathTCP(true).
 func listenConfig() net.ListenConfig {
-	return net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, rc syscall.RawConn) error {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		if err := rc.Control(func(fd uintptr) { serr = publicSocketOpts(int(fd)) }); err != nil {
 			return err
 		}
 		return serr
 	}}
+	lc.SetMultipathTCP(false)
+	return lc
 }
 
 // publicOpts are the options publicSocketOpts sets.
@@ -52,4 +63,85 @@ func hasPublicSocketOpts(fd int) bool {
 		}
 	}
 	return true
+}
+
+// stopHandshakes makes the listening socket ln complete no more
+// handshakes while it stays open: a socket filter drops every SYN that
+// comes without an ACK, which is how a new connection begins. The client
+// sends it again after a second, and by then finds the socket closed and
+// is refused, a clean error that tells it nothing was sent. What the
+// kernel has completed already still waits in the accept queue, and
+// packets of connections whose handshake is under way pass. Closing the
+// socket then resets nobody whom the accept loop has had time to take
+// (emptyAcceptQueue). The filter goes with the socket: only for one that nothing
+// else holds.
+func stopHandshakes(ln net.Listener) error {
+	rc, err := listenerConn(ln)
+	if err != nil {
+		return err
+	}
+	// On a TCP socket the filter sees the packet from the TCP header on:
+	// byte 13 holds the flags.
+	prog := []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 13},
+		{Code: unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K, K: tcpSYN, Jt: 0, Jf: 2}, // no SYN: pass
+		{Code: unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K, K: tcpACK, Jt: 1, Jf: 0}, // SYN and ACK: pass
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0},                                    // a SYN alone: drop
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0xffffffff},                           // pass it whole
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER,
+			&unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]})
+	})
+	return errors.Join(err, os.NewSyscallError("setsockopt", serr))
+}
+
+// allowHandshakes takes stopHandshakes' filter off ln again: just before
+// the close, for a socket that others may hold too (an Upgrade's, one
+// given with WithListener), which must not keep it.
+func allowHandshakes(ln net.Listener) error {
+	rc, err := listenerConn(ln)
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
+	})
+	return errors.Join(err, os.NewSyscallError("setsockopt", serr))
+}
+
+// The TCP header's flags that stopHandshakes looks at.
+const (
+	tcpSYN = 0x02
+	tcpACK = 0x10
+)
+
+// acceptQueue reports how many connections wait in the accept queue of
+// the listening socket ln: for a listener, TCP_INFO's unacked field
+// holds its length.
+func acceptQueue(ln net.Listener) (int, error) {
+	rc, err := listenerConn(ln)
+	if err != nil {
+		return 0, err
+	}
+	var info *unix.TCPInfo
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		return 0, err
+	}
+	if gerr != nil {
+		return 0, os.NewSyscallError("getsockopt", gerr)
+	}
+	return int(info.Unacked), nil
+}
+
+// listenerConn is ln's descriptor, for a TCP listener.
+func listenerConn(ln net.Listener) (syscall.RawConn, error) {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return nil, fmt.Errorf("%T is not a TCP listener", ln)
+	}
+	return tl.SyscallConn()
 }

@@ -2,9 +2,22 @@
 
 package defuss
 
-import "net"
+import (
+	"errors"
+	"net"
+)
 
 // listenConfig is how the primary opens its public socket: with net's
 // defaults, which set TCP keep-alive on each accepted connection. (On
 // Linux the listening socket carries it; see listen_linux.go.)
 func listenConfig() net.ListenConfig { return net.ListenConfig{} }
+
+// stopHandshakes is not done here: the listener closes at once, and
+// connections in its accept queue are reset (see listen_linux.go).
+func stopHandshakes(net.Listener) error { return errors.ErrUnsupported }
+
+// allowHandshakes has nothing to undo here.
+func allowHandshakes(net.Listener) error { return errors.ErrUnsupported }
+
+// acceptQueue is not known here.
+func acceptQueue(net.Listener) (int, error) { return 0, errors.ErrUnsupported }

@@ -309,6 +309,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 		p.notify.stopping()
 	}
 	p.drainDelay(sigs, &ops, &signalled)
+	p.emptyAcceptQueue()
 	p.beginShutdown()
 	p.awaitWorkers(sigs, &ops, &signalled)
 	p.endConnections()
@@ -382,6 +383,62 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup, signall
 		}
 	}
 }
+
+// emptyAcceptQueue readies the public socket for the close that begins the
+// shutdown, so that the close resets no client whose handshake the kernel
+// has completed (net/http's Shutdown resets those that wait in the accept
+// queue). It stops new handshakes (stopHandshakes); gives those under way
+// and the accept loop queueLinger; then waits until the accept queue is
+// empty, for at most queueMax in all; and takes the filter off again
+// just before the close. Not for a socket from systemd, which holds it
+// too: nothing in its queue is reset, and the next process serves it. Not
+// when the stop is forced, or the accept loop may have ended (a fatal
+// error), or after an upgrade, whose new primary accepts from the same
+// socket.
+func (p *primary) emptyAcceptQueue() {
+	if p.stopping() || p.life.err != nil || p.upgraded.Load() || p.cfg.inherited != nil && p.cfg.inherited.activated {
+		return
+	}
+	if err := stopHandshakes(p.ln); err != nil {
+		if !errors.Is(err, errors.ErrUnsupported) {
+			p.log.Debug("new connections not held off before the listener closes; those queued then are reset", "err", err)
+		}
+		return
+	}
+	defer allowHandshakes(p.ln)
+	start := time.Now()
+	t := time.NewTimer(queueLinger)
+	select {
+	case <-t.C:
+	case <-p.life.drain: // forced meanwhile
+		t.Stop()
+		return
+	}
+	for {
+		n, err := acceptQueue(p.ln)
+		if err != nil || n == 0 || p.stopping() {
+			return
+		}
+		if time.Since(start) >= queueMax {
+			p.log.Warn("closing the listener with connections still waiting to be accepted; they are reset", "queued", n, "waited", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		time.Sleep(queueTick)
+	}
+}
+
+const (
+	// queueLinger is how long emptyAcceptQueue lets handshakes under way
+	// complete, and the accept loop take them: a client whose SYN came
+	// just before sends its ACK (and, as a rule, its request) a round trip
+	// later.
+	queueLinger = 100 * time.Millisecond
+	// queueMax bounds emptyAcceptQueue: an accept loop that cannot keep up does
+	// not hold the stop.
+	queueMax = time.Second
+	// queueTick is how often emptyAcceptQueue looks at the accept queue.
+	queueTick = 2 * time.Millisecond
+)
 
 // awaitWorkers waits until every supervisor has ended: the workers have
 // drained, or were killed at the shutdown timeout. It forces the stop on a

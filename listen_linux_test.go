@@ -1,0 +1,126 @@
+//go:build linux
+
+package defuss
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The public socket is plain TCP, not net's default Multipath TCP, which
+// takes no socket filter.
+func TestPublicSocketIsPlainTCP(t *testing.T) {
+	lc := listenConfig()
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	rc, err := listenerConn(ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var proto int
+	var gerr error
+	rc.Control(func(fd uintptr) { proto, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) })
+	if gerr != nil || proto != unix.IPPROTO_TCP {
+		t.Fatalf("SO_PROTOCOL %d, %v; want IPPROTO_TCP (%d)", proto, gerr, unix.IPPROTO_TCP)
+	}
+}
+
+// stopHandshakes: a connection the kernel completed before it waits in the
+// accept queue and is served whole; one that begins after it gets no
+// handshake (its dial times out, where a closed socket would refuse it
+// and a reset would come after the handshake); allowHandshakes lets new
+// ones in again. acceptQueue counts what waits.
+func TestStopHandshakes(t *testing.T) {
+	lc := listenConfig()
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	queued, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer queued.Close()
+	if _, err := io.WriteString(queued, "before"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 2*time.Second, "the connection in the accept queue", func() bool {
+		n, err := acceptQueue(ln)
+		return err == nil && n == 1
+	})
+	if err := stopHandshakes(ln); err != nil {
+		t.Fatal(err)
+	}
+	_, err = net.DialTimeout("tcp", ln.Addr().String(), 300*time.Millisecond)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("a dial after stopHandshakes: %v, want a timeout (its SYN dropped)", err)
+	}
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	got := make([]byte, len("before"))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "before" {
+		t.Fatalf("the queued connection read %q, %v", got, err)
+	}
+	if n, err := acceptQueue(ln); err != nil || n != 0 {
+		t.Fatalf("acceptQueue after the accept: %d, %v; want 0", n, err)
+	}
+	if err := allowHandshakes(ln); err != nil {
+		t.Fatal(err)
+	}
+	after, err := net.DialTimeout("tcp", ln.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatalf("a dial after allowHandshakes: %v", err)
+	}
+	after.Close()
+}
+
+// stopHandshakes, allowHandshakes and acceptQueue refuse a listener that
+// is not TCP, and one whose socket takes no filter (Multipath TCP).
+func TestStopHandshakesRefusesOtherListeners(t *testing.T) {
+	ul, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ul.Close()
+	if err := stopHandshakes(ul); err == nil {
+		t.Error("stopHandshakes took a unix listener")
+	}
+	if _, err := acceptQueue(ul); err == nil {
+		t.Error("acceptQueue took a unix listener")
+	}
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(true)
+	ml, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ml.Close()
+	rc, err := listenerConn(ml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var proto int
+	rc.Control(func(fd uintptr) { proto, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) })
+	if proto != unix.IPPROTO_MPTCP {
+		t.Logf("no MPTCP here (SO_PROTOCOL %d): that part not checked", proto)
+		return
+	}
+	if err := stopHandshakes(ml); err == nil {
+		t.Error("stopHandshakes said it held off connections on an MPTCP socket")
+	}
+}
