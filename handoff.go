@@ -33,6 +33,12 @@ import (
 //	   net's Accept, or a WithListener ListenConfig's), so the worker sets
 //	   nothing on it (see acceptedWithOpts and the raw accept loop's optsSet for
 //	   when the primary says so).
+//	4  a batch: count u8 (1 to handoffBatchMax), then count records, each
+//	   what follows the version byte in a version 3 message; the message
+//	   carries count descriptors, the nth for the nth record. The raw
+//	   accept loop gathers a worker's connections of one pass into one
+//	   message (handBatch), so that one sendmsg, and one recvmsg in the
+//	   worker, carries several.
 //
 // An address is family u8 (4 or 6), the address (4 or 16 bytes) and the
 // port u16.
@@ -40,8 +46,8 @@ import (
 // The primary and its workers run one binary, but the binary on disk may
 // be replaced while the primary runs, by a newer one or an older one, and
 // the workers it starts then run that. So a worker decodes every earlier
-// version, and a primary sends version 3 only to a worker that announced
-// it decodes it: a worker of version 3 or later writes, before its ready
+// version, and a primary sends version 3 or 4 only to a worker that
+// announced it decodes it: a worker of version 3 or later writes, before its ready
 // frame, a one-byte message on the hand-off socket, the highest version
 // it decodes (announceHandoff), which the primary reads at ready
 // (handoffAnnounced). To any other worker it sends version 2. A message of
@@ -52,9 +58,17 @@ const (
 	handoffV1     byte = 1
 	handoffV2     byte = 2
 	handoffV3     byte = 3
-	handoffMsgMax      = 1 + 1 + 2 + 2*handoffAddrMax
+	handoffV4     byte = 4
+	handoffMsgMax      = 1 + handoffRecordMax
 
-	handoffAddrMax = 1 + 16 + 2
+	// handoffRecordMax is the longest version 3 message after its
+	// version byte: a version 4 record.
+	handoffRecordMax = 1 + 2 + 2*handoffAddrMax
+	handoffAddrMax   = 1 + 16 + 2
+
+	// handoffBatchMax bounds the descriptors of a version 4 message.
+	handoffBatchMax    = 16
+	handoffBatchMsgMax = 2 + handoffBatchMax*handoffRecordMax
 
 	// handoffOptsSet: version 3's flag for a socket that has the
 	// options its accept gave it already.
@@ -99,16 +113,24 @@ func appendHandoff(b []byte, m handoffMsg) []byte {
 	case handoffV1:
 		return b
 	case handoffV3:
-		var flags byte
-		if m.optsSet {
-			flags |= handoffOptsSet
-		}
-		b = append(b, flags)
+		return appendHandoffRecord(b, m)
 	}
 	b = binary.BigEndian.AppendUint16(b, uint16(m.proxied))
-	if m.version == handoffV3 {
-		b = appendHandoffAddr(b, m.peer)
+	if m.proxied == 0 {
+		return b
 	}
+	return appendHandoffAddr(b, m.client)
+}
+
+// appendHandoffRecord appends what follows the version byte of m as a
+// version 3 message: a record of a version 4 message.
+func appendHandoffRecord(b []byte, m handoffMsg) []byte {
+	var flags byte
+	if m.optsSet {
+		flags |= handoffOptsSet
+	}
+	b = binary.BigEndian.AppendUint16(append(b, flags), uint16(m.proxied))
+	b = appendHandoffAddr(b, m.peer)
 	if m.proxied == 0 {
 		return b
 	}
@@ -127,44 +149,74 @@ func appendHandoffAddr(b []byte, a netip.AddrPort) []byte {
 	return binary.BigEndian.AppendUint16(b, a.Port())
 }
 
-// decodeHandoff decodes and validates a hand-off message.
+// decodeHandoff decodes and validates a hand-off message of version 1 to
+// 3 (decodeHandoffBatch: 4).
 func decodeHandoff(b []byte) (handoffMsg, error) {
-	var m handoffMsg
-	if len(b) == 0 {
-		return m, fmt.Errorf("%w: empty hand-off message", errFrame)
-	}
-	m.version = b[0]
-	rest := b[1:]
 	switch {
-	case m.version == handoffV1 && len(rest) == 0:
-		return m, nil
-	case m.version == handoffV2 && len(rest) >= 2:
-	case m.version == handoffV3 && len(rest) >= 3 && rest[0]&^handoffOptsSet == 0:
+	case len(b) == 0:
+		return handoffMsg{}, fmt.Errorf("%w: empty hand-off message", errFrame)
+	case b[0] == handoffV1 && len(b) == 1:
+		return handoffMsg{version: handoffV1}, nil
+	}
+	m, rest, err := decodeHandoffBody(b[0], b[1:])
+	if err == nil && len(rest) != 0 {
+		err = fmt.Errorf("%w: hand-off message of %d bytes, %d of them left over", errFrame, len(b), len(rest))
+	}
+	return m, err
+}
+
+// decodeHandoffBatch decodes and validates a version 4 message, appending
+// its records to ms, as version 3 messages.
+func decodeHandoffBatch(b []byte, ms []handoffMsg) ([]handoffMsg, error) {
+	if len(b) < 2 || b[0] != handoffV4 || b[1] == 0 || b[1] > handoffBatchMax {
+		return ms, fmt.Errorf("%w: hand-off batch of %d bytes, not version 4 with 1 to %d records", errFrame, len(b), handoffBatchMax)
+	}
+	rest := b[2:]
+	for range b[1] {
+		var m handoffMsg
+		var err error
+		if m, rest, err = decodeHandoffBody(handoffV3, rest); err != nil {
+			return ms, err
+		}
+		ms = append(ms, m)
+	}
+	if len(rest) != 0 {
+		return ms, fmt.Errorf("%w: hand-off batch of %d bytes, %d of them left over", errFrame, len(b), len(rest))
+	}
+	return ms, nil
+}
+
+// decodeHandoffBody decodes what follows the version byte of a version 2
+// or 3 message (a version 4 record is version 3's), and returns what
+// follows it.
+func decodeHandoffBody(version byte, b []byte) (handoffMsg, []byte, error) {
+	m := handoffMsg{version: version}
+	rest := b
+	switch {
+	case version == handoffV2 && len(rest) >= 2:
+	case version == handoffV3 && len(rest) >= 3 && rest[0]&^handoffOptsSet == 0:
 		m.optsSet = rest[0]&handoffOptsSet != 0
 		rest = rest[1:]
 	default:
-		return m, fmt.Errorf("%w: hand-off message version %d, %d bytes", errFrame, b[0], len(b))
+		return m, nil, fmt.Errorf("%w: hand-off message version %d, %d bytes", errFrame, version, 1+len(b))
 	}
 	m.proxied = int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
 	if m.proxied > proxyV2Max {
-		return m, fmt.Errorf("%w: PROXY header of %d bytes in a hand-off message", errFrame, m.proxied)
+		return m, nil, fmt.Errorf("%w: PROXY header of %d bytes in a hand-off message", errFrame, m.proxied)
 	}
 	var err error
 	if m.version == handoffV3 {
 		if m.peer, rest, err = decodeHandoffAddr(rest); err != nil {
-			return m, err
+			return m, nil, err
 		}
 	}
 	if m.proxied > 0 {
 		if m.client, rest, err = decodeHandoffAddr(rest); err != nil {
-			return m, err
+			return m, nil, err
 		}
 	}
-	if len(rest) != 0 {
-		return m, fmt.Errorf("%w: hand-off message of %d bytes, %d of them left over", errFrame, len(b), len(rest))
-	}
-	return m, nil
+	return m, rest, nil
 }
 
 // decodeHandoffAddr decodes the address at the start of b, and returns
@@ -189,7 +241,7 @@ func decodeHandoffAddr(b []byte) (netip.AddrPort, []byte, error) {
 // worker reports at once finds it there. With nowait (the raw accept
 // loop), it does not wait for an exit being settled either, which waits
 // for sends that may each take up to handoffTimeout: errWouldWait.
-func handTo(pr *process, send func(*net.UnixConn, byte) error, nowait bool) error {
+func handTo(pr *process, send func(*process, byte) error, nowait bool) error {
 	if !nowait {
 		pr.handMu.RLock()
 	} else if !pr.handMu.TryRLock() {
@@ -200,7 +252,7 @@ func handTo(pr *process, send func(*net.UnixConn, byte) error, nowait bool) erro
 		return errWorkerExited
 	}
 	pr.open.Add(1)
-	if err := send(pr.handoffSock, byte(max(pr.handoffVersion.Load(), uint32(handoffV2)))); err != nil {
+	if err := send(pr, byte(max(pr.handoffVersion.Load(), uint32(handoffV2)))); err != nil {
 		pr.open.Add(-1)
 		return err
 	}

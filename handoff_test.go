@@ -65,7 +65,8 @@ func TestDecodeHandoff(t *testing.T) {
 	}{
 		{"empty", nil},
 		{"version 0", []byte{0}},
-		{"version 4: a newer primary", append([]byte{4}, good3[1:]...)},
+		{"version 4: a batch, not decodeHandoff's", append([]byte{4, 1}, good3[1:]...)},
+		{"version 5: a newer primary", append([]byte{5}, good3[1:]...)},
 		{"version 3 without a peer", []byte{3, 1, 0, 0}},
 		{"version 3 cut short", []byte{3, 1, 0}},
 		{"version 3 with an unknown flag", append([]byte{3, 3}, good3[2:]...)},
@@ -87,6 +88,67 @@ func TestDecodeHandoff(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if m, err := decodeHandoff(tc.b); !errors.Is(err, errFrame) {
 				t.Fatalf("decodeHandoff(%x) = %+v, %v; want errFrame", tc.b, m, err)
+			}
+		})
+	}
+}
+
+// A version 4 message: its records, each a version 3 message's body, in
+// order, as many as the header says, 1 to handoffBatchMax of them.
+func TestDecodeHandoffBatch(t *testing.T) {
+	v4 := netip.MustParseAddrPort("203.0.113.7:5555")
+	v6 := netip.MustParseAddrPort("[2001:db8::1]:443")
+	batch := func(ms ...handoffMsg) []byte {
+		b := []byte{handoffV4, byte(len(ms))}
+		for _, m := range ms {
+			b = appendHandoffRecord(b, m)
+		}
+		return b
+	}
+	one := handoffMsg{version: handoffV3, optsSet: true, peer: v4}
+	longest := handoffMsg{version: handoffV3, optsSet: true, proxied: 60, peer: v6, client: v6}
+	full := slices.Repeat([]handoffMsg{longest}, handoffBatchMax)
+	for _, tc := range []struct {
+		name string
+		ms   []handoffMsg
+	}{
+		{"one", []handoffMsg{one}},
+		{"mixed families, options, PROXY headers", []handoffMsg{one, {version: handoffV3, peer: v6}, longest, one}},
+		{"the longest", full},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := batch(tc.ms...)
+			if want := append([]byte{handoffV4, byte(len(tc.ms))}, appendHandoff(nil, tc.ms[0])[1:]...); !bytes.HasPrefix(b, want) {
+				t.Fatalf("encoded %x; its first record is not version 3's body %x", b, want)
+			}
+			if len(b) > handoffBatchMsgMax {
+				t.Fatalf("%d bytes, over handoffBatchMsgMax %d", len(b), handoffBatchMsgMax)
+			}
+			got, err := decodeHandoffBatch(b, nil)
+			if err != nil || !slices.Equal(got, tc.ms) {
+				t.Fatalf("decoded %+v, %v; want %+v", got, err, tc.ms)
+			}
+		})
+	}
+	good := batch(one, longest)
+	for _, tc := range []struct {
+		name string
+		b    []byte
+	}{
+		{"empty", nil},
+		{"no count", []byte{handoffV4}},
+		{"no records", []byte{handoffV4, 0}},
+		{"more records than a batch holds", batch(append(full, one)...)},
+		{"a count over the records", append([]byte{handoffV4, 3}, good[2:]...)},
+		{"a count under the records", append([]byte{handoffV4, 1}, good[2:]...)},
+		{"the last record cut short", good[:len(good)-1]},
+		{"one byte too long", append(bytes.Clone(good), 0)},
+		{"a version 3 message", appendHandoff(nil, one)},
+		{"a record with an unknown flag", append([]byte{handoffV4, 1, 3}, appendHandoff(nil, one)[2:]...)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if ms, err := decodeHandoffBatch(tc.b, nil); !errors.Is(err, errFrame) {
+				t.Fatalf("decodeHandoffBatch(%x) = %+v, %v; want errFrame", tc.b, ms, err)
 			}
 		})
 	}
@@ -155,8 +217,11 @@ func FuzzDecodeHandoff(f *testing.F) {
 	f.Add(appendHandoff(nil, handoffMsg{version: handoffV3, optsSet: true, peer: netip.MustParseAddrPort("127.0.0.1:40000")}))
 	f.Add(appendHandoff(nil, handoffMsg{version: handoffV3, proxied: 45, peer: netip.MustParseAddrPort("[::1]:40000"),
 		client: netip.MustParseAddrPort("203.0.113.7:5555")}))
+	f.Add(append(appendHandoffRecord([]byte{handoffV4, 2}, handoffMsg{optsSet: true, peer: netip.MustParseAddrPort("127.0.0.1:40000")}),
+		appendHandoffRecord(nil, handoffMsg{proxied: 45, peer: netip.MustParseAddrPort("[::1]:40000"), client: netip.MustParseAddrPort("203.0.113.7:5555")})...))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		orig := bytes.Clone(b)
+		checkHandoffBatch(t, b)
 		m, err := decodeHandoff(b)
 		if !bytes.Equal(b, orig) {
 			t.Fatal("decodeHandoff modified its input")
@@ -177,6 +242,32 @@ func FuzzDecodeHandoff(f *testing.F) {
 			t.Fatalf("%+v: version 3 without the peer's address", m)
 		}
 	})
+}
+
+// checkHandoffBatch is FuzzDecodeHandoff's for decodeHandoffBatch: it
+// refuses with errFrame or decodes what re-encodes to b.
+func checkHandoffBatch(t *testing.T, b []byte) {
+	t.Helper()
+	ms, err := decodeHandoffBatch(b, nil)
+	if err != nil {
+		if !errors.Is(err, errFrame) {
+			t.Fatalf("error %v does not wrap errFrame", err)
+		}
+		return
+	}
+	if len(ms) < 1 || len(ms) > handoffBatchMax {
+		t.Fatalf("a batch of %d records", len(ms))
+	}
+	b2 := []byte{handoffV4, byte(len(ms))}
+	for _, m := range ms {
+		if m.version != handoffV3 || !m.peer.IsValid() || m.proxied > 0 && !m.client.IsValid() {
+			t.Fatalf("record %+v: not a whole version 3 message", m)
+		}
+		b2 = appendHandoffRecord(b2, m)
+	}
+	if !bytes.Equal(b2, b) {
+		t.Fatalf("re-encoding %+v gave %x, want %x", ms, b2, b)
+	}
 }
 
 // Issue 14: a worker reports the closes of connections from a version 1

@@ -186,12 +186,14 @@ func filePair(fds [2]int, name string) (*net.UnixConn, *os.File, error) {
 	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), name+"-child"), nil
 }
 
-// receive reads descriptors, each in its hand-off message, from the
-// hand-off socket until it closes.
+// receive reads descriptors, each in its hand-off message or a record
+// of a version 4 one, from the hand-off socket until it closes.
 func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 	defer wg.Done()
-	var b [handoffMsgMax + 1]byte // a byte to spare: a longer message is refused
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	var b [handoffBatchMsgMax + 1]byte // a byte to spare: a longer message is refused
+	oob := make([]byte, unix.CmsgSpace(4*handoffBatchMax))
+	ms := make([]handoffMsg, 0, handoffBatchMax)
+	var fds []int
 	for {
 		n, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
 		if err != nil {
@@ -202,15 +204,32 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 			log.Error("hand-off message", "err", err)
 			continue
 		}
-		m, merr := decodeHandoff(b[:n])
+		fds = fds[:0]
 		for _, cm := range msgs {
-			fds, err := unix.ParseUnixRights(&cm)
-			if err != nil {
-				continue
+			if got, err := unix.ParseUnixRights(&cm); err == nil {
+				fds = append(fds, got...)
 			}
-			for _, fd := range fds {
-				l.deliver(fd, m, merr, log)
+		}
+		var merr error
+		if n > 0 && b[0] == handoffV4 {
+			// The nth descriptor is the nth record's; a count that does
+			// not match makes them all unknown.
+			if ms, merr = decodeHandoffBatch(b[:n], ms[:0]); merr == nil && len(ms) != len(fds) {
+				merr = fmt.Errorf("%w: hand-off batch of %d records with %d descriptors", errFrame, len(ms), len(fds))
 			}
+		} else {
+			// Every descriptor of an earlier version's message is the
+			// message's (version 1 carries a fixed port's listener).
+			var m handoffMsg
+			m, merr = decodeHandoff(b[:n])
+			ms = append(ms[:0], m)
+		}
+		for i, fd := range fds {
+			var m handoffMsg
+			if merr == nil {
+				m = ms[min(i, len(ms)-1)]
+			}
+			l.deliver(fd, m, merr, log)
 		}
 	}
 }
@@ -313,7 +332,7 @@ func consumeProxyHeader(c syscall.Conn, n int) error {
 // highest hand-off message version this worker decodes: a one-byte
 // message, written before the ready frame (see handoffAnnounced).
 func announceHandoff(uc *net.UnixConn) error {
-	_, err := uc.Write([]byte{handoffV3})
+	_, err := uc.Write([]byte{handoffV4})
 	return err
 }
 
@@ -342,5 +361,5 @@ func handoffAnnounced(uc *net.UnixConn) byte {
 	if n < 1 || b[0] < handoffV3 {
 		return handoffV2
 	}
-	return handoffV3
+	return min(b[0], handoffV4)
 }

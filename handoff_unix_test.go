@@ -4,6 +4,7 @@ package defuss
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -168,7 +169,9 @@ func TestHandOffRacingExitCountsOnce(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				send := func(uc *net.UnixConn, _ byte) error { return sendConn(uc, server.(*net.TCPConn), []byte{handoffV1}) }
+				send := func(pr *process, _ byte) error {
+					return sendConn(pr.handoffSock, server.(*net.TCPConn), []byte{handoffV1})
+				}
 				if handTo(pr, send, false) == nil {
 					t.Error("a hand-off to a dead worker succeeded")
 				}
@@ -250,8 +253,9 @@ func TestHandoffAnnounced(t *testing.T) {
 		want byte
 	}{
 		{"nothing: a worker before version 3", nil, handoffV2},
-		{"version 3", [][]byte{{handoffV3}}, handoffV3},
-		{"a later version: what this primary sends", [][]byte{{9}}, handoffV3},
+		{"version 3: one message a descriptor", [][]byte{{handoffV3}}, handoffV3},
+		{"version 4: batches", [][]byte{{handoffV4}}, handoffV4},
+		{"a later version: what this primary sends", [][]byte{{9}}, handoffV4},
 		{"version 1", [][]byte{{handoffV1}}, handoffV2},
 		{"a longer announcement: its first byte counts", [][]byte{{handoffV3, 0}}, handoffV3},
 		{"empty", [][]byte{{}}, handoffV2},
@@ -273,8 +277,8 @@ func TestHandoffAnnounced(t *testing.T) {
 		if err := announceHandoff(far); err != nil {
 			t.Fatal(err)
 		}
-		if got := handoffAnnounced(ours); got != handoffV3 {
-			t.Errorf("handoffAnnounced = %d after announceHandoff, want %d", got, handoffV3)
+		if got := handoffAnnounced(ours); got != handoffV4 {
+			t.Errorf("handoffAnnounced = %d after announceHandoff, want %d", got, handoffV4)
 		}
 	})
 }
@@ -295,4 +299,62 @@ func handoffEnds(t *testing.T) (ours, far *net.UnixConn) {
 	}
 	t.Cleanup(func() { c.Close() })
 	return ours, c.(*net.UnixConn)
+}
+
+// A worker serves the nth descriptor of a version 4 message with the nth
+// record (its peer's address, here), and closes, counts as accepted and
+// reports closed every descriptor of a message whose records and
+// descriptors do not match in number.
+func TestReceiveBatch(t *testing.T) {
+	w := &worker{open: make(map[*workerConn]struct{}), kick: make(chan struct{}, 1)}
+	ours, far := handoffEnds(t)
+	l := &handoffListener{uc: far, conns: make(chan net.Conn, 4), done: make(chan struct{}), accepted: &w.accepted, w: w}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go l.receive(&wg, slog.New(slog.DiscardHandler))
+	var clients []net.Conn
+	var fds []int
+	msg := []byte{handoffV4, 3}
+	for range 3 {
+		client, server := tcpPair(t)
+		clients = append(clients, client)
+		rc, err := server.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) { fds = append(fds, int(fd)) }) // sendmsg copies it
+		msg = appendHandoffRecord(msg, handoffMsg{peer: client.LocalAddr().(*net.TCPAddr).AddrPort()})
+	}
+	if _, _, err := ours.WriteMsgUnix(msg, unix.UnixRights(fds...), nil); err != nil {
+		t.Fatal(err)
+	}
+	for i, client := range clients {
+		c, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if got, want := c.RemoteAddr().String(), client.LocalAddr().String(); got != want {
+			t.Errorf("connection %d serves %s with the record of %s", i, want, got)
+		}
+		fmt.Fprintf(client, "client %d", i)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got := make([]byte, len("client 0"))
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != fmt.Sprintf("client %d", i) {
+			t.Errorf("connection %d read %q, %v", i, got, err)
+		}
+	}
+	// Three records, two descriptors.
+	if _, _, err := ours.WriteMsgUnix(msg, unix.UnixRights(fds[:2]...), nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the mismatched batch's connections counted", func() bool { return w.accepted.Load() == 5 })
+	ours.Close()
+	wg.Wait()
+	if len(l.conns) != 0 {
+		t.Errorf("%d connections of a mismatched batch were served", len(l.conns))
+	}
+	if w.closes.batch.count != 2 {
+		t.Errorf("closes to report: %+v, want the mismatched batch's 2 by count", w.closes.batch)
+	}
 }

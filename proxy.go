@@ -232,8 +232,8 @@ func (p *primary) route(c net.Conn) (r *relay, handed bool) {
 		// and serves the client address it carries. The message goes in
 		// the buffer's spare room, which hand-off leaves unused.
 		m := handoffFor(clientAddr(c), acceptedWithOpts(c), hdr, client)
-		send := func(uc *net.UnixConn, v byte) error {
-			return sendConn(uc, tc, appendHandoff((*bp)[:0:proxyRoom], m.upTo(v)))
+		send := func(pr *process, v byte) error {
+			return sendConn(pr.handoffSock, tc, appendHandoff((*bp)[:0:proxyRoom], m.upTo(v)))
 		}
 		w, _ = p.offer(req, send, nil, 0)
 	default:
@@ -336,7 +336,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 // worker that took the connection, whose slot's connection count now
 // includes it, or nil, and then whether a worker could have taken it
 // with a wait (busy).
-func (p *primary) offer(req *Request, send func(*net.UnixConn, byte) error, up *upstream, how offerHow) (w *WorkerInfo, busy bool) {
+func (p *primary) offer(req *Request, send func(*process, byte) error, up *upstream, how offerHow) (w *WorkerInfo, busy bool) {
 	e := p.gate.enter()
 	defer p.gate.exit(e)
 	cands := p.pool.candidates()
@@ -382,6 +382,16 @@ func (p *primary) offer(req *Request, send func(*net.UnixConn, byte) error, up *
 		}
 	}
 	return nil, busy
+}
+
+// unoffer takes back what offer and handTo counted for a connection they
+// handed to process pr of slot s that was not sent after all: the raw
+// accept loop's batch whose send failed.
+func (p *primary) unoffer(s *slot, pr *process) {
+	s.conns.Add(-1)
+	pr.dialed.Add(^uint64(0))
+	pr.open.Add(-1)
+	p.tel.active.Add(bg, -1, s.attrs.worker)
 }
 
 // offerHow is how offer gives a connection to a worker.

@@ -126,20 +126,16 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		}
 		switch {
 		case err == nil:
-			for _, ev := range a.events[:n] {
-				if ev.Fd != rawListener {
-					a.ready(int(ev.Fd), ev.Events)
-					continue
-				}
-				closed, aerr := a.acceptBatch(lrc)
-				if closed {
-					return true, nil
-				}
-				if aerr == nil {
-					delay = 0
-				} else if stop, err := p.acceptFailed(aerr, &delay); stop {
+			accepted, closed, aerr := a.pass(lrc, a.events[:n])
+			if closed {
+				return true, nil
+			}
+			if aerr != nil {
+				if stop, err := p.acceptFailed(aerr, &delay); stop {
 					return true, err
 				}
+			} else if accepted {
+				delay = 0
 			}
 		case errors.Is(err, os.ErrDeadlineExceeded):
 		default:
@@ -203,15 +199,21 @@ type rawAccepter struct {
 	file      *os.File // the epoll set, in Go's poller; its read deadline is the next due
 	rc        syscall.RawConn
 	events    []unix.EpollEvent
-	buf       []byte                          // proxyRoom for the hand-off message, then the peek
-	oob       []byte                          // SCM_RIGHTS for one descriptor, set for each send
-	pending   []rawPending                    // in the epoll set, waiting for their heads, oldest (first due) first
-	deadline  time.Time                       // file's read deadline: when the oldest pending is due
-	optsSet   bool                            // accepted sockets have net's options, from the listener
-	optsEach  bool                            // until the accept queue is first empty: set them on each
-	msg       handoffMsg                      // handOff's message, for send
-	send      func(*net.UnixConn, byte) error // sendMsg
-	op        epollOp                         // ctl's call
+	buf       []byte                      // proxyRoom for the hand-off message, then the peek
+	oob       []byte                      // SCM_RIGHTS for one descriptor, set for each send
+	pending   []rawPending                // in the epoll set, waiting for their heads, oldest (first due) first
+	deadline  time.Time                   // file's read deadline: when the oldest pending is due
+	optsSet   bool                        // accepted sockets have net's options, from the listener
+	optsEach  bool                        // until the accept queue is first empty: set them on each
+	msg       handoffMsg                  // handOff's message, for send
+	cur       handed                      // handOff's connection, for send
+	send      func(*process, byte) error  // queue
+	queued    *handBatch                  // the batch send added cur to, if it did
+	full      []*process                  // a batch to it failed in this pass
+	batches   []*handBatch                // filled in this pass, a worker each
+	spare     []*handBatch                // flushed, for reuse
+	rights    [handoffBatchMax + 1][]byte // SCM_RIGHTS for n descriptors, made when first used
+	op        epollOp                     // ctl's call
 	doOp      func(ep uintptr)
 	accept    func(lfd uintptr) // acceptPass
 	acceptErr error
@@ -261,8 +263,37 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 	}
 	a.doOp = func(ep uintptr) { a.op.err = unix.EpollCtl(int(ep), a.op.op, a.op.fd, a.op.ev) }
 	a.accept = a.acceptPass
-	a.send = a.sendMsg
+	a.send = a.queue
 	return a, nil
+}
+
+// pass handles the events of one wake-up: bytes of pending connections,
+// new connections; then it sends the hand-off batches it filled (flush).
+// It holds the dial gate meanwhile, and counts as routing: a batch is
+// sent after the offers that filled it have ended, and a worker must not
+// be told to drain (quiesce), nor the drain begin (awaitRoutingIdle),
+// before what was handed to it is sent.
+func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accepted, closed bool, aerr error) {
+	g := a.p.gate
+	e := g.enter()
+	g.routing.Add(1)
+	a.full = a.full[:0]
+	defer func() {
+		a.flushAll()
+		g.routing.Add(-1)
+		g.exit(e)
+	}()
+	for _, ev := range events {
+		if ev.Fd != rawListener {
+			a.ready(int(ev.Fd), ev.Events)
+			continue
+		}
+		accepted = true
+		if closed, aerr = a.acceptBatch(lrc); closed || aerr != nil {
+			return
+		}
+	}
+	return
 }
 
 // acceptBatch accepts up to rawBatch connections. It reports closed once
@@ -461,20 +492,22 @@ func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watche
 	if req == nil {
 		return false, wait
 	}
-	defer func() {
-		req.reset()
-		a.p.reqs.Put(req)
-	}()
 	if *watched {
 		a.unwatch(fd)
 		*watched = false
 	}
 	if a.p.cfg.handoff {
-		done = a.handOff(fd, sa, req, start)
-	} else {
-		done = a.splice(fd, sa, req, n, start)
+		return a.handOff(fd, sa, req, start), false // it has req
 	}
+	done = a.splice(fd, sa, req, n, start)
+	a.putReq(req)
 	return done, false
+}
+
+// putReq puts req, which the loop is done with, back in the pool.
+func (a *rawAccepter) putReq(req *Request) {
+	req.reset()
+	a.p.reqs.Put(req)
 }
 
 // unavailable answers a connection that no worker can take, as route
@@ -526,12 +559,14 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 }
 
 // handOff hands fd to the worker the Balancer picks for req, and closes
-// it then. With no worker that can take it, it answers unavailable. It
-// reports done unless a worker could take it after a wait, which route
-// does.
+// it then: at once, or when the worker's batch is sent (it then keeps req
+// until then, else puts it back). With no worker that can take it, it
+// answers unavailable. It reports done unless a worker could take it
+// after a wait, which route does.
 func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
 	p := a.p
 	a.msg = handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{})
+	a.cur, a.queued = handed{fd: fd, sa: sa, at: start, req: req}, nil
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it
@@ -540,17 +575,149 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start t
 	// in that rare case.
 	w, busy := p.offer(req, a.send, nil, offerRaw|offerNowait)
 	p.gate.routing.Add(-1)
+	isHTTP := req.Protocol == ProtocolHTTP1
+	if a.queued == nil {
+		a.putReq(req)
+	}
 	if w == nil {
 		p.rawServed.Add(^uint64(0))
 		if busy {
 			return false
 		}
-		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
+		a.unavailable(fd, sa, isHTTP)
+		return true
+	}
+	if b := a.queued; b != nil {
+		b.s = w.slot // the batch has fd now
+		if len(b.conns) == handoffBatchMax {
+			a.flush(b)
+		}
 		return true
 	}
 	unix.Close(fd) // the worker has its own descriptor
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
 	return true
+}
+
+// handBatch is what the raw accept loop hands one worker in a pass: its
+// connections, sent in one version 4 message when the pass ends (flush),
+// or as soon as it is full. While it is open it holds the process's
+// handMu for reading, as a send in flight does, so that the worker's exit
+// is settled only after the batch was sent, or given back.
+type handBatch struct {
+	pr    *process
+	s     *slot
+	msg   []byte   // version 4: the header, then a record a connection
+	conns []handed // the descriptors, in the records' order
+}
+
+// handed is a connection in a handBatch, with what it takes to offer it
+// again.
+type handed struct {
+	fd  int
+	sa  syscall.Sockaddr
+	at  time.Time // accepted
+	req *Request  // its head, parsed
+}
+
+// queue is handOff's send, under handTo: to a worker that decodes version
+// 4 it adds the connection (a.cur, a.msg) to the worker's batch, which
+// takes the descriptor; to any other it sends the message now (sendMsg).
+func (a *rawAccepter) queue(pr *process, v byte) error {
+	if v < handoffV4 {
+		return a.sendMsg(pr.handoffSock, v)
+	}
+	if slices.Contains(a.full, pr) {
+		return errWouldWait // a batch to it failed in this pass
+	}
+	var b *handBatch
+	for _, o := range a.batches {
+		if o.pr == pr {
+			b = o
+			break
+		}
+	}
+	if b == nil {
+		// handTo holds a read lock already, checked handGone, and releases
+		// it on return: the batch takes one of its own, which only a
+		// settle waiting to begin refuses.
+		if !pr.handMu.TryRLock() {
+			return errWouldWait
+		}
+		if n := len(a.spare); n > 0 {
+			b, a.spare = a.spare[n-1], a.spare[:n-1]
+		} else {
+			b = &handBatch{msg: make([]byte, 0, handoffBatchMsgMax), conns: make([]handed, 0, handoffBatchMax)}
+		}
+		b.pr, b.msg = pr, append(b.msg[:0], handoffV4, 0)
+		a.batches = append(a.batches, b)
+	}
+	b.msg = appendHandoffRecord(b.msg, a.msg)
+	b.conns = append(b.conns, a.cur)
+	a.queued = b
+	return nil
+}
+
+// flushAll sends every batch of the pass.
+func (a *rawAccepter) flushAll() {
+	for len(a.batches) > 0 {
+		a.flush(a.batches[len(a.batches)-1])
+	}
+}
+
+// flush sends batch b in one message, without waiting, and closes the
+// primary's descriptors. If the send fails (the worker's queue is full;
+// it has exited), it takes back what offer and handTo counted for each
+// connection, and offers each again as handOff does, with that worker
+// left out for the rest of the pass (a.full): to another worker, or to
+// route, which waits for room.
+func (a *rawAccepter) flush(b *handBatch) {
+	p := a.p
+	i := slices.Index(a.batches, b)
+	a.batches = slices.Delete(a.batches, i, i+1)
+	n := len(b.conns)
+	b.msg[1] = byte(n)
+	oob := a.rights[n]
+	if oob == nil {
+		oob = unix.UnixRights(make([]int, n)...)
+		a.rights[n] = oob
+	}
+	for i, c := range b.conns {
+		binary.NativeEndian.PutUint32(oob[unix.CmsgLen(0)+4*i:], uint32(c.fd))
+	}
+	err := sendNow(b.pr.handoffSock, b.msg, oob)
+	if err != nil {
+		for range b.conns {
+			p.unoffer(b.s, b.pr)
+			p.rawServed.Add(^uint64(0))
+		}
+	}
+	b.pr.handMu.RUnlock()
+	if err == nil {
+		now := time.Now()
+		for _, c := range b.conns {
+			unix.Close(c.fd) // the worker has its own descriptor
+			p.tel.sniff.Record(bg, now.Sub(c.at).Seconds(), p.tel.outcome[sniffComplete])
+			a.putReq(c.req)
+		}
+	} else {
+		a.full = append(a.full, b.pr)
+		if !errors.Is(err, errWouldWait) {
+			p.tel.dialFailures.Add(bg, int64(n), b.s.attrs.worker)
+			if ok, k := p.logs.dial.allow(); ok {
+				p.log.Warn("hand-off to worker failed; offering its connections again", "worker", b.s.index, "conns", n, "err", err, "suppressed", k)
+			}
+		}
+		for _, c := range b.conns {
+			if !a.handOff(c.fd, c.sa, c.req, c.at) {
+				a.route(c.fd, c.sa)
+			}
+		}
+	}
+	b.pr, b.s = nil, nil
+	clear(b.conns)
+	b.conns = b.conns[:0]
+	a.spare = append(a.spare, b)
 }
 
 // rawSpliceMax bounds the heads the loop splices itself: a head and its
@@ -618,7 +785,8 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 }
 
 // sendMsg sends handOff's message (a.msg, up to version v) with the
-// descriptor in a.oob, without waiting.
+// descriptor in a.oob, without waiting, to a worker that does not decode
+// version 4.
 func (a *rawAccepter) sendMsg(uc *net.UnixConn, v byte) error {
 	return sendNow(uc, appendHandoff(a.buf[:0:proxyRoom], a.msg.upTo(v)), a.oob)
 }

@@ -22,6 +22,8 @@ type rawTest struct {
 	p    *primary
 	ln   net.Listener
 	far  []*net.UnixConn // the workers' ends
+	held [][]rawHanded   // received from each worker in a batch, not yet taken
+	most int             // the most descriptors a message carried
 	done chan error      // the accept loop's result
 }
 
@@ -104,43 +106,77 @@ func (rt *rawTest) dial(t *testing.T, n int, head string) []net.Conn {
 }
 
 // receive reads one handed-off connection from worker i, as the worker's
-// receive does.
+// receive does: the next of a version 4 message's, or of the next
+// message.
 func (rt *rawTest) receive(t *testing.T, i int) (handoffMsg, net.Conn) {
+	t.Helper()
+	if rt.held == nil {
+		rt.held = make([][]rawHanded, len(rt.far))
+	}
+	if len(rt.held[i]) == 0 {
+		rt.held[i] = rt.receiveMsg(t, i)
+	}
+	h := rt.held[i][0]
+	rt.held[i] = rt.held[i][1:]
+	return h.m, h.c
+}
+
+// rawHanded is a connection a test's worker received, with its record.
+type rawHanded struct {
+	m handoffMsg
+	c net.Conn
+}
+
+// receiveMsg reads one hand-off message from worker i, and returns its
+// connections.
+func (rt *rawTest) receiveMsg(t *testing.T, i int) []rawHanded {
 	t.Helper()
 	uc := rt.far[i]
 	uc.SetReadDeadline(time.Now().Add(5 * time.Second))
-	b := make([]byte, handoffMsgMax)
-	oob := make([]byte, unix.CmsgSpace(4))
+	b := make([]byte, handoffBatchMsgMax)
+	oob := make([]byte, unix.CmsgSpace(4*handoffBatchMax))
 	n, oobn, _, _, err := uc.ReadMsgUnix(b, oob)
 	if err != nil {
 		t.Fatalf("worker %d: no hand-off: %v", i, err)
 	}
-	m, err := decodeHandoff(b[:n])
+	var ms []handoffMsg
+	if n > 0 && b[0] == handoffV4 {
+		ms, err = decodeHandoffBatch(b[:n], nil)
+	} else {
+		var m handoffMsg
+		m, err = decodeHandoff(b[:n])
+		ms = append(ms, m)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
 	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil || len(msgs) != 1 {
-		t.Fatalf("hand-off without one descriptor: %v", err)
+		t.Fatalf("hand-off without descriptors: %v", err)
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
-	if err != nil || len(fds) != 1 {
-		t.Fatalf("hand-off without one descriptor: %v", err)
+	if err != nil || len(fds) != len(ms) {
+		t.Fatalf("hand-off of %d records with %d descriptors: %v", len(ms), len(fds), err)
 	}
-	f := os.NewFile(uintptr(fds[0]), "handed")
-	defer f.Close()
-	if m.optsSet {
-		// What the message promises, before net.FileConn sets anything.
-		if got, err := readSockOpts(f); err != nil || !hasPublicSocketOpts(fds[0]) {
-			t.Errorf("a hand-off message says the socket has net's options; it has %v (%v)", got, err)
+	rt.most = max(rt.most, len(fds))
+	var hs []rawHanded
+	for k, fd := range fds {
+		f := os.NewFile(uintptr(fd), "handed")
+		if ms[k].optsSet {
+			// What the message promises, before net.FileConn sets anything.
+			if got, err := readSockOpts(f); err != nil || !hasPublicSocketOpts(fd) {
+				t.Errorf("a hand-off message says the socket has net's options; it has %v (%v)", got, err)
+			}
 		}
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		hs = append(hs, rawHanded{ms[k], c})
 	}
-	c, err := net.FileConn(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return m, c
+	return hs
 }
 
 // readExactly reads exactly len(want) bytes from c and checks them.
@@ -203,7 +239,12 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 	if fast == 0 {
 		t.Fatalf("none of %d connections whose heads had arrived was handed off by the accept loop itself", early)
 	}
-	t.Logf("%d of %d early connections handed off by the accept loop itself", fast, early)
+	t.Logf("%d of %d early connections handed off by the accept loop itself, up to %d in a message", fast, early, rt.most)
+	// Accepted in one pass, they go in batches (version 4), each record
+	// checked above against its own descriptor's peer.
+	if rt.most < 2 || rt.most > handoffBatchMax {
+		t.Errorf("up to %d descriptors in a hand-off message; want batches of 2 to %d", rt.most, handoffBatchMax)
+	}
 
 	// A head that comes in two parts, after the connection is accepted:
 	// route waits for the rest.
@@ -258,6 +299,60 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 	}
 	if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != 5 || len(got) != 1 {
 		t.Errorf("dial.retries = %v, want 5 onto worker 1", got)
+	}
+}
+
+// A worker that announced version 3 (one of an older binary) gets each
+// connection in a version 3 message of its own.
+func TestRawAcceptSendsVersion3ToAVersion3Worker(t *testing.T) {
+	rt := newRawTest(t, 1, nil, nil)
+	rt.p.pool.view.Load().cands[0].proc.handoffVersion.Store(uint32(handoffV3))
+	const n = 5
+	rt.dial(t, n, rawHead)
+	rt.start(t)
+	for range n {
+		m, c := rt.receive(t, 0)
+		if m.version != handoffV3 {
+			t.Errorf("hand-off message %+v; want version 3", m)
+		}
+		readExactly(t, c, rawHead)
+	}
+	if rt.most != 1 {
+		t.Errorf("up to %d descriptors in a message to a version 3 worker; want 1", rt.most)
+	}
+}
+
+// A batch whose send fails because its worker has gone is taken back: its
+// connections go to the next worker in the same pass, the failure is
+// counted once a connection, and the gone worker counts none of them.
+func TestRawAcceptBatchToAGoneWorkerGoesToTheNext(t *testing.T) {
+	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+	m, meter := newMetrics(t)
+	rt := newRawTest(t, 2, always0, meter)
+	rt.far[0].Close() // worker 0 has exited; the primary has not heard yet
+	const n = 5
+	rt.dial(t, n, rawHead)
+	rt.start(t)
+	for range n {
+		_, c := rt.receive(t, 1)
+		readExactly(t, c, rawHead)
+	}
+	w0 := rt.p.pool.view.Load().cands[0]
+	if got, open := w0.slot.conns.Load(), w0.proc.open.Load(); got != 0 || open != 0 {
+		t.Errorf("the gone worker counts %d connections, %d open; want 0", got, open)
+	}
+	if got := w0.proc.dialed.Load(); got != 0 {
+		t.Errorf("the gone worker was handed %d connections; want 0", got)
+	}
+	if got := rt.p.rawServed.Load(); got != n {
+		t.Errorf("the accept loop handed off %d connections itself; want %d", got, n)
+	}
+	ms := m.collect()
+	if got := points(t, ms, "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != n || len(got) != 1 {
+		t.Errorf("dial.failures = %v, want %d on worker 0", got, n)
+	}
+	if got := points(t, ms, "defuss.dial.retries", "{dial}"); got["defuss.worker.index=1"].value != n || len(got) != 1 {
+		t.Errorf("dial.retries = %v, want %d onto worker 1", got, n)
 	}
 }
 
@@ -457,7 +552,7 @@ func TestHandToNowaitDoesNotWaitForASettlingExit(t *testing.T) {
 	pr.handMu.Lock() // an exit being settled
 	defer pr.handMu.Unlock()
 	sent := false
-	err = handTo(pr, func(*net.UnixConn, byte) error { sent = true; return nil }, true)
+	err = handTo(pr, func(*process, byte) error { sent = true; return nil }, true)
 	if !errors.Is(err, errWouldWait) || sent {
 		t.Fatalf("handTo without waiting, while an exit is settled: %v (sent %v); want errWouldWait, nothing sent", err, sent)
 	}
