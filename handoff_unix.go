@@ -195,7 +195,7 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 	ms := make([]handoffMsg, 0, handoffBatchMax)
 	var fds []int
 	for {
-		n, oobn, _, _, err := l.uc.ReadMsgUnix(b[:], oob)
+		n, oobn, flags, _, err := l.uc.ReadMsgUnix(b[:], oob)
 		if err != nil {
 			return // the primary is gone, or the worker stops
 		}
@@ -212,9 +212,8 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 		}
 		var merr error
 		if n > 0 && b[0] == handoffV4 {
-			// The nth descriptor is the nth record's; a count that does
-			// not match makes them all unknown.
-			if ms, merr = decodeHandoffBatch(b[:n], ms[:0]); merr == nil && len(ms) != len(fds) {
+			// The nth descriptor is the nth record's.
+			if ms, merr = decodeHandoffBatch(b[:n], ms[:0]); merr == nil && len(fds) > len(ms) {
 				merr = fmt.Errorf("%w: hand-off batch of %d records with %d descriptors", errFrame, len(ms), len(fds))
 			}
 		} else {
@@ -223,6 +222,17 @@ func (l *handoffListener) receive(wg *sync.WaitGroup, log *slog.Logger) {
 			var m handoffMsg
 			m, merr = decodeHandoff(b[:n])
 			ms = append(ms[:0], m)
+		}
+		if merr == nil && len(fds) < len(ms) {
+			// The kernel installs what it can, in order, and closes the
+			// rest (MSG_CTRUNC; out of descriptors): the primary counted
+			// them handed, so they count as accepted and closed.
+			lost := len(ms) - len(fds)
+			log.Error("handed-off connections lost: their descriptors did not arrive", "lost", lost, "truncated", flags&unix.MSG_CTRUNC != 0)
+			for range lost {
+				l.accepted.Add(1)
+				l.w.handedClose(nil)
+			}
 		}
 		for i, fd := range fds {
 			var m handoffMsg

@@ -285,11 +285,11 @@ func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accep
 	}()
 	for _, ev := range events {
 		if ev.Fd != rawListener {
-			a.ready(int(ev.Fd), ev.Events)
+			a.ready(int(ev.Fd), ev.Events) // edge-triggered: not reported again
 			continue
 		}
 		accepted = true
-		if closed, aerr = a.acceptBatch(lrc); closed || aerr != nil {
+		if closed, aerr = a.acceptBatch(lrc); closed {
 			return
 		}
 	}
@@ -492,22 +492,20 @@ func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watche
 	if req == nil {
 		return false, wait
 	}
+	defer func() {
+		req.reset()
+		a.p.reqs.Put(req)
+	}()
 	if *watched {
 		a.unwatch(fd)
 		*watched = false
 	}
 	if a.p.cfg.handoff {
-		return a.handOff(fd, sa, req, start), false // it has req
+		done = a.handOff(fd, sa, req, start)
+	} else {
+		done = a.splice(fd, sa, req, n, start)
 	}
-	done = a.splice(fd, sa, req, n, start)
-	a.putReq(req)
 	return done, false
-}
-
-// putReq puts req, which the loop is done with, back in the pool.
-func (a *rawAccepter) putReq(req *Request) {
-	req.reset()
-	a.p.reqs.Put(req)
 }
 
 // unavailable answers a connection that no worker can take, as route
@@ -559,14 +557,13 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 }
 
 // handOff hands fd to the worker the Balancer picks for req, and closes
-// it then: at once, or when the worker's batch is sent (it then keeps req
-// until then, else puts it back). With no worker that can take it, it
-// answers unavailable. It reports done unless a worker could take it
-// after a wait, which route does.
+// it then: at once, or when the worker's batch is sent. With no worker
+// that can take it, it answers unavailable. It reports done unless a
+// worker could take it after a wait, which route does.
 func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
 	p := a.p
 	a.msg = handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{})
-	a.cur, a.queued = handed{fd: fd, sa: sa, at: start, req: req}, nil
+	a.cur, a.queued = handed{fd: fd, sa: sa, at: start}, nil
 	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it
@@ -575,16 +572,12 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start t
 	// in that rare case.
 	w, busy := p.offer(req, a.send, nil, offerRaw|offerNowait)
 	p.gate.routing.Add(-1)
-	isHTTP := req.Protocol == ProtocolHTTP1
-	if a.queued == nil {
-		a.putReq(req)
-	}
 	if w == nil {
 		p.rawServed.Add(^uint64(0))
 		if busy {
 			return false
 		}
-		a.unavailable(fd, sa, isHTTP)
+		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
 		return true
 	}
 	if b := a.queued; b != nil {
@@ -611,20 +604,22 @@ type handBatch struct {
 	conns []handed // the descriptors, in the records' order
 }
 
-// handed is a connection in a handBatch, with what it takes to offer it
-// again.
+// handed is a connection in a handBatch. Its head is not kept: a parsed
+// Request aliases the loop's buffer, which the next peek overwrites. To
+// offer it again the loop peeks again (its bytes are still there).
 type handed struct {
-	fd  int
-	sa  syscall.Sockaddr
-	at  time.Time // accepted
-	req *Request  // its head, parsed
+	fd int
+	sa syscall.Sockaddr
+	at time.Time // accepted
 }
 
 // queue is handOff's send, under handTo: to a worker that decodes version
 // 4 it adds the connection (a.cur, a.msg) to the worker's batch, which
 // takes the descriptor; to any other it sends the message now (sendMsg).
 func (a *rawAccepter) queue(pr *process, v byte) error {
-	if v < handoffV4 {
+	if v < handoffV4 || a.msg.version != handoffV3 {
+		// An older worker; or a peer a record cannot carry (handoffFor's
+		// version 2), which goes in a message of its own.
 		return a.sendMsg(pr.handoffSock, v)
 	}
 	if slices.Contains(a.full, pr) {
@@ -668,9 +663,10 @@ func (a *rawAccepter) flushAll() {
 // flush sends batch b in one message, without waiting, and closes the
 // primary's descriptors. If the send fails (the worker's queue is full;
 // it has exited), it takes back what offer and handTo counted for each
-// connection, and offers each again as handOff does, with that worker
-// left out for the rest of the pass (a.full): to another worker, or to
-// route, which waits for room.
+// connection, and serves each again as the loop does a new one (a peek,
+// the Balancer, a hand-off), with that worker left out for the rest of
+// the pass (a.full): to another worker, or to route, which waits for
+// room.
 func (a *rawAccepter) flush(b *handBatch) {
 	p := a.p
 	i := slices.Index(a.batches, b)
@@ -698,7 +694,6 @@ func (a *rawAccepter) flush(b *handBatch) {
 		for _, c := range b.conns {
 			unix.Close(c.fd) // the worker has its own descriptor
 			p.tel.sniff.Record(bg, now.Sub(c.at).Seconds(), p.tel.outcome[sniffComplete])
-			a.putReq(c.req)
 		}
 	} else {
 		a.full = append(a.full, b.pr)
@@ -709,7 +704,8 @@ func (a *rawAccepter) flush(b *handBatch) {
 			}
 		}
 		for _, c := range b.conns {
-			if !a.handOff(c.fd, c.sa, c.req, c.at) {
+			watched := false
+			if done, _ := a.serve(c.fd, c.sa, c.at, &watched); !done {
 				a.route(c.fd, c.sa)
 			}
 		}

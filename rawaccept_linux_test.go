@@ -3,10 +3,13 @@ package defuss
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -323,19 +326,47 @@ func TestRawAcceptSendsVersion3ToAVersion3Worker(t *testing.T) {
 }
 
 // A batch whose send fails because its worker has gone is taken back: its
-// connections go to the next worker in the same pass, the failure is
-// counted once a connection, and the gone worker counts none of them.
+// connections go to the next worker, the failure is counted once a
+// connection, and the gone worker counts none of them. Each is served
+// again from its own head: the Balancer, which always picks the gone
+// worker first, checks that every Request it gets carries the header its
+// client sent (a parsed Request aliases the loop's buffer, which later
+// peeks overwrite).
 func TestRawAcceptBatchToAGoneWorkerGoesToTheNext(t *testing.T) {
-	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+	var asked, wrong atomic.Int64
+	always0 := func(r *Request, c []WorkerInfo) *WorkerInfo {
+		asked.Add(1)
+		if r.Header("X-Client") != strconv.Itoa(int(r.RemoteAddr.Port())) {
+			wrong.Add(1)
+		}
+		return &c[0]
+	}
 	m, meter := newMetrics(t)
 	rt := newRawTest(t, 2, always0, meter)
 	rt.far[0].Close() // worker 0 has exited; the primary has not heard yet
 	const n = 5
-	rt.dial(t, n, rawHead)
+	heads := map[string]string{} // the client's address, as the worker sees it: its head
+	for range n {
+		c, err := net.Dial("tcp", rt.ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		port := c.LocalAddr().(*net.TCPAddr).Port
+		head := fmt.Sprintf("GET /raw HTTP/1.1\r\nHost: example.com\r\nX-Client: %d\r\n\r\n", port)
+		heads[c.LocalAddr().String()] = head
+		io.WriteString(c, head)
+	}
 	rt.start(t)
 	for range n {
 		_, c := rt.receive(t, 1)
-		readExactly(t, c, rawHead)
+		readExactly(t, c, heads[c.RemoteAddr().String()])
+	}
+	if got := wrong.Load(); got != 0 {
+		t.Errorf("the Balancer got %d Requests (of %d) with another connection's header", got, asked.Load())
+	}
+	if got := asked.Load(); got != 2*n {
+		t.Errorf("the Balancer was asked %d times; want %d, twice a connection", got, 2*n)
 	}
 	w0 := rt.p.pool.view.Load().cands[0]
 	if got, open := w0.slot.conns.Load(), w0.proc.open.Load(); got != 0 || open != 0 {
@@ -346,6 +377,9 @@ func TestRawAcceptBatchToAGoneWorkerGoesToTheNext(t *testing.T) {
 	}
 	if got := rt.p.rawServed.Load(); got != n {
 		t.Errorf("the accept loop handed off %d connections itself; want %d", got, n)
+	}
+	if got, live := rt.p.conns.handed.Load(), rt.live(); got != n || live != 0 {
+		t.Errorf("%d connections count as handed off and %d as live; want %d and 0", got, live, n)
 	}
 	ms := m.collect()
 	if got := points(t, ms, "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != n || len(got) != 1 {
