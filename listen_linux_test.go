@@ -7,6 +7,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -122,5 +125,54 @@ func TestStopHandshakesRefusesOtherListeners(t *testing.T) {
 	}
 	if err := stopHandshakes(ml); err == nil {
 		t.Error("stopHandshakes said it held off connections on an MPTCP socket")
+	}
+}
+
+// emptyAcceptQueue waits while connections wait in the accept queue that
+// nobody takes, for at most queueMax, with the filter on; a second stop
+// signal meanwhile forces the stop at once. Either way the filter is off
+// again when it returns.
+func TestEmptyAcceptQueueWaitsAndASecondSignalForces(t *testing.T) {
+	for _, second := range []bool{false, true} {
+		t.Run(map[bool]string{false: "no signal: queueMax", true: "a second signal"}[second], func(t *testing.T) {
+			p := newTestPrimary(t, nil, nil, "127.0.0.1:1")
+			lc := listenConfig()
+			ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			p.ln = ln
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, "GET / HTTP/1.1\r\n\r\n") // in the queue, which nobody empties
+			sigs := make(chan os.Signal, 1)
+			if second {
+				sigs <- syscall.SIGTERM
+			}
+			var ops sync.WaitGroup
+			signalled := true // the first stop signal began the stop
+			start := time.Now()
+			p.emptyAcceptQueue(sigs, &ops, &signalled)
+			took := time.Since(start)
+			switch {
+			case second && (took > queueMax/2 || !p.stopping()):
+				t.Errorf("with a second signal it took %v (stopping %v); want at once, forced", took, p.stopping())
+			case !second && (took < queueMax || p.stopping()):
+				t.Errorf("with the queue never emptied it took %v (stopping %v); want queueMax (%v), not forced", took, p.stopping(), queueMax)
+			}
+			if second {
+				return // forced: the listener is closed
+			}
+			// The filter is off: a new connection is accepted at once.
+			d, err := net.DialTimeout("tcp", ln.Addr().String(), 2*time.Second)
+			if err != nil {
+				t.Fatalf("a dial after emptyAcceptQueue: %v", err)
+			}
+			d.Close()
+		})
 	}
 }

@@ -309,7 +309,7 @@ func (p *primary) run(sigs <-chan os.Signal) {
 		p.notify.stopping()
 	}
 	p.drainDelay(sigs, &ops, &signalled)
-	p.emptyAcceptQueue()
+	p.emptyAcceptQueue(sigs, &ops, &signalled)
 	p.beginShutdown()
 	p.awaitWorkers(sigs, &ops, &signalled)
 	p.endConnections()
@@ -394,8 +394,8 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup, signall
 // too: nothing in its queue is reset, and the next process serves it. Not
 // when the stop is forced, or the accept loop may have ended (a fatal
 // error), or after an upgrade, whose new primary accepts from the same
-// socket.
-func (p *primary) emptyAcceptQueue() {
+// socket. A second stop signal meanwhile forces the stop.
+func (p *primary) emptyAcceptQueue(sigs <-chan os.Signal, ops *sync.WaitGroup, signalled *bool) {
 	if p.stopping() || p.life.err != nil || p.upgraded.Load() || p.cfg.inherited != nil && p.cfg.inherited.activated {
 		return
 	}
@@ -406,12 +406,27 @@ func (p *primary) emptyAcceptQueue() {
 		return
 	}
 	defer allowHandshakes(p.ln)
+	// wait waits for d; false: the stop was forced meanwhile.
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				return true
+			case <-p.life.drain:
+				return false
+			case sig := <-sigs:
+				if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
+					p.log.Warn("second signal; stopping now")
+					p.forceShutdown()
+					return false
+				}
+			}
+		}
+	}
 	start := time.Now()
-	t := time.NewTimer(queueLinger)
-	select {
-	case <-t.C:
-	case <-p.life.drain: // forced meanwhile
-		t.Stop()
+	if !wait(queueLinger) {
 		return
 	}
 	for {
@@ -423,7 +438,9 @@ func (p *primary) emptyAcceptQueue() {
 			p.log.Warn("closing the listener with connections still waiting to be accepted; they are reset", "queued", n, "waited", time.Since(start).Round(time.Millisecond))
 			return
 		}
-		time.Sleep(queueTick)
+		if !wait(queueTick) {
+			return
+		}
 	}
 }
 
