@@ -157,6 +157,28 @@ func TestConfigNilOptions(t *testing.T) {
 // ownPID is LISTEN_PID naming this process; parentPID is its parent's.
 var ownPID, parentPID = strconv.Itoa(os.Getpid()), strconv.Itoa(os.Getppid())
 
+// The new primary of an Upgrade gets this process's environment without
+// what passed descriptors to this one, its predecessor's pid, and whether
+// the socket is systemd's.
+func TestSuccessorEnv(t *testing.T) {
+	t.Setenv(envListenPID, "1")
+	t.Setenv(envUpgradeActivated, "1") // this process's own: not passed on as it is
+	t.Setenv("DEFUSS_TEST_KEPT", "yes")
+	for _, activated := range []bool{false, true} {
+		env := successorEnv(activated)
+		has := func(kv string) bool { return slices.Contains(env, kv) }
+		if !has("DEFUSS_TEST_KEPT=yes") || !has(envUpgradeFrom+"="+ownPID) {
+			t.Errorf("activated %v: the environment lacks the user's variable or %s", activated, envUpgradeFrom)
+		}
+		if has(envListenPID + "=1") {
+			t.Errorf("activated %v: %s passed on", activated, envListenPID)
+		}
+		if got := has(envUpgradeActivated + "=1"); got != activated {
+			t.Errorf("activated %v: %s=1 passed: %v", activated, envUpgradeActivated, got)
+		}
+	}
+}
+
 // Socket activation and Upgrade pick the inherited descriptor from the
 // environment; LISTEN_* for another process, or none, bind the address.
 func TestConfigInheritedSocket(t *testing.T) {
@@ -177,6 +199,8 @@ func TestConfigInheritedSocket(t *testing.T) {
 			opts: []Option{WithListener(fakeListenerOn(40001))}, want: nil},
 		{name: "upgrade", env: map[string]string{envUpgradeFrom: parentPID, "LISTEN_PID": ownPID, "LISTEN_FDS": "2"},
 			want: &passedSocket{fd: 3, from: "upgrade from pid " + parentPID}},
+		{name: "upgrade of systemd's socket", env: map[string]string{envUpgradeFrom: parentPID, envUpgradeActivated: "1"},
+			want: &passedSocket{fd: 3, from: "upgrade from pid " + parentPID, activated: true}},
 		// A child of the new primary inherits the variable: not its own.
 		{name: "upgrade variable naming another parent", env: map[string]string{envUpgradeFrom: "1"}, want: nil},
 	}

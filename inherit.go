@@ -23,6 +23,10 @@ const (
 	// of its predecessor, its parent: fd 3 is the public listening socket,
 	// fd 4 a stream socket to the predecessor.
 	envUpgradeFrom = "DEFUSS_UPGRADE_FROM"
+	// envUpgradeActivated, "1", tells the new primary of an Upgrade that
+	// the socket came from systemd, which holds it too (passedSocket's
+	// activated).
+	envUpgradeActivated = "DEFUSS_UPGRADE_ACTIVATED"
 )
 
 // Descriptors at exec. Socket activation passes its sockets from fd 3
@@ -58,7 +62,7 @@ func inheritedFromEnv(getenv func(string) string, pid, ppid int, name string) (*
 			return nil, fmt.Errorf("%w: %s=%q: not a process id", ErrInvalidOption, envUpgradeFrom, v)
 		}
 		if from == ppid {
-			return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v}, nil
+			return &passedSocket{fd: fdUpgradeLn, from: "upgrade from pid " + v, activated: getenv(envUpgradeActivated) == "1"}, nil
 		}
 		// Inherited by a process that user code started: not for it.
 	}
@@ -92,7 +96,7 @@ func inheritedFromEnv(getenv func(string) string, pid, ppid int, name string) (*
 // descriptors or notifications to this process only: a child must not
 // see it.
 func isInheritEnv(kv string) bool {
-	for _, k := range [...]string{envListenPID, envListenFDs, envListenFDNames, envUpgradeFrom} {
+	for _, k := range [...]string{envListenPID, envListenFDs, envListenFDNames, envUpgradeFrom, envUpgradeActivated} {
 		if strings.HasPrefix(kv, k+"=") {
 			return true
 		}

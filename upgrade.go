@@ -137,14 +137,17 @@ type successor struct {
 }
 
 // successorEnv is the environment of the new primary: this process's,
-// without what passed descriptors to this one, and naming this one as
-// its predecessor.
-func successorEnv() []string {
+// without what passed descriptors to this one, naming this one as its
+// predecessor, and saying whether the socket is systemd's (activated).
+func successorEnv(activated bool) []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		if !isInheritEnv(kv) {
 			env = append(env, kv)
 		}
+	}
+	if activated {
+		env = append(env, envUpgradeActivated+"=1")
 	}
 	return append(env, envUpgradeFrom+"="+strconv.Itoa(os.Getpid()))
 }

@@ -38,7 +38,7 @@ func (p *primary) startSuccessor() (*successor, error) {
 	}
 	defer theirs.Close()
 	files := []uintptr{stdFD(0), stdFD(1), stdFD(2), 0, theirs.Fd()}
-	attr := &syscall.ProcAttr{Env: successorEnv(), Files: files}
+	attr := &syscall.ProcAttr{Env: successorEnv(p.cfg.inherited != nil && p.cfg.inherited.activated), Files: files}
 	var pid int
 	var startErr error
 	err = rc.Control(func(fd uintptr) {
