@@ -73,8 +73,9 @@ func hasPublicSocketOpts(fd int) bool {
 // kernel has completed already still waits in the accept queue, and
 // packets of connections whose handshake is under way pass. Closing the
 // socket then resets nobody whom the accept loop has had time to take
-// (emptyAcceptQueue). The filter goes with the socket: only for one that nothing
-// else holds.
+// (emptyAcceptQueue). The filter is the socket's, not the descriptor's:
+// it must come off (allowHandshakes) before the close, for a socket that
+// another process may hold.
 func stopHandshakes(ln net.Listener) error {
 	rc, err := listenerConn(ln)
 	if err != nil {

@@ -64,6 +64,8 @@ type primary struct {
 	scaleMu     sync.Mutex    // one Scale at a time
 	upgradeMu   sync.Mutex    // held by the one Upgrade that runs
 	upgraded    atomic.Bool   // a new primary took over: stop without STOPPING=1 or a drain delay
+	heldMu      sync.Mutex    // guards held, and the listener's close
+	held        bool          // emptyAcceptQueue's filter is on the listener
 	notify      *notifier
 	stopSignals func()
 }
@@ -390,22 +392,43 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup, signall
 // queue). It stops new handshakes (stopHandshakes); gives those under way
 // and the accept loop queueLinger; then waits until the accept queue is
 // empty, for at most queueMax in all; and takes the filter off again
-// just before the close. Not for a socket from systemd, which holds it
-// too: nothing in its queue is reset, and the next process serves it. Not
-// when the stop is forced, or the accept loop may have ended (a fatal
-// error), or after an upgrade, whose new primary accepts from the same
+// just before the close (releaseHandshakes, which beginShutdown calls too,
+// so that a forced stop leaves no filter on a socket another process may
+// hold). Only for a socket the primary opened, or got from an upgrade and
+// not from systemd, which holds it too (nothing in its queue is reset,
+// and the next process serves it). Not for a WithListener socket, which
+// others may hold. Not when the stop is forced, or the accept loop has
+// ended, or after an upgrade, whose new primary accepts from the same
 // socket. A second stop signal meanwhile forces the stop.
+//
+// A client that has connected and not yet sent its request is not in the
+// accept queue (TCP_DEFER_ACCEPT keeps it out until its first bytes), so
+// one whose request comes after queueLinger is reset at the close.
 func (p *primary) emptyAcceptQueue(sigs <-chan os.Signal, ops *sync.WaitGroup, signalled *bool) {
-	if p.stopping() || p.life.err != nil || p.upgraded.Load() || p.cfg.inherited != nil && p.cfg.inherited.activated {
+	// An upgrade that was under way has given up by now (the stop was
+	// requested), or has set upgraded.
+	p.upgradeMu.Lock()
+	upgraded := p.upgraded.Load()
+	p.upgradeMu.Unlock()
+	switch {
+	case p.stopping() || p.life.err != nil || upgraded || closed(p.acceptDone):
+		return
+	case p.cfg.inherited != nil && p.cfg.inherited.activated:
+		return
+	case p.cfg.inherited == nil && p.cfg.listener != nil:
 		return
 	}
-	if err := stopHandshakes(p.ln); err != nil {
+	p.heldMu.Lock()
+	err := stopHandshakes(p.ln)
+	p.held = err == nil
+	p.heldMu.Unlock()
+	if err != nil {
 		if !errors.Is(err, errors.ErrUnsupported) {
 			p.log.Debug("new connections not held off before the listener closes; those queued then are reset", "err", err)
 		}
 		return
 	}
-	defer allowHandshakes(p.ln)
+	defer p.releaseHandshakes()
 	// wait waits for d; false: the stop was forced meanwhile.
 	wait := func(d time.Duration) bool {
 		t := time.NewTimer(d)
@@ -415,6 +438,8 @@ func (p *primary) emptyAcceptQueue(sigs <-chan os.Signal, ops *sync.WaitGroup, s
 			case <-t.C:
 				return true
 			case <-p.life.drain:
+				return false
+			case <-p.acceptDone: // nobody accepts any more
 				return false
 			case sig := <-sigs:
 				if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
@@ -441,6 +466,22 @@ func (p *primary) emptyAcceptQueue(sigs <-chan os.Signal, ops *sync.WaitGroup, s
 		if !wait(queueTick) {
 			return
 		}
+	}
+}
+
+// releaseHandshakes takes emptyAcceptQueue's filter off the public socket,
+// if it is on, before the close.
+func (p *primary) releaseHandshakes() {
+	p.heldMu.Lock()
+	defer p.heldMu.Unlock()
+	p.releaseHeld()
+}
+
+// releaseHeld is releaseHandshakes with heldMu held.
+func (p *primary) releaseHeld() {
+	if p.held {
+		allowHandshakes(p.ln)
+		p.held = false
 	}
 }
 
@@ -602,7 +643,10 @@ func (p *primary) requestStop() {
 // the workers drain.
 func (p *primary) beginShutdown() {
 	p.life.drainOnce.Do(func() {
+		p.heldMu.Lock() // no filter is put on or taken off meanwhile
+		p.releaseHeld()
 		p.ln.Close()
+		p.heldMu.Unlock()
 		p.pool.close() // Scale adds no supervisor after this
 		close(p.life.drain)
 	})

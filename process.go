@@ -24,10 +24,11 @@ import (
 type process struct {
 	pid         int
 	started     time.Time
-	sys         osProcess     // the operating system's side; a fake in tests
-	handoffSock *net.UnixConn // hand-off mode: connections' descriptors go here (fd 5 in the worker)
-	dialed      atomic.Uint64 // connections the primary made (or handed) to this process
-	open        atomic.Int64  // hand-off mode: handed connections the worker has not reported closed
+	sys         osProcess       // the operating system's side; a fake in tests
+	handoffSock *net.UnixConn   // hand-off mode: connections' descriptors go here (fd 5 in the worker)
+	handoffRC   syscall.RawConn // handoffSock's, made once: the raw accept loop sends on it
+	dialed      atomic.Uint64   // connections the primary made (or handed) to this process
+	open        atomic.Int64    // hand-off mode: handed connections the worker has not reported closed
 	// handoffVersion is the highest hand-off message version the worker
 	// announced it decodes, set when its ready frame comes (2 if it
 	// announced none); 0, read as 2, before.
@@ -310,6 +311,11 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	e := &execProcess{cmd: cmd, status: statusR, control: controlW, handoff: sock}
 	pr := newProcess(cmd.Process.Pid, e, events)
 	pr.handoffSock = sock
+	if sock != nil {
+		if rc, err := sock.SyscallConn(); err == nil {
+			pr.handoffRC = rc // else the raw accept loop sends with sendNow
+		}
+	}
 	pr.sharedListener = fixed
 	e.watch(pr)
 	port := 0

@@ -184,10 +184,10 @@ func (r *relay) finish(up, down int64) {
 	p, s := r.p, r.s
 	defer p.conns.untrack(r.client)
 	s.conns.Add(-1)
-	p.tel.active.Add(bg, -1, s.attrs.worker)
-	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker) // bytes first: a reader that sees the duration sees them
-	p.tel.bytes.Add(bg, down, s.attrs.toClient)
-	p.tel.duration.Record(bg, time.Since(r.routed).Seconds(), s.attrs.worker)
+	p.tel.active.Add(bg, -1, s.attrs.worker.add...)
+	p.tel.bytes.Add(bg, r.sent+up, s.attrs.toWorker.add...) // bytes first: a reader that sees the duration sees them
+	p.tel.bytes.Add(bg, down, s.attrs.toClient.add...)
+	p.tel.duration.Record(bg, time.Since(r.routed).Seconds(), s.attrs.worker.record...)
 }
 
 // route inspects c, parses what it has sent and gives it to a worker. In
@@ -303,7 +303,7 @@ func (p *primary) inspect(c net.Conn, buf []byte, handoff bool) (n, hdr int, cli
 	} else {
 		n, hdr, outcome, err = sniff(c, buf, p.cfg.inspectionTimeout, detect, wait)
 	}
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome])
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[outcome].record...)
 	if err != nil {
 		// The client left (EOF before a byte) or its connection failed,
 		// a reset mid-head for one: nobody is there to serve. A timeout,
@@ -351,7 +351,7 @@ func (p *primary) offer(req *Request, send func(*process, byte) error, up *upstr
 			continue // not ready for hand-off (cannot happen for a candidate)
 		}
 		if k > 0 {
-			p.tel.dialRetries.Add(bg, 1, s.attrs.worker)
+			p.tel.dialRetries.Add(bg, 1, s.attrs.worker.add...)
 		}
 		s.conns.Add(1)
 		var err error
@@ -364,7 +364,7 @@ func (p *primary) offer(req *Request, send func(*process, byte) error, up *upstr
 			if w.proc != nil {
 				w.proc.dialed.Add(1)
 			}
-			p.tel.active.Add(bg, 1, s.attrs.worker)
+			p.tel.active.Add(bg, 1, s.attrs.worker.add...)
 			return w, false
 		}
 		s.conns.Add(-1)
@@ -372,7 +372,7 @@ func (p *primary) offer(req *Request, send func(*process, byte) error, up *upstr
 			busy = true
 			continue // no failure: the next worker, and the caller waits for room its own way
 		}
-		p.tel.dialFailures.Add(bg, 1, s.attrs.worker)
+		p.tel.dialFailures.Add(bg, 1, s.attrs.worker.add...)
 		if ok, n := p.logs.dial.allow(); ok {
 			if send != nil {
 				p.log.Warn("hand-off to worker failed; trying the next", "worker", w.Index, "err", err, "suppressed", n)
@@ -391,7 +391,7 @@ func (p *primary) unoffer(s *slot, pr *process) {
 	s.conns.Add(-1)
 	pr.dialed.Add(^uint64(0))
 	pr.open.Add(-1)
-	p.tel.active.Add(bg, -1, s.attrs.worker)
+	p.tel.active.Add(bg, -1, s.attrs.worker.add...)
 }
 
 // offerHow is how offer gives a connection to a worker.
@@ -575,7 +575,7 @@ func (p *primary) pickWorker(req *Request, cands []WorkerInfo) int {
 	i, res := pick(p.cfg.balancer, p.fallback, req, cands)
 	p.tel.balance.Record(bg, time.Since(start).Seconds())
 	if res != pickOK {
-		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res])
+		p.tel.fallbacks.Add(bg, 1, p.tel.fallback[res].add...)
 		if ok, n := p.logs.balancer.allow(); ok {
 			p.log.Error("balancer failed; used round robin", "failure", res.String(), "suppressed", n)
 		}

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -215,6 +216,8 @@ type rawAccepter struct {
 	rights    [handoffBatchMax + 1][]byte // SCM_RIGHTS for n descriptors, made when first used
 	op        epollOp                     // ctl's call
 	doOp      func(ep uintptr)
+	snd       sendOp // sendBatch's call
+	doSend    func(fd uintptr)
 	accept    func(lfd uintptr) // acceptPass
 	acceptErr error
 }
@@ -262,6 +265,7 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 		return nil, err
 	}
 	a.doOp = func(ep uintptr) { a.op.err = unix.EpollCtl(int(ep), a.op.op, a.op.fd, a.op.ev) }
+	a.doSend = func(fd uintptr) { a.snd.err = sendmsgNow(int(fd), a.snd.msg, a.snd.oob) }
 	a.accept = a.acceptPass
 	a.send = a.queue
 	return a, nil
@@ -534,7 +538,7 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 		return nil, 0, false
 	}
 	head := a.buf[proxyRoom:]
-	n, _, err := unix.Recvfrom(fd, head, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	n, err := peekNow(fd, head)
 	switch {
 	case err == unix.EAGAIN:
 		return nil, 0, true
@@ -588,7 +592,7 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start t
 		return true
 	}
 	unix.Close(fd) // the worker has its own descriptor
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete].record...)
 	return true
 }
 
@@ -681,7 +685,7 @@ func (a *rawAccepter) flush(b *handBatch) {
 	for i, c := range b.conns {
 		binary.NativeEndian.PutUint32(oob[unix.CmsgLen(0)+4*i:], uint32(c.fd))
 	}
-	err := sendNow(b.pr.handoffSock, b.msg, oob)
+	err := a.sendBatch(b.pr, b.msg, oob)
 	if err != nil {
 		for range b.conns {
 			p.unoffer(b.s, b.pr)
@@ -693,12 +697,12 @@ func (a *rawAccepter) flush(b *handBatch) {
 		now := time.Now()
 		for _, c := range b.conns {
 			unix.Close(c.fd) // the worker has its own descriptor
-			p.tel.sniff.Record(bg, now.Sub(c.at).Seconds(), p.tel.outcome[sniffComplete])
+			p.tel.sniff.Record(bg, now.Sub(c.at).Seconds(), p.tel.outcome[sniffComplete].record...)
 		}
 	} else {
 		a.full = append(a.full, b.pr)
 		if !errors.Is(err, errWouldWait) {
-			p.tel.dialFailures.Add(bg, int64(n), b.s.attrs.worker)
+			p.tel.dialFailures.Add(bg, int64(n), b.s.attrs.worker.add...)
 			if ok, k := p.logs.dial.allow(); ok {
 				p.log.Warn("hand-off to worker failed; offering its connections again", "worker", b.s.index, "conns", n, "err", err, "suppressed", k)
 			}
@@ -757,7 +761,7 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 		return true
 	}
 	p.rawServed.Add(1)
-	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete])
+	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete].record...)
 	r := &relay{p: p, client: c, worker: up, s: w.slot, sent: int64(n), routed: time.Now()}
 	p.conns.routed(c, nil, w.Index, w.PID)
 	// The head leaves the client's socket now, and goes to the worker
@@ -795,22 +799,57 @@ func sendNow(uc *net.UnixConn, msg, oob []byte) error {
 		return err
 	}
 	var serr error
-	err = rc.Control(func(fd uintptr) {
-		for {
-			if serr = unix.Sendmsg(int(fd), msg, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL); serr != unix.EINTR {
-				return
-			}
-		}
-	})
-	switch {
-	case err != nil:
+	if err := rc.Control(func(fd uintptr) { serr = sendmsgNow(int(fd), msg, oob) }); err != nil {
 		return err
-	case serr == unix.EAGAIN:
-		return errWouldWait
-	case serr != nil:
-		return os.NewSyscallError("sendmsg", serr)
 	}
-	return nil
+	return serr
+}
+
+// sendmsgNow is sendNow's sendmsg on the descriptor fd.
+func sendmsgNow(fd int, msg, oob []byte) error {
+	for {
+		switch err := unix.Sendmsg(fd, msg, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL); err {
+		case nil:
+			return nil
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return errWouldWait
+		default:
+			return os.NewSyscallError("sendmsg", err)
+		}
+	}
+}
+
+// sendBatch is sendNow for flush, allocating nothing: on the hand-off
+// socket's RawConn, made once with the process (handoffRC; sendNow for a
+// process made without it, in tests), through a.doSend, made once.
+func (a *rawAccepter) sendBatch(pr *process, msg, oob []byte) error {
+	if pr.handoffRC == nil {
+		return sendNow(pr.handoffSock, msg, oob)
+	}
+	a.snd = sendOp{msg: msg, oob: oob}
+	if err := pr.handoffRC.Control(a.doSend); err != nil {
+		return err
+	}
+	return a.snd.err
+}
+
+// sendOp is one sendmsg call of sendBatch.
+type sendOp struct {
+	msg, oob []byte
+	err      error
+}
+
+// peekNow is recv(MSG_PEEK|MSG_DONTWAIT) on fd into b, which must not be
+// empty: x/sys's Recvfrom also asks for the sender's address, into a
+// buffer it allocates on every call.
+func peekNow(fd int, b []byte) (int, error) {
+	n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }
 
 // newFileConn makes fd, from the client at sa, a fileConn: with its

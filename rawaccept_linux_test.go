@@ -2,11 +2,14 @@ package defuss
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -63,6 +66,9 @@ func newRawTest(t *testing.T, workers int, b Balancer, meter Option, opts ...Opt
 		}
 		t.Cleanup(func() { ours.Close(); far.Close() })
 		v.cands[i].proc = &process{handoffSock: ours}
+		if v.cands[i].proc.handoffRC, err = ours.SyscallConn(); err != nil { // as spawnExec makes it
+			t.Fatal(err)
+		}
 		// A worker of this version announces it (handoffAnnounced).
 		if err := announceHandoff(far.(*net.UnixConn)); err != nil {
 			t.Fatal(err)
@@ -223,7 +229,7 @@ func TestRawAcceptHandsOffCompleteHeadsAtOnce(t *testing.T) {
 	rt := newRawTest(t, 1, nil, nil)
 	// Connected and sent before the loop runs: the heads wait in the
 	// sockets. (Loopback delivers a write at once, as a rule; the test
-	// needs only one of them there when it is accepted.)
+	// needs two of them there when they are accepted, for a batch.)
 	const early = 20
 	rt.dial(t, early, rawHead)
 	rt.start(t)
@@ -304,6 +310,103 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 		t.Errorf("dial.retries = %v, want 5 onto worker 1", got)
 	}
 }
+
+// A pass of the raw accept loop that hands off connections whose heads
+// are there allocates three objects a connection: the client's address,
+// which syscall.Accept4 returns as a Sockaddr, and the Request's Path and
+// Host strings, which the Balancer gets (BenchmarkRoute's 2). The
+// telemetry, the peek, the batch and its send allocate nothing once the
+// loop has run a pass (before, about 8 a connection in all).
+//
+// The count is the process's, and goroutines of other tests that are
+// still ending add to it: the test measures in a process of its own, this
+// binary run with it alone (envAllocsAlone).
+//
+// Not under the race detector, whose sync.Pool drops a quarter of what is
+// put back (the Requests): .ci/run runs it without.
+func TestRawAcceptPassAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's sync.Pool drops what is put back: run without -race (.ci/run does)")
+	}
+	if os.Getenv(envAllocsAlone) == "" {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestRawAcceptPassAllocations$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), envAllocsAlone+"=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("measured alone: %v\n%s", err, out)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.Contains(line, "allocations a connection") {
+				t.Log(strings.TrimSpace(line))
+			}
+		}
+		return
+	}
+	rt := newRawTest(t, 2, nil, nil)
+	lrc, err := rt.ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := newRawAccepter(rt.p, lrc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.file.Close()
+	var oerr error
+	lrc.Control(func(fd uintptr) { oerr = publicSocketOpts(int(fd)) }) // as the loop does
+	if oerr != nil {
+		t.Fatal(oerr)
+	}
+	a.optsSet = true
+	addr := rt.ln.Addr().(*net.TCPAddr).AddrPort()
+	sa := &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+	const n = 16
+	pass := func() float64 {
+		t.Helper()
+		for range n { // clients with raw system calls: they allocate nothing
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { unix.Close(fd) })
+			if err := unix.Connect(fd, sa); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := unix.Write(fd, []byte(rawHead)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, 5*time.Second, "the clients in the accept queue", func() bool {
+			q, err := acceptQueue(rt.ln)
+			return err == nil && q == n
+		})
+		served := rt.p.rawServed.Load()
+		var m0, m1 runtime.MemStats
+		runtime.ReadMemStats(&m0)
+		a.pass(lrc, []unix.EpollEvent{{Fd: rawListener}})
+		runtime.ReadMemStats(&m1)
+		if got := rt.p.rawServed.Load() - served; got != n {
+			t.Fatalf("the pass handed off %d connections; want %d", got, n)
+		}
+		for i := range n { // empty the workers' queues
+			_, c := rt.receive(t, i%2)
+			readExactly(t, c, rawHead)
+		}
+		return float64(m1.Mallocs-m0.Mallocs) / n
+	}
+	warm := pass() // makes the batches and their SCM_RIGHTS buffers
+	if got := pass(); got > 3 {
+		t.Errorf("a pass allocated %.2f objects a connection (%.2f in the first); want at most 3", got, warm)
+	} else {
+		t.Logf("%.2f allocations a connection (%.2f in the first pass)", got, warm)
+	}
+}
+
+// envAllocsAlone runs TestRawAcceptPassAllocations's measurement, in the
+// process the test starts for it.
+const envAllocsAlone = "DEFUSS_TEST_ALLOCS_ALONE"
 
 // A worker that announced version 3 (one of an older binary) gets each
 // connection in a version 3 message of its own.

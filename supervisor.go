@@ -183,7 +183,7 @@ func (sv *supervisor) onFrame(pr *process, ev frameEvent) {
 		ev.err = p.checkMessage(s, pr.pid, &ev.msg)
 	}
 	if ev.err != nil {
-		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+		p.tel.badFrames.Add(bg, 1, s.attrs.worker.add...)
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid, "err", ev.err)
 		if pr == sv.cur {
 			p.pool.setState(s, WorkerUnhealthy, pr.pid)
@@ -266,20 +266,20 @@ func (sv *supervisor) onClosed(pr *process, m *message) {
 		pr.open.Add(n) // more closes than connections: not trusted
 		p.log.Error("bad frame from worker", "worker", s.index, "worker_pid", pr.pid,
 			"err", fmt.Errorf("%w: %d closes reported, more than were handed", errFrame, n))
-		p.tel.badFrames.Add(bg, 1, s.attrs.worker)
+		p.tel.badFrames.Add(bg, 1, s.attrs.worker.add...)
 		return
 	}
 	if len(m.durations) > 0 {
 		// Bytes first: a reader that sees the durations sees the bytes.
-		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker)
-		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient)
+		p.tel.bytes.Add(bg, int64(m.bytesIn), s.attrs.toWorker.add...)
+		p.tel.bytes.Add(bg, int64(m.bytesOut), s.attrs.toClient.add...)
 		for _, d := range m.durations {
-			p.tel.duration.Record(bg, d.Seconds(), s.attrs.worker)
+			p.tel.duration.Record(bg, d.Seconds(), s.attrs.worker.record...)
 		}
 	}
 	p.conns.closedHanded(n)
 	s.conns.Add(-n)
-	p.tel.active.Add(bg, -n, s.attrs.worker)
+	p.tel.active.Add(bg, -n, s.attrs.worker.add...)
 }
 
 // publishCur routes the slot's new connections to its current process,
@@ -345,7 +345,7 @@ func (sv *supervisor) onExit(pr *process, werr error) {
 		// with it.
 		p.conns.closedHanded(n)
 		s.conns.Add(-n)
-		p.tel.active.Add(bg, -n, s.attrs.worker)
+		p.tel.active.Add(bg, -n, s.attrs.worker.add...)
 	}
 	p.log.Info("worker exited", "worker", s.index, "worker_pid", pr.pid, "status", exitStatus(werr), "reason", reason)
 	if p.cfg.onExit != nil {

@@ -51,24 +51,39 @@ type telemetry struct {
 	refused       metric.Int64Counter
 	rejectReason  map[string]metric.MeasurementOption
 
-	outcome  map[string]metric.MeasurementOption
-	fallback map[pickResult]metric.MeasurementOption
+	outcome  map[string]attrOpts
+	fallback map[pickResult]attrOpts
 	reg      metric.Registration
 }
 
 // slotAttrs are the measurement options of one worker slot, made once per
 // slot so that the hot path records without allocating.
 type slotAttrs struct {
-	worker   metric.MeasurementOption // defuss.worker.index
-	toWorker metric.MeasurementOption // and direction client_to_worker
-	toClient metric.MeasurementOption // and direction worker_to_client
+	worker   attrOpts // defuss.worker.index
+	toWorker attrOpts // and direction client_to_worker
+	toClient attrOpts // and direction worker_to_client
+}
+
+// attrOpts is an attribute set as the options of Add and Record, each a
+// slice made once: a call that lists an option builds the slice of its
+// variadic parameter, which escapes through the instrument's interface
+// and is allocated on every call; a call passed a made slice (opts.add...)
+// allocates nothing.
+type attrOpts struct {
+	add    []metric.AddOption
+	record []metric.RecordOption
+}
+
+func newAttrOpts(kvs ...attribute.KeyValue) attrOpts {
+	o := metric.WithAttributeSet(attribute.NewSet(kvs...))
+	return attrOpts{add: []metric.AddOption{o}, record: []metric.RecordOption{o}}
 }
 
 func newSlotAttrs(i int) slotAttrs {
 	return slotAttrs{
-		worker:   metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i))),
-		toWorker: metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("client_to_worker"))),
-		toClient: metric.WithAttributeSet(attribute.NewSet(attrWorker.Int(i), attrDirection.String("worker_to_client"))),
+		worker:   newAttrOpts(attrWorker.Int(i)),
+		toWorker: newAttrOpts(attrWorker.Int(i), attrDirection.String("client_to_worker")),
+		toClient: newAttrOpts(attrWorker.Int(i), attrDirection.String("worker_to_client")),
 	}
 }
 
@@ -154,13 +169,13 @@ func newTelemetry(mp metric.MeterProvider, view func() *poolView) *telemetry {
 		metric.WithDescription("HTTP connections open in the worker, by its own count."))
 	check(err)
 
-	t.outcome = map[string]metric.MeasurementOption{}
+	t.outcome = map[string]attrOpts{}
 	for _, o := range []string{sniffComplete, sniffTimeout, sniffCap, sniffEOF} {
-		t.outcome[o] = metric.WithAttributeSet(attribute.NewSet(attrOutcome.String(o)))
+		t.outcome[o] = newAttrOpts(attrOutcome.String(o))
 	}
-	t.fallback = map[pickResult]metric.MeasurementOption{}
+	t.fallback = map[pickResult]attrOpts{}
 	for _, r := range []pickResult{pickPanic, pickNil, pickStranger} {
-		t.fallback[r] = metric.WithAttributeSet(attribute.NewSet(attrReason.String(r.String())))
+		t.fallback[r] = newAttrOpts(attrReason.String(r.String()))
 	}
 
 	t.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {

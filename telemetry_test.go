@@ -348,7 +348,7 @@ func TestSupervisorCloseReports(t *testing.T) {
 		f.pr.open.Add(5)
 		sv.s.conns.Add(5)
 		sv.p.conns.handed.Add(5)
-		sv.p.tel.active.Add(bg, 5, sv.s.attrs.worker)
+		sv.p.tel.active.Add(bg, 5, sv.s.attrs.worker.add...)
 		closed := func(msg message) {
 			msg.kind, msg.slot, msg.pid = frameClosed, 0, f.pr.pid
 			f.pr.emit(procEvent{kind: evFrame, frame: frameEvent{msg: msg}})
