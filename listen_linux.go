@@ -99,8 +99,8 @@ func stopHandshakes(ln net.Listener) error {
 }
 
 // allowHandshakes takes stopHandshakes' filter off ln again: just before
-// the close, for a socket that others may hold too (an Upgrade's, one
-// given with WithListener), which must not keep it.
+// the close, for a socket that another process may hold too (one from an
+// upgrade), which must not keep it.
 func allowHandshakes(ln net.Listener) error {
 	rc, err := listenerConn(ln)
 	if err != nil {

@@ -19,22 +19,35 @@ import (
 // The public socket is plain TCP, not net's default Multipath TCP, which
 // takes no socket filter.
 func TestPublicSocketIsPlainTCP(t *testing.T) {
-	lc := listenConfig()
+	if proto := sockProtocol(t, publicListener(t, listenConfig())); proto != unix.IPPROTO_TCP {
+		t.Fatalf("SO_PROTOCOL %d; want IPPROTO_TCP (%d)", proto, unix.IPPROTO_TCP)
+	}
+}
+
+// publicListener listens on loopback with lc until the test ends.
+func publicListener(t *testing.T, lc net.ListenConfig) net.Listener {
+	t.Helper()
 	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// sockProtocol is the protocol of ln's socket (SO_PROTOCOL).
+func sockProtocol(t *testing.T, ln net.Listener) int {
+	t.Helper()
 	rc, err := listenerConn(ln)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var proto int
 	var gerr error
-	rc.Control(func(fd uintptr) { proto, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) })
-	if gerr != nil || proto != unix.IPPROTO_TCP {
-		t.Fatalf("SO_PROTOCOL %d, %v; want IPPROTO_TCP (%d)", proto, gerr, unix.IPPROTO_TCP)
+	if err := rc.Control(func(fd uintptr) { proto, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) }); err != nil || gerr != nil {
+		t.Fatal(err, gerr)
 	}
+	return proto
 }
 
 // stopHandshakes: a connection the kernel completed before it waits in the
@@ -43,12 +56,7 @@ func TestPublicSocketIsPlainTCP(t *testing.T) {
 // and a reset would come after the handshake); allowHandshakes lets new
 // ones in again. acceptQueue counts what waits.
 func TestStopHandshakes(t *testing.T) {
-	lc := listenConfig()
-	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := publicListener(t, listenConfig())
 	queued, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -108,18 +116,8 @@ func TestStopHandshakesRefusesOtherListeners(t *testing.T) {
 	}
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(true)
-	ml, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ml.Close()
-	rc, err := listenerConn(ml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var proto int
-	rc.Control(func(fd uintptr) { proto, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) })
-	if proto != unix.IPPROTO_MPTCP {
+	ml := publicListener(t, lc)
+	if proto := sockProtocol(t, ml); proto != unix.IPPROTO_MPTCP {
 		t.Logf("no MPTCP here (SO_PROTOCOL %d): that part not checked", proto)
 		return
 	}
@@ -136,12 +134,7 @@ func TestEmptyAcceptQueueWaitsAndASecondSignalForces(t *testing.T) {
 	for _, second := range []bool{false, true} {
 		t.Run(map[bool]string{false: "no signal: queueMax", true: "a second signal"}[second], func(t *testing.T) {
 			p := newTestPrimary(t, nil, nil, "127.0.0.1:1")
-			lc := listenConfig()
-			ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
+			ln := publicListener(t, listenConfig())
 			p.ln = ln
 			// A second descriptor of the socket, as another process that
 			// holds it would have: it keeps listening after p.ln closes.

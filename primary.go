@@ -368,20 +368,29 @@ func (p *primary) drainDelay(sigs <-chan os.Signal, ops *sync.WaitGroup, signall
 		return
 	}
 	p.log.Info("drain delay: health checks answer 503; still serving", "delay", d)
+	p.serveFor(d, nil, sigs, ops, signalled)
+}
+
+// serveFor waits for d, handling signals as run does meanwhile. It
+// reports false if the wait ended early: the shutdown began (a second
+// stop signal forces it), or done closed (nil: never).
+func (p *primary) serveFor(d time.Duration, done <-chan struct{}, sigs <-chan os.Signal, ops *sync.WaitGroup, signalled *bool) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	for {
 		select {
 		case <-t.C:
-			return
+			return true
 		case sig := <-sigs:
 			if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
 				p.log.Warn("second signal; stopping now")
 				p.forceShutdown()
-				return
+				return false
 			}
 		case <-p.life.drain:
-			return
+			return false
+		case <-done:
+			return false
 		}
 	}
 }
@@ -429,27 +438,8 @@ func (p *primary) emptyAcceptQueue(sigs <-chan os.Signal, ops *sync.WaitGroup, s
 		return
 	}
 	defer p.releaseHandshakes()
-	// wait waits for d; false: the stop was forced meanwhile.
-	wait := func(d time.Duration) bool {
-		t := time.NewTimer(d)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				return true
-			case <-p.life.drain:
-				return false
-			case <-p.acceptDone: // nobody accepts any more
-				return false
-			case sig := <-sigs:
-				if p.onSignal(sig, ops) && p.secondStop(sig, signalled) {
-					p.log.Warn("second signal; stopping now")
-					p.forceShutdown()
-					return false
-				}
-			}
-		}
-	}
+	// The wait ends early too when nobody accepts any more.
+	wait := func(d time.Duration) bool { return p.serveFor(d, p.acceptDone, sigs, ops, signalled) }
 	start := time.Now()
 	if !wait(queueLinger) {
 		return

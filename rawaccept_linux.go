@@ -304,7 +304,7 @@ func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accep
 // the listener is closed, and a failure of accept4.
 func (a *rawAccepter) acceptBatch(lrc syscall.RawConn) (closed bool, err error) {
 	a.acceptErr = nil
-	cerr := lrc.Control(a.accept) // made once: a pass allocates nothing
+	cerr := lrc.Control(a.accept) // made once: no closure a pass
 	return cerr != nil, a.acceptErr
 }
 
@@ -568,7 +568,6 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start t
 	p := a.p
 	a.msg = handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{})
 	a.cur, a.queued = handed{fd: fd, sa: sa, at: start}, nil
-	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(fd))
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it
 	// A worker that takes it only after a wait: route asks the Balancer
@@ -788,6 +787,7 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 // descriptor in a.oob, without waiting, to a worker that does not decode
 // version 4.
 func (a *rawAccepter) sendMsg(uc *net.UnixConn, v byte) error {
+	binary.NativeEndian.PutUint32(a.oob[unix.CmsgLen(0):], uint32(a.cur.fd))
 	return sendNow(uc, appendHandoff(a.buf[:0:proxyRoom], a.msg.upTo(v)), a.oob)
 }
 
