@@ -220,6 +220,7 @@ type rawAccepter struct {
 	doSend    func(fd uintptr)
 	accept    func(lfd uintptr) // acceptPass
 	acceptErr error
+	epoch     uint64 // of the dial gate, which the pass holds
 }
 
 // rawPending is an accepted connection whose head has not arrived.
@@ -276,20 +277,22 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 // It holds the dial gate meanwhile, and counts as routing: a batch is
 // sent after the offers that filled it have ended, and a worker must not
 // be told to drain (quiesce), nor the drain begin (awaitRoutingIdle),
-// before what was handed to it is sent.
+// before what was handed to it is sent. A quiesce that begins during the
+// pass waits only for the connection being served (yieldGate).
 func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accepted, closed bool, aerr error) {
 	g := a.p.gate
-	e := g.enter()
+	a.epoch = g.enter()
 	g.routing.Add(1)
 	a.full = a.full[:0]
 	defer func() {
 		a.flushAll()
 		g.routing.Add(-1)
-		g.exit(e)
+		g.exit(a.epoch)
 	}()
 	for _, ev := range events {
 		if ev.Fd != rawListener {
 			a.ready(int(ev.Fd), ev.Events) // edge-triggered: not reported again
+			a.yieldGate()
 			continue
 		}
 		accepted = true
@@ -298,6 +301,23 @@ func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accep
 		}
 	}
 	return
+}
+
+// yieldGate lets a quiesce that began during the pass go on: once the
+// gate's epoch has moved, the loop sends the batches it has gathered,
+// which the quiesce is to see sent before its worker drains, and joins
+// the new epoch, whose offers pick from the new set of workers. So a
+// quiesce waits for one connection's offer (one Balancer call), not for a
+// pass of up to rawBatch accepts and the events of a wake-up. The pass
+// calls it after each connection: one atomic load.
+func (a *rawAccepter) yieldGate() {
+	g := a.p.gate
+	if g.epoch.Load() == a.epoch {
+		return
+	}
+	a.flushAll()
+	g.exit(a.epoch)
+	a.epoch = g.enter()
 }
 
 // acceptBatch accepts up to rawBatch connections. It reports closed once
@@ -320,6 +340,7 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 				publicSocketOpts(fd) // an error is ignored: the message still says they are set
 			}
 			a.conn(fd, sa)
+			a.yieldGate()
 		case syscall.EINTR, syscall.ECONNABORTED:
 		case syscall.EAGAIN:
 			a.optsEach = false // what comes now was made with the listener's options

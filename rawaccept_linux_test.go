@@ -493,6 +493,68 @@ func TestRawAcceptBatchToAGoneWorkerGoesToTheNext(t *testing.T) {
 	}
 }
 
+// A quiesce (a restart, a recycle, a scale-down tells a worker to drain
+// once it returns) that begins during a pass waits for the Balancer call
+// under way, not for the rest of the pass: the loop sends what it has
+// gathered and joins the new epoch. Before, a pass held the gate to its
+// end, and a slow Balancer over a pass of 64 accepts could keep a
+// quiesce waiting past its limit, with a batch to the draining worker
+// still unsent.
+func TestRawAcceptPassLetsAQuiesceThrough(t *testing.T) {
+	inFirst, releaseFirst, quiesced := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var calls, late atomic.Int64
+	b := func(r *Request, c []WorkerInfo) *WorkerInfo {
+		if calls.Add(1) == 1 {
+			close(inFirst)
+			<-releaseFirst
+			return &c[0]
+		}
+		select {
+		case <-quiesced:
+		case <-time.After(3 * time.Second):
+			late.Add(1) // the quiesce waited for this call, which began after it
+		}
+		return &c[0]
+	}
+	rt := newRawTest(t, 1, b, nil)
+	const n = 3
+	rt.dial(t, n, rawHead) // all queued: one pass accepts them
+	rt.start(t)
+	<-inFirst
+	g := rt.p.gate
+	e := g.epoch.Load()
+	go func() {
+		g.quiesce(10 * time.Second)
+		close(quiesced)
+	}()
+	waitUntil(5*time.Second, func() bool { return g.epoch.Load() != e })
+	close(releaseFirst)
+	select {
+	case <-quiesced:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the quiesce did not return")
+	}
+	// The first connection's batch was sent before the quiesce returned.
+	rc, err := rt.far[0].SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var queued int
+	rc.Control(func(fd uintptr) {
+		queued, _, _ = unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	})
+	if queued != 1 {
+		t.Errorf("when the quiesce returned the worker had no hand-off waiting; want the first connection's")
+	}
+	for range n {
+		_, c := rt.receive(t, 0)
+		readExactly(t, c, rawHead)
+	}
+	if got := late.Load(); got != 0 {
+		t.Errorf("the quiesce waited for %d Balancer calls that began after it; want 0", got)
+	}
+}
+
 // The connection limit holds in the raw accept loop: a connection past it
 // is closed unserved, and the ones within it are handed off.
 func TestRawAcceptConnectionLimit(t *testing.T) {
