@@ -95,7 +95,10 @@ const (
 // The benchmark, without the race detector, met it in both modes (the
 // README's slow-reader table). Until the test holds reliably, a run under
 // -race over the limit skips with its numbers instead of failing;
-// DEFUSS_TEST_SLOWREAD=1 makes it fail. Without -race it fails as usual.
+// DEFUSS_TEST_SLOWREAD=1 makes it fail. Without -race it fails as usual,
+// and .ci/run runs it so in both modes: in 10 runs without -race (5 a
+// mode, on two cores, at 315a6d6) the p99 under the attack was at most
+// 0.59 of the limit (2.35ms against 4ms).
 //
 // Every other request must succeed, every slow reader must have been
 // answered with a 200 head and still be open at the end, and afterwards
