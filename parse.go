@@ -41,6 +41,10 @@ type Request struct {
 
 	// headers is the region of Head holding complete, validated header lines.
 	headers []byte
+	// lastPath and lastHost are the strings the last parse into r made,
+	// kept through reset: a head with the same target or Host gets the
+	// same string, not a new one (see parseRequest).
+	lastPath, lastHost string
 }
 
 // Protocol values of [Request.Protocol].
@@ -99,9 +103,10 @@ func (r *Request) Headers() map[string][]string {
 	return m
 }
 
-// reset clears r so that it can be reused from a sync.Pool.
+// reset clears r so that it can be reused from a sync.Pool, but for the
+// strings it keeps to reuse.
 func (r *Request) reset() {
-	*r = Request{}
+	*r = Request{lastPath: r.lastPath, lastHost: r.lastHost}
 }
 
 // headEnd returns the length of the request head at the start of b,
@@ -146,7 +151,8 @@ func headEnd(b []byte, from int) int {
 // request line, which RFC 9112 section 2.2 says a server SHOULD ignore, makes
 // the head "unknown", as it makes http.ReadRequest fail. r.Head aliases b.
 // parseRequest does not change r.RemoteAddr and allocates only the strings
-// it stores in r.
+// it stores in r, and of those only a Path or a Host that differs from
+// the last one parsed into r.
 func parseRequest(r *Request, b []byte) {
 	head := b
 	if n := headEnd(b, 0); n >= 0 {
@@ -195,12 +201,33 @@ func parseRequest(r *Request, b []byte) {
 	}
 
 	r.Method = methodString(method)
-	r.Path = string(target)
+	r.Path = reuse(&r.lastPath, target)
 	r.Version = versionString(minor)
-	r.Host = string(host)
+	r.Host = reuse(&r.lastHost, host)
 	r.Protocol = ProtocolHTTP1
 	r.headers = head[hdrStart : len(head)-len(rest)]
 }
+
+// reuse returns b as a string: *last if it holds the same bytes, else a
+// new one, which becomes *last if it is at most reuseMax bytes. A Request
+// from the pool parses heads of the same client, load balancer or health
+// check one after another: the same Host, often the same target, and no
+// allocation for them. A longer string is not kept: pooled Requests would
+// hold up to a head's worth each until the pool is next cleared.
+func reuse(last *string, b []byte) string {
+	if string(b) == *last { // the conversion does not allocate
+		return *last
+	}
+	s := string(b)
+	*last = ""
+	if len(s) <= reuseMax {
+		*last = s
+	}
+	return s
+}
+
+// reuseMax is the longest string a Request keeps to reuse.
+const reuseMax = 256
 
 // cutLine splits b after its first '\n'. It returns the line without its
 // CRLF and the bytes after it; ok is false if b has no '\n' or the line ends

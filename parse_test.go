@@ -433,17 +433,21 @@ func TestParseRequestReset(t *testing.T) {
 	r.reset()
 	if r.Method != "" || r.Path != "" || r.Version != "" || r.Host != "" || r.Protocol != "" ||
 		r.RemoteAddr.IsValid() || r.Head != nil || r.headers != nil {
-		t.Errorf("after reset: %+v, want the zero Request", r)
+		t.Errorf("after reset: %+v, want the zero Request but for the strings kept to reuse", r)
+	}
+	if r.lastPath != "/" || r.lastHost != "example.com" {
+		t.Errorf("after reset: the strings kept to reuse are %q and %q; want the last head's", r.lastPath, r.lastHost)
 	}
 }
 
 // TestParseRequestAllocs checks that routing a typical request allocates
-// only the strings it must: Path and Host (common methods and "1.1" are
-// constants).
+// only the strings it must: Path and Host, into a new Request (common
+// methods and "1.1" are constants); TestParseRequestReusesStrings has a
+// pooled one, which reuses them.
 func TestParseRequestAllocs(t *testing.T) {
 	in := browserGET(t)
 	var r Request
-	if n := testing.AllocsPerRun(100, func() { parseRequest(&r, in) }); n > 2 {
+	if n := testing.AllocsPerRun(100, func() { r = Request{}; parseRequest(&r, in) }); n > 2 {
 		t.Errorf("parseRequest allocates %v times, want at most 2", n)
 	}
 	if n := testing.AllocsPerRun(100, func() { _ = r.Header("sec-fetch-mode") }); n > 1 {
@@ -697,6 +701,41 @@ func FuzzParseRequest(f *testing.F) {
 			t.Fatalf("net/http reads Host %q, we read %q", req.Host, r.Host)
 		}
 	})
+}
+
+// A pooled Request parses the same target and Host again without
+// allocating, and a different one into a string of its own: a string
+// given out before is never changed.
+func TestParseRequestReusesStrings(t *testing.T) {
+	head := func(path, host string) []byte {
+		return []byte("GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n\r\n")
+	}
+	var r Request
+	a := head("/a?x=1", "example.com")
+	parseRequest(&r, a)
+	path, host := r.Path, r.Host
+	r.reset() // as the pool's Put does
+	if n := testing.AllocsPerRun(100, func() { parseRequest(&r, a) }); n != 0 {
+		t.Errorf("parsing the same head again made %v allocations; want 0", n)
+	}
+	long := "/" + strings.Repeat("l", reuseMax)
+	parseRequest(&r, head(long, "example.com"))
+	if r.Path != long || r.lastPath != "" || r.lastHost != "example.com" {
+		t.Errorf("a target longer than %d bytes: Path %d bytes, %d kept to reuse; want it given, none kept", reuseMax, len(r.Path), len(r.lastPath))
+	}
+	b := head("/b", "example.org")
+	a[4], a[len(a)-6] = 'z', 'z' // the buffer is reused: its old bytes change
+	parseRequest(&r, b)
+	if r.Path != "/b" || r.Host != "example.org" {
+		t.Errorf("after another head: Path %q, Host %q; want \"/b\", \"example.org\"", r.Path, r.Host)
+	}
+	if path != "/a?x=1" || host != "example.com" {
+		t.Errorf("a string given out earlier changed: Path %q, Host %q", path, host)
+	}
+	parseRequest(&r, head("/b", "example.com"))
+	if r.Path != "/b" || r.Host != "example.com" {
+		t.Errorf("Path %q, Host %q; want \"/b\", \"example.com\"", r.Path, r.Host)
+	}
 }
 
 func BenchmarkParseRequest(b *testing.B) {

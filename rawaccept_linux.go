@@ -220,15 +220,17 @@ type rawAccepter struct {
 	doSend    func(fd uintptr)
 	accept    func(lfd uintptr) // acceptPass
 	acceptErr error
-	epoch     uint64 // of the dial gate, which the pass holds
+	epoch     uint64              // of the dial gate, which the pass holds
+	peer      unix.RawSockaddrAny // accept4's client address
+	peerLen   uint32
 }
 
 // rawPending is an accepted connection whose head has not arrived.
 type rawPending struct {
-	fd  int
-	sa  syscall.Sockaddr
-	at  time.Time // accepted
-	due time.Time // when it goes to route
+	fd   int
+	peer netip.AddrPort
+	at   time.Time // accepted
+	due  time.Time // when it goes to route
 }
 
 // newRawAccepter makes the loop's epoll set, with the listener in it
@@ -308,7 +310,9 @@ func (a *rawAccepter) pass(lrc syscall.RawConn, events []unix.EpollEvent) (accep
 // which the quiesce is to see sent before its worker drains, and joins
 // the new epoch, whose offers pick from the new set of workers. So a
 // quiesce waits for one connection's offer (one Balancer call), not for a
-// pass of up to rawBatch accepts and the events of a wake-up. The pass
+// pass of up to rawBatch accepts and the events of a wake-up; and, if a
+// batch's send fails in that flush, for its connections' offers again
+// (flush), which is rare: a worker's full queue, or its exit. The pass
 // calls it after each connection: one atomic load.
 func (a *rawAccepter) yieldGate() {
 	g := a.p.gate
@@ -331,15 +335,13 @@ func (a *rawAccepter) acceptBatch(lrc syscall.RawConn) (closed bool, err error) 
 // acceptPass is acceptBatch's pass on the listener's descriptor lfd.
 func (a *rawAccepter) acceptPass(lfd uintptr) {
 	for range rawBatch {
-		// syscall's, not x/sys's: that asks each IPv4 socket for its
-		// protocol, to tell L2TP.
-		fd, sa, err := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+		fd, err := a.accept4(int(lfd))
 		switch err {
 		case nil:
 			if a.optsEach {
 				publicSocketOpts(fd) // an error is ignored: the message still says they are set
 			}
-			a.conn(fd, sa)
+			a.conn(fd, rawAddrPort(&a.peer))
 			a.yieldGate()
 		case syscall.EINTR, syscall.ECONNABORTED:
 		case syscall.EAGAIN:
@@ -353,8 +355,22 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 	// A full batch: the set reports the listener again at once.
 }
 
-// conn serves one accepted connection, fd, from the client at sa.
-func (a *rawAccepter) conn(fd int, sa syscall.Sockaddr) {
+// accept4 accepts a connection on lfd, non-blocking and close-on-exec,
+// with the client's address in a.peer. (Both syscall's and x/sys's
+// Accept4 allocate the address they return; x/sys's also asks each IPv4
+// socket for its protocol, to tell L2TP.)
+func (a *rawAccepter) accept4(lfd int) (int, error) {
+	a.peerLen = unix.SizeofSockaddrAny
+	fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&a.peer)), uintptr(unsafe.Pointer(&a.peerLen)),
+		unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if errno != 0 {
+		return -1, errno
+	}
+	return int(fd), nil
+}
+
+// conn serves one accepted connection, fd, from the client at peer.
+func (a *rawAccepter) conn(fd int, peer netip.AddrPort) {
 	p := a.p
 	p.tel.accepted.Add(bg, 1)
 	if ok, full := p.conns.reserve(); !ok {
@@ -364,14 +380,14 @@ func (a *rawAccepter) conn(fd int, sa syscall.Sockaddr) {
 	}
 	now := time.Now()
 	watched := false
-	done, wait := a.serve(fd, sa, now, &watched)
+	done, wait := a.serve(fd, peer, now, &watched)
 	switch {
 	case done:
 	case wait && len(a.pending) < rawPendingMax && a.watch(fd):
 		// The loop sets its deadline for it (expire) before it waits.
-		a.pending = append(a.pending, rawPending{fd: fd, sa: sa, at: now, due: now.Add(p.rawGrace)})
+		a.pending = append(a.pending, rawPending{fd: fd, peer: peer, at: now, due: now.Add(p.rawGrace)})
 	default:
-		a.route(fd, sa)
+		a.route(fd, peer)
 	}
 }
 
@@ -415,7 +431,7 @@ func (a *rawAccepter) ready(fd int, events uint32) {
 	}
 	e := a.pending[i]
 	watched := true
-	done, wait := a.serve(fd, e.sa, e.at, &watched)
+	done, wait := a.serve(fd, e.peer, e.at, &watched)
 	if wait && events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) == 0 {
 		return // more of the head to come; new bytes wake the loop again
 	}
@@ -424,7 +440,7 @@ func (a *rawAccepter) ready(fd int, events uint32) {
 		a.unwatch(fd) // before route has it
 	}
 	if !done {
-		a.route(fd, e.sa)
+		a.route(fd, e.peer)
 	}
 }
 
@@ -436,7 +452,7 @@ func (a *rawAccepter) expire(now time.Time) {
 	for k < len(a.pending) && !a.pending[k].due.After(now) {
 		e := a.pending[k]
 		a.unwatch(e.fd)
-		a.route(e.fd, e.sa)
+		a.route(e.fd, e.peer)
 		k++
 	}
 	if k > 0 {
@@ -450,7 +466,7 @@ func (a *rawAccepter) expire(now time.Time) {
 func (a *rawAccepter) shut() {
 	for _, e := range a.pending {
 		a.unwatch(e.fd)
-		a.route(e.fd, e.sa)
+		a.route(e.fd, e.peer)
 	}
 	a.pending = nil
 	a.file.Close()
@@ -471,11 +487,11 @@ func (a *rawAccepter) setDeadline(t time.Time) {
 	}
 }
 
-// claimFile makes the reserved connection fd, from the client at sa, a
+// claimFile makes the reserved connection fd, from the client at peer, a
 // live fileConn. It returns nil, having closed fd, if the connection
 // failed already (getsockname) or the table is closed.
-func (a *rawAccepter) claimFile(fd int, sa syscall.Sockaddr) *fileConn {
-	c, err := newFileConn(fd, sa, true)
+func (a *rawAccepter) claimFile(fd int, peer netip.AddrPort) *fileConn {
+	c, err := newFileConn(fd, peer, true)
 	if err != nil {
 		unix.Close(fd)
 		a.p.conns.closedHanded(1)
@@ -489,11 +505,11 @@ func (a *rawAccepter) claimFile(fd int, sa syscall.Sockaddr) *fileConn {
 	return c
 }
 
-// route gives the connection fd, from the client at sa, to route, in a
+// route gives the connection fd, from the client at peer, to route, in a
 // goroutine of its own, as a fileConn.
-func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
+func (a *rawAccepter) route(fd int, peer netip.AddrPort) {
 	p := a.p
-	c := a.claimFile(fd, sa)
+	c := a.claimFile(fd, peer)
 	if c == nil {
 		return
 	}
@@ -501,7 +517,7 @@ func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
 	go p.serveConn(c)
 }
 
-// serve gives fd, from the client at sa accepted at start, to a worker if
+// serve gives fd, from the client at peer accepted at start, to a worker if
 // its head is complete and nothing needs route's path: handed off, or
 // spliced by an event loop. done: fd is no longer the caller's. Else it
 // reports whether the head is still on its way (no bytes yet, or part of
@@ -512,8 +528,8 @@ func (a *rawAccepter) route(fd int, sa syscall.Sockaddr) {
 // it for as long as its socket lives, in a worker or an event loop too.
 // One whose head is not complete stays, so that only new bytes wake the
 // loop for it (adding it again would report what is there at once).
-func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watched *bool) (done, wait bool) {
-	req, n, wait := a.inspect(fd, sa)
+func (a *rawAccepter) serve(fd int, peer netip.AddrPort, start time.Time, watched *bool) (done, wait bool) {
+	req, n, wait := a.inspect(fd, peer)
 	if req == nil {
 		return false, wait
 	}
@@ -526,9 +542,9 @@ func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watche
 		*watched = false
 	}
 	if a.p.cfg.handoff {
-		done = a.handOff(fd, sa, req, start)
+		done = a.handOff(fd, peer, req, start)
 	} else {
-		done = a.splice(fd, sa, req, n, start)
+		done = a.splice(fd, peer, req, n, start)
 	}
 	return done, false
 }
@@ -536,9 +552,9 @@ func (a *rawAccepter) serve(fd int, sa syscall.Sockaddr, start time.Time, watche
 // unavailable answers a connection that no worker can take, as route
 // does (503 for HTTP/1, else a plain close), in a goroutine of its own:
 // the answer waits for the client. The Balancer is not asked again.
-func (a *rawAccepter) unavailable(fd int, sa syscall.Sockaddr, isHTTP bool) {
+func (a *rawAccepter) unavailable(fd int, peer netip.AddrPort, isHTTP bool) {
 	p := a.p
-	c := a.claimFile(fd, sa)
+	c := a.claimFile(fd, peer)
 	if c == nil {
 		return
 	}
@@ -553,7 +569,7 @@ func (a *rawAccepter) unavailable(fd int, sa syscall.Sockaddr, isHTTP bool) {
 // and the head's length, or nil, and whether the head is still on its
 // way. A head that needs route (a trusted proxy's PROXY header may come
 // first; a health check) is nil too.
-func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int, wait bool) {
+func (a *rawAccepter) inspect(fd int, peer netip.AddrPort) (req *Request, n int, wait bool) {
 	p := a.p
 	if len(p.cfg.trusted) > 0 {
 		return nil, 0, false
@@ -572,7 +588,7 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 	req = p.reqs.Get().(*Request)
 	parseRequest(req, head)
 	classify(req, head)
-	req.RemoteAddr = sockaddrAddrPort(sa)
+	req.RemoteAddr = peer
 	if p.isHealthCheck(req) {
 		req.reset()
 		p.reqs.Put(req)
@@ -585,10 +601,10 @@ func (a *rawAccepter) inspect(fd int, sa syscall.Sockaddr) (req *Request, n int,
 // it then: at once, or when the worker's batch is sent. With no worker
 // that can take it, it answers unavailable. It reports done unless a
 // worker could take it after a wait, which route does.
-func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start time.Time) (done bool) {
+func (a *rawAccepter) handOff(fd int, peer netip.AddrPort, req *Request, start time.Time) (done bool) {
 	p := a.p
 	a.msg = handoffFor(req.RemoteAddr, a.optsSet, 0, netip.AddrPort{})
-	a.cur, a.queued = handed{fd: fd, sa: sa, at: start}, nil
+	a.cur, a.queued = handed{fd: fd, peer: peer, at: start}, nil
 	p.gate.routing.Add(1)
 	p.rawServed.Add(1) // before the worker can see it
 	// A worker that takes it only after a wait: route asks the Balancer
@@ -601,7 +617,7 @@ func (a *rawAccepter) handOff(fd int, sa syscall.Sockaddr, req *Request, start t
 		if busy {
 			return false
 		}
-		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
+		a.unavailable(fd, peer, req.Protocol == ProtocolHTTP1)
 		return true
 	}
 	if b := a.queued; b != nil {
@@ -632,9 +648,9 @@ type handBatch struct {
 // Request aliases the loop's buffer, which the next peek overwrites. To
 // offer it again the loop peeks again (its bytes are still there).
 type handed struct {
-	fd int
-	sa syscall.Sockaddr
-	at time.Time // accepted
+	fd   int
+	peer netip.AddrPort
+	at   time.Time // accepted
 }
 
 // queue is handOff's send, under handTo: to a worker that decodes version
@@ -729,8 +745,8 @@ func (a *rawAccepter) flush(b *handBatch) {
 		}
 		for _, c := range b.conns {
 			watched := false
-			if done, _ := a.serve(c.fd, c.sa, c.at, &watched); !done {
-				a.route(c.fd, c.sa)
+			if done, _ := a.serve(c.fd, c.peer, c.at, &watched); !done {
+				a.route(c.fd, c.peer)
 			}
 		}
 	}
@@ -752,12 +768,12 @@ const rawSpliceMax = 8 << 10
 // with no goroutine, no registration in Go's poller and no dial that
 // waits. It reports done once fd is no longer the caller's: carried by
 // a loop, or closed (the connection limit, a shutdown).
-func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, start time.Time) (done bool) {
+func (a *rawAccepter) splice(fd int, peer netip.AddrPort, req *Request, n int, start time.Time) (done bool) {
 	p := a.p
 	if n > rawSpliceMax {
 		return false
 	}
-	c, err := newFileConn(fd, sa, false)
+	c, err := newFileConn(fd, peer, false)
 	if err != nil {
 		return false
 	}
@@ -777,7 +793,7 @@ func (a *rawAccepter) splice(fd int, sa syscall.Sockaddr, req *Request, n int, s
 		if busy {
 			return false
 		}
-		a.unavailable(fd, sa, req.Protocol == ProtocolHTTP1)
+		a.unavailable(fd, peer, req.Protocol == ProtocolHTTP1)
 		return true
 	}
 	p.rawServed.Add(1)
@@ -873,9 +889,9 @@ func peekNow(fd int, b []byte) (int, error) {
 	return int(n), nil
 }
 
-// newFileConn makes fd, from the client at sa, a fileConn: with its
+// newFileConn makes fd, from the client at peer, a fileConn: with its
 // file (in Go's poller), or with the raw descriptor alone.
-func newFileConn(fd int, sa syscall.Sockaddr, file bool) (*fileConn, error) {
+func newFileConn(fd int, peer netip.AddrPort, file bool) (*fileConn, error) {
 	lsa, err := syscall.Getsockname(fd)
 	if err != nil {
 		return nil, os.NewSyscallError("getsockname", err)
@@ -883,7 +899,7 @@ func newFileConn(fd int, sa syscall.Sockaddr, file bool) (*fileConn, error) {
 	c := &fileConn{
 		fd:    fd,
 		laddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(lsa)),
-		raddr: net.TCPAddrFromAddrPort(sockaddrAddrPort(sa)),
+		raddr: net.TCPAddrFromAddrPort(peer),
 	}
 	if file {
 		c.f = os.NewFile(uintptr(fd), "defuss-client")
@@ -904,6 +920,39 @@ func (c *fileConn) CloseWrite() error {
 	return os.NewSyscallError("shutdown", serr)
 }
 
+// rawAddrPort is the address and port in rsa, as sockaddrAddrPort gives
+// them, without making a syscall.Sockaddr.
+func rawAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		in := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(netip.AddrFrom4(in.Addr), netPort(&in.Port))
+	case unix.AF_INET6:
+		in := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(withZoneID(netip.AddrFrom16(in.Addr), in.Scope_id), netPort(&in.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// netPort reads a port in network byte order.
+func netPort(p *uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// withZoneID is ip with the zone of interface id, named as Go's accept
+// names it (its name, or its index if it has none); ip itself for id 0.
+func withZoneID(ip netip.Addr, id uint32) netip.Addr {
+	if id == 0 {
+		return ip
+	}
+	zone := strconv.Itoa(int(id))
+	if ifi, err := net.InterfaceByIndex(int(id)); err == nil {
+		zone = ifi.Name
+	}
+	return ip.WithZone(zone)
+}
+
 // sockaddrAddrPort is sa's address and port, with the zone of a link-local
 // IPv6 address as Go's accept names it; the zero AddrPort for a socket
 // address that is not IP.
@@ -912,15 +961,7 @@ func sockaddrAddrPort(sa syscall.Sockaddr) netip.AddrPort {
 	case *syscall.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	case *syscall.SockaddrInet6:
-		ip := netip.AddrFrom16(a.Addr)
-		if a.ZoneId != 0 {
-			zone := strconv.Itoa(int(a.ZoneId))
-			if ifi, err := net.InterfaceByIndex(int(a.ZoneId)); err == nil {
-				zone = ifi.Name
-			}
-			ip = ip.WithZone(zone)
-		}
-		return netip.AddrPortFrom(ip, uint16(a.Port))
+		return netip.AddrPortFrom(withZoneID(netip.AddrFrom16(a.Addr), a.ZoneId), uint16(a.Port))
 	}
 	return netip.AddrPort{}
 }

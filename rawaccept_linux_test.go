@@ -3,10 +3,12 @@ package defuss
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -16,6 +18,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"go.opentelemetry.io/otel/metric/noop"
 	"golang.org/x/sys/unix"
@@ -312,11 +315,11 @@ func TestRawAcceptSkipsAWorkerWithAFullQueue(t *testing.T) {
 }
 
 // A pass of the raw accept loop that hands off connections whose heads
-// are there allocates three objects a connection: the client's address,
-// which syscall.Accept4 returns as a Sockaddr, and the Request's Path and
-// Host strings, which the Balancer gets (BenchmarkRoute's 2). The
-// telemetry, the peek, the batch and its send allocate nothing once the
-// loop has run a pass (before, about 8 a connection in all).
+// are there allocates nothing once it has run a pass: not the telemetry,
+// the accept (its own accept4, not syscall's, which returns the address
+// as a new Sockaddr), the peek, the Request (a pooled one keeps the Path
+// and Host strings of its last head, parseRequest), the batch or its
+// send. (Before, about 8 a connection in all; 3 at c8cd769.)
 //
 // The count is the process's, and goroutines of other tests that are
 // still ending add to it: the test measures in a process of its own, this
@@ -397,8 +400,12 @@ func TestRawAcceptPassAllocations(t *testing.T) {
 		return float64(m1.Mallocs-m0.Mallocs) / n
 	}
 	warm := pass() // makes the batches and their SCM_RIGHTS buffers
-	if got := pass(); got > 3 {
-		t.Errorf("a pass allocated %.2f objects a connection (%.2f in the first); want at most 3", got, warm)
+	// At most 3 objects over the pass: if the test's goroutine moved to
+	// another P between two passes, the Request it put back is in the
+	// other P's private slot of the pool, and the next one is new, with
+	// its strings (3/16 = 0.19). 20 of 20 runs measured 0.
+	if got := pass(); got > 3.0/n {
+		t.Errorf("a pass allocated %.2f objects a connection (%.2f in the first); want none (at most %.2f, a Request the pool missed)", got, warm, 3.0/n)
 	} else {
 		t.Logf("%.2f allocations a connection (%.2f in the first pass)", got, warm)
 	}
@@ -896,5 +903,42 @@ func TestRawAcceptSpliceWithNoWorkerAnswers503(t *testing.T) {
 	}
 	if got := points(t, m.collect(), "defuss.dial.failures", "{dial}"); got["defuss.worker.index=0"].value != 1 {
 		t.Errorf("dial.failures = %v; want 1: the loop dials once, and answers", got)
+	}
+}
+
+// rawAddrPort reads accept4's address as sockaddrAddrPort reads the
+// syscall.Sockaddr that syscall.Accept4 made of it: IPv4, IPv6, an IPv4
+// client of a dual-stack socket, a link-local one with its zone.
+func TestRawAddrPort(t *testing.T) {
+	v6 := [16]byte{0x20, 0x01, 0x0d, 0xb8, 15: 7}
+	linkLocal := [16]byte{0xfe, 0x80, 15: 1}
+	mapped := netip.MustParseAddr("::ffff:192.0.2.9").As16()
+	for _, sa := range []syscall.Sockaddr{
+		&syscall.SockaddrInet4{Port: 40000, Addr: [4]byte{192, 0, 2, 1}},
+		&syscall.SockaddrInet4{Port: 1, Addr: [4]byte{127, 0, 0, 1}},
+		&syscall.SockaddrInet6{Port: 65535, Addr: v6},
+		&syscall.SockaddrInet6{Port: 443, Addr: mapped},
+		&syscall.SockaddrInet6{Port: 8080, Addr: linkLocal, ZoneId: 1},
+	} {
+		var rsa unix.RawSockaddrAny
+		switch a := sa.(type) {
+		case *syscall.SockaddrInet4:
+			in := (*unix.RawSockaddrInet4)(unsafe.Pointer(&rsa))
+			in.Family, in.Addr = unix.AF_INET, a.Addr
+			binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&in.Port))[:], uint16(a.Port))
+		case *syscall.SockaddrInet6:
+			in := (*unix.RawSockaddrInet6)(unsafe.Pointer(&rsa))
+			in.Family, in.Addr, in.Scope_id = unix.AF_INET6, a.Addr, a.ZoneId
+			binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&in.Port))[:], uint16(a.Port))
+		}
+		want := sockaddrAddrPort(sa)
+		if got := rawAddrPort(&rsa); got != want || !got.IsValid() {
+			t.Errorf("rawAddrPort = %v; want %v", got, want)
+		}
+	}
+	var unixAddr unix.RawSockaddrAny
+	unixAddr.Addr.Family = unix.AF_UNIX
+	if got := rawAddrPort(&unixAddr); got.IsValid() {
+		t.Errorf("rawAddrPort of a Unix address = %v; want the zero AddrPort", got)
 	}
 }
