@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"syscall"
 	"testing"
@@ -352,4 +353,48 @@ func TestHealthPath(t *testing.T) {
 		t.Fatalf("during the drain delay, requests are still served; got %d", code)
 	}
 	waitRefused(t, addr, 10*time.Second, "listener closed after the drain delay")
+}
+
+// A worker reads its primary's PROXY header however it arrives: here
+// byte by byte, a few milliseconds apart, then a request in the same
+// write as the header's last byte, and a second one on the connection. It
+// serves both, with the header's client address; the header's secret is
+// what lets it in.
+func TestWorkerReadsAHeaderInPieces(t *testing.T) {
+	s := startTest(t)
+	worker := s.Workers()[0].Addr
+	client := netip.MustParseAddrPort("203.0.113.9:4444")
+	header := appendProxyV2(nil, client, netip.MustParseAddrPort("127.0.0.1:3000"), &s.p.secret)
+	c := dialRaw(t, worker)
+	for _, b := range header[:len(header)-1] {
+		if _, err := c.Write([]byte{b}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond) // the input under test: a header in pieces
+	}
+	last := append([]byte{header[len(header)-1]}, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...)
+	if _, err := c.Write(last); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil {
+		t.Fatalf("the worker did not answer: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if got := remoteOf(t, string(body)); got != client.String() {
+		t.Errorf("first request: the worker saw %s; want the header's %s", got, client)
+	}
+	if got := remoteOf(t, c.roundTrip(t, "/")); got != client.String() {
+		t.Errorf("second request: the worker saw %s; want the header's %s", got, client)
+	}
+	// The header alone in its write, the request a little later.
+	c = dialRaw(t, worker)
+	if _, err := c.Write(header); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Millisecond) // the input under test: nothing after the header yet
+	if got := remoteOf(t, c.roundTrip(t, "/")); got != client.String() {
+		t.Errorf("after a header alone: the worker saw %s; want the header's %s", got, client)
+	}
 }

@@ -303,12 +303,8 @@ func init() {
 			return
 		}
 		defer c.Close()
-		raw := c
-		if pc, ok := c.(interface{ Raw() net.Conn }); ok {
-			raw = pc.Raw() // splice mode: the PROXY protocol reader's
-		}
-		body := fmt.Sprintf("%T", raw)
-		if wc, ok := raw.(*workerConn); ok {
+		body := fmt.Sprintf("%T", c)
+		if wc, ok := c.(*workerConn); ok {
 			opts, err := readSockOpts(wc)
 			body = fmt.Sprintf("%T", wc.tcpConn)
 			for _, k := range []string{"TCP_NODELAY", "SO_KEEPALIVE", "TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"} {

@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 
@@ -111,19 +112,84 @@ func (p *primary) proxiedClient(peer netip.AddrPort, header []byte, hdr int) (ne
 	return peer, "malformed"
 }
 
-// errNotFromPrimary rejects a connection whose PROXY header lacks the secret.
+// errNotFromPrimary rejects a connection to a worker that does not start
+// with its primary's PROXY header: none, another kind, a malformed one,
+// or one without the secret.
 var errNotFromPrimary = errors.New("defuss: connection does not come from this worker's primary")
 
-// checkSecret accepts a PROXY header only if it carries the per-run secret.
-func (w *worker) checkSecret(h *proxyproto.Header) error {
-	tlvs, err := h.TLVs()
-	if err != nil {
-		return err
-	}
-	for _, t := range tlvs {
-		if t.Type == tlvSecret && subtle.ConstantTimeCompare(t.Value, w.secret[:]) == 1 {
-			return nil
+// workerHeader is what a worker reads from its primary's PROXY header:
+// the client's address and the public one it connected to, both invalid
+// for a LOCAL header (the primary knew neither).
+type workerHeader struct {
+	src, dst netip.AddrPort
+}
+
+// decodeWorkerHeader decodes the PROXY v2 header at the start of b, as
+// appendProxyV2 writes it, and checks that it carries secret. It returns
+// the header's length, 0 if b holds only a prefix of a header that may
+// still be valid (read more), or an error wrapping errNotFromPrimary.
+//
+// It accepts only what a primary sends: version 2; PROXY over TCP/IPv4 or
+// TCP/IPv6, or LOCAL with no addresses; well-formed TLVs, one of which is
+// the secret. The public side's headers, from load balancers, go through
+// go-proxyproto (proxiedClient), which reads every form the protocol has.
+// This one reads one form, with no allocation: every connection to a
+// worker in splice mode starts with it.
+func decodeWorkerHeader(b []byte, secret *[secretLen]byte) (h workerHeader, n int, err error) {
+	if len(b) < 16 {
+		if !bytes.HasPrefix(proxyV2Sig[:], b[:min(len(b), len(proxyV2Sig))]) {
+			return h, 0, fmt.Errorf("%w: no PROXY v2 header", errNotFromPrimary)
 		}
+		return h, 0, nil
 	}
-	return errNotFromPrimary
+	if !bytes.Equal(b[:12], proxyV2Sig[:]) {
+		return h, 0, fmt.Errorf("%w: no PROXY v2 header", errNotFromPrimary)
+	}
+	n = 16 + int(binary.BigEndian.Uint16(b[14:16]))
+	if n > proxyV2Max {
+		return h, 0, fmt.Errorf("%w: PROXY header of %d bytes", errNotFromPrimary, n)
+	}
+	var addrLen int
+	switch cmd, fam := b[12], b[13]; {
+	case cmd == 0x21 && fam == 0x11:
+		addrLen = 12
+	case cmd == 0x21 && fam == 0x21:
+		addrLen = 36
+	case cmd == 0x20 && fam == 0x00:
+	default:
+		return h, 0, fmt.Errorf("%w: PROXY header of command %#x, family %#x", errNotFromPrimary, cmd, fam)
+	}
+	if n < 16+addrLen {
+		return h, 0, fmt.Errorf("%w: PROXY header of %d bytes, too short for its addresses", errNotFromPrimary, n)
+	}
+	if len(b) < n {
+		return h, 0, nil
+	}
+	a := b[16 : 16+addrLen]
+	switch addrLen {
+	case 12:
+		h.src = netip.AddrPortFrom(netip.AddrFrom4([4]byte(a[0:4])), binary.BigEndian.Uint16(a[8:10]))
+		h.dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(a[4:8])), binary.BigEndian.Uint16(a[10:12]))
+	case 36:
+		h.src = netip.AddrPortFrom(netip.AddrFrom16([16]byte(a[0:16])).Unmap(), binary.BigEndian.Uint16(a[32:34]))
+		h.dst = netip.AddrPortFrom(netip.AddrFrom16([16]byte(a[16:32])).Unmap(), binary.BigEndian.Uint16(a[34:36]))
+	}
+	found := false
+	for tlvs := b[16+addrLen : n]; len(tlvs) > 0; {
+		if len(tlvs) < 3 {
+			return workerHeader{}, 0, fmt.Errorf("%w: PROXY header with a truncated TLV", errNotFromPrimary)
+		}
+		typ, l := tlvs[0], int(binary.BigEndian.Uint16(tlvs[1:3]))
+		if len(tlvs) < 3+l {
+			return workerHeader{}, 0, fmt.Errorf("%w: PROXY header with a truncated TLV", errNotFromPrimary)
+		}
+		if typ == tlvSecret && l == secretLen && subtle.ConstantTimeCompare(tlvs[3:3+l], secret[:]) == 1 {
+			found = true
+		}
+		tlvs = tlvs[3+l:]
+	}
+	if !found {
+		return workerHeader{}, 0, fmt.Errorf("%w: PROXY header without the secret", errNotFromPrimary)
+	}
+	return h, n, nil
 }

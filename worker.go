@@ -16,8 +16,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"github.com/pires/go-proxyproto"
 )
 
 // envSlot marks a process as a worker and names its slot. It is a
@@ -51,6 +49,7 @@ type worker struct {
 	heartbeat       time.Duration
 	shutdownTimeout time.Duration
 	secret          [secretLen]byte
+	hdrBufs         sync.Pool // *[]byte of workerHeaderBuf: a PROXY header's read (workerConn.header)
 
 	writeMu  sync.Mutex       // serialises frames on status
 	stop     chan stopRequest // the first stop request wins
@@ -97,6 +96,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		finished: make(chan struct{}),
 	}
 	w.stats = newSampler(&w.conns, &w.requests)
+	w.hdrBufs.New = func() any { b := make([]byte, workerHeaderBuf); return &b }
 	// Signals are caught before the worker reports ready: a SIGTERM to
 	// the whole group right after start-up must not kill it.
 	sigs := w.notifySignals(c.signals)
@@ -183,15 +183,8 @@ func (w *worker) serve() {
 	// Every connection must start with the primary's PROXY header: it
 	// carries the client's address, and the secret proves where it comes
 	// from, so a local process that dials the worker port directly is not
-	// served and cannot claim any client address.
-	ln := &proxyproto.Listener{
-		Listener: trackingListener{w.ln, w},
-		ConnPolicy: func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) {
-			return proxyproto.REQUIRE, nil
-		},
-		ValidateHeader:    w.checkSecret,
-		ReadHeaderTimeout: 5 * time.Second,
-	}
+	// served and cannot claim any client address (workerConn.header).
+	ln := trackingListener{w.ln, w}
 	if err := w.srv.Serve(w.withTLS(ln)); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
 		w.log.Error("serve", "err", err)
 		w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) // read after wg.Wait
@@ -299,9 +292,6 @@ func (w *worker) connState(c net.Conn, st http.ConnState) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
-	if pc, ok := c.(*proxyproto.Conn); ok {
-		c = pc.Raw()
-	}
 	wc, ok := c.(*workerConn)
 	if !ok {
 		return
@@ -362,10 +352,12 @@ func (l trackingListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.w.accepted.Add(1)
-	if tc, ok := c.(*net.TCPConn); ok {
-		return l.w.track(tc, false), nil
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close() // cannot happen: a TCP listener
+		return nil, fmt.Errorf("defuss: worker listener accepted a %T", c)
 	}
-	return c, nil
+	return l.w.trackConn(&workerConn{tcpConn: tc, w: l.w, proxied: true}), nil
 }
 
 // workerConn is a connection the worker serves. It counts as open (in
@@ -377,9 +369,17 @@ type workerConn struct {
 	tcpConn
 	w         *worker
 	handed    bool
-	remote    net.Addr // handed off behind a trusted PROXY header: the client it names
+	remote    net.Addr // the client a PROXY header names: the primary's, or (handed off) a trusted load balancer's
 	once      sync.Once
 	idleSince atomic.Int64 // UnixNano since the connection is idle; 0 = busy
+
+	// Spliced by the primary: its PROXY header comes first (header).
+	proxied bool
+	hdrOnce sync.Once
+	hdrErr  error
+	local   net.Addr               // the public address the client connected to, from the header
+	rest    []byte                 // read with the header, not yet returned by Read: in *restBuf
+	restBuf atomic.Pointer[[]byte] // from w.hdrBufs, given back once rest is read
 
 	// Handed off by a primary that records connections' durations and
 	// bytes (stats): when, and the bytes read (in) and written (out).
@@ -393,8 +393,7 @@ var _ net.Conn = (*workerConn)(nil)
 // tcpConn is a TCP connection a worker serves: a *net.TCPConn, or (on
 // Linux, handed off in a version 3 message that says its options are
 // set) a handedConn. A handler that hijacks a plain TCP connection gets a
-// *workerConn, with these methods, in hand-off mode; in splice mode, the
-// PROXY protocol reader's connection, whose Raw() is one; over TLS in the
+// *workerConn, with these methods, in both modes; over TLS in the
 // workers, the *tls.Conn.
 type tcpConn interface {
 	net.Conn
@@ -433,6 +432,14 @@ func (w *worker) trackConn(wc *workerConn) *workerConn {
 // next request's head before it reports the connection active, and
 // closeIdle must not close it meanwhile.
 func (c *workerConn) Read(b []byte) (int, error) {
+	if c.proxied {
+		if err := c.header(); err != nil {
+			return 0, err
+		}
+		if len(c.rest) > 0 {
+			return c.readRest(b), nil
+		}
+	}
 	n, err := c.tcpConn.Read(b)
 	if n > 0 {
 		c.idleSince.Store(0)
@@ -444,6 +451,11 @@ func (c *workerConn) Read(b []byte) (int, error) {
 }
 
 func (c *workerConn) Write(b []byte) (int, error) {
+	if c.proxied {
+		if err := c.header(); err != nil {
+			return 0, err // nothing goes to a peer that is not the primary
+		}
+	}
 	n, err := c.tcpConn.Write(b)
 	if c.stats {
 		c.out.Add(int64(n))
@@ -455,6 +467,11 @@ func (c *workerConn) Write(b []byte) (int, error) {
 // sends files with ReadFrom, and io.Copy on a hijacked connection uses
 // either.
 func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
+	if c.proxied {
+		if err := c.header(); err != nil {
+			return 0, err
+		}
+	}
 	n, err := c.tcpConn.ReadFrom(r)
 	if c.stats {
 		c.out.Add(n)
@@ -463,21 +480,138 @@ func (c *workerConn) ReadFrom(r io.Reader) (int64, error) {
 }
 
 func (c *workerConn) WriteTo(w io.Writer) (int64, error) {
+	var n0 int64
+	if c.proxied {
+		if err := c.header(); err != nil {
+			return 0, err
+		}
+		if len(c.rest) > 0 {
+			k, err := w.Write(c.rest)
+			c.rest = c.rest[k:]
+			n0 = int64(k)
+			if err == nil && len(c.rest) > 0 {
+				err = io.ErrShortWrite
+			}
+			if err != nil {
+				return n0, err
+			}
+			c.readRest(nil) // gives the buffer back
+		}
+	}
 	n, err := c.tcpConn.WriteTo(w)
 	if c.stats {
 		c.in.Add(n)
 	}
-	return n, err
+	return n0 + n, err
 }
 
-// RemoteAddr is the client's address: the one a trusted load balancer's
-// PROXY header gave, for a connection handed off behind one.
+// RemoteAddr is the client's address: the one the primary's PROXY header
+// gives in splice mode (read first, if it has not been), or a trusted load
+// balancer's, for a connection handed off behind one.
 func (c *workerConn) RemoteAddr() net.Addr {
+	if c.proxied {
+		c.header()
+	}
 	if c.remote != nil {
 		return c.remote
 	}
 	return c.tcpConn.RemoteAddr()
 }
+
+// LocalAddr is the public address the client connected to, in splice
+// mode (from the primary's PROXY header); the socket's own otherwise.
+func (c *workerConn) LocalAddr() net.Addr {
+	if c.proxied {
+		c.header()
+	}
+	if c.local != nil {
+		return c.local
+	}
+	return c.tcpConn.LocalAddr()
+}
+
+// SetDeadline and SetReadDeadline read the header first, in splice mode:
+// its read sets a deadline of its own, then clears it, and must not clear
+// one set after. (net/http asks a new connection its RemoteAddr before it
+// sets any deadline, which reads the header; a ConnState or ConnContext
+// hook of the user's may not.)
+func (c *workerConn) SetDeadline(t time.Time) error {
+	if c.proxied {
+		c.header()
+	}
+	return c.tcpConn.SetDeadline(t)
+}
+
+func (c *workerConn) SetReadDeadline(t time.Time) error {
+	if c.proxied {
+		c.header()
+	}
+	return c.tcpConn.SetReadDeadline(t)
+}
+
+// header reads the primary's PROXY header, once, within
+// workerHeaderTimeout, with what a read brings after it, which Read and
+// WriteTo return first. A connection without a valid header fails every
+// Read and Write; net/http then closes it unanswered.
+func (c *workerConn) header() error {
+	c.hdrOnce.Do(func() { c.hdrErr = c.readHeader() })
+	return c.hdrErr
+}
+
+func (c *workerConn) readHeader() error {
+	bp := c.w.hdrBufs.Get().(*[]byte)
+	buf := *bp
+	c.tcpConn.SetReadDeadline(time.Now().Add(workerHeaderTimeout))
+	defer c.tcpConn.SetReadDeadline(time.Time{})
+	have := 0
+	for {
+		k, err := c.tcpConn.Read(buf[have:])
+		have += k
+		h, n, derr := decodeWorkerHeader(buf[:have], &c.w.secret)
+		switch {
+		case derr != nil:
+			c.w.hdrBufs.Put(bp)
+			return derr
+		case n > 0:
+			if h.src.IsValid() {
+				c.remote, c.local = net.TCPAddrFromAddrPort(h.src), net.TCPAddrFromAddrPort(h.dst)
+			}
+			if have > n {
+				c.rest = buf[n:have]
+				c.restBuf.Store(bp)
+				c.idleSince.Store(0)
+			} else {
+				c.w.hdrBufs.Put(bp)
+			}
+			return nil
+		case err != nil:
+			c.w.hdrBufs.Put(bp)
+			return fmt.Errorf("%w: reading its PROXY header: %w", errNotFromPrimary, err)
+		}
+	}
+}
+
+// readRest copies what is left of the bytes read with the header into b,
+// and gives their buffer back once they are all read.
+func (c *workerConn) readRest(b []byte) int {
+	n := copy(b, c.rest)
+	c.rest = c.rest[n:]
+	if len(c.rest) == 0 {
+		c.rest = nil
+		if bp := c.restBuf.Swap(nil); bp != nil { // once, even if Reads overlapped
+			c.w.hdrBufs.Put(bp)
+		}
+	}
+	return n
+}
+
+// workerHeaderTimeout bounds the wait for the primary's PROXY header,
+// which the primary writes with the connection's first bytes.
+const workerHeaderTimeout = 5 * time.Second
+
+// workerHeaderBuf is how much the header's read takes at once: net/http's
+// read buffer, so the head that follows the header comes with it.
+const workerHeaderBuf = 4 << 10
 
 func (c *workerConn) Close() error {
 	err := c.tcpConn.Close()
