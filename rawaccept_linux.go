@@ -196,33 +196,34 @@ const (
 // rawAccepter is the raw accept loop's state, which only its goroutine
 // touches.
 type rawAccepter struct {
-	p         *primary
-	file      *os.File // the epoll set, in Go's poller; its read deadline is the next due
-	rc        syscall.RawConn
-	events    []unix.EpollEvent
-	buf       []byte                      // proxyRoom for the hand-off message, then the peek
-	oob       []byte                      // SCM_RIGHTS for one descriptor, set for each send
-	pending   []rawPending                // in the epoll set, waiting for their heads, oldest (first due) first
-	deadline  time.Time                   // file's read deadline: when the oldest pending is due
-	optsSet   bool                        // accepted sockets have net's options, from the listener
-	optsEach  bool                        // until the accept queue is first empty: set them on each
-	msg       handoffMsg                  // handOff's message, for send
-	cur       handed                      // handOff's connection, for send
-	send      func(*process, byte) error  // queue
-	queued    *handBatch                  // the batch send added cur to, if it did
-	full      []*process                  // a batch to it failed in this pass
-	batches   []*handBatch                // filled in this pass, a worker each
-	spare     []*handBatch                // flushed, for reuse
-	rights    [handoffBatchMax + 1][]byte // SCM_RIGHTS for n descriptors, made when first used
-	op        epollOp                     // ctl's call
-	doOp      func(ep uintptr)
-	snd       sendOp // sendBatch's call
-	doSend    func(fd uintptr)
-	accept    func(lfd uintptr) // acceptPass
-	acceptErr error
-	epoch     uint64              // of the dial gate, which the pass holds
-	peer      unix.RawSockaddrAny // accept4's client address
-	peerLen   uint32
+	p          *primary
+	file       *os.File // the epoll set, in Go's poller; its read deadline is the next due
+	rc         syscall.RawConn
+	events     []unix.EpollEvent
+	buf        []byte                      // proxyRoom for the hand-off message, then the peek
+	oob        []byte                      // SCM_RIGHTS for one descriptor, set for each send
+	pending    []rawPending                // in the epoll set, waiting for their heads, oldest (first due) first
+	deadline   time.Time                   // file's read deadline: when the oldest pending is due
+	optsSet    bool                        // accepted sockets have net's options, from the listener
+	optsEach   bool                        // until the accept queue is first empty: set them on each
+	msg        handoffMsg                  // handOff's message, for send
+	cur        handed                      // handOff's connection, for send
+	send       func(*process, byte) error  // queue
+	queued     *handBatch                  // the batch send added cur to, if it did
+	full       []*process                  // a batch to it failed in this pass
+	batches    []*handBatch                // filled in this pass, a worker each
+	spare      []*handBatch                // flushed, for reuse
+	rights     [handoffBatchMax + 1][]byte // SCM_RIGHTS for n descriptors, made when first used
+	op         epollOp                     // ctl's call
+	doOp       func(ep uintptr)
+	snd        sendOp // sendBatch's call
+	doSend     func(fd uintptr)
+	accept     func(lfd uintptr) // acceptPass
+	acceptErr  error
+	epoch      uint64              // of the dial gate, which the pass holds
+	peer       unix.RawSockaddrAny // accept4's client address
+	peerLen    uint32
+	socketcall bool // the kernel has no accept4 system call: syscall.Accept4
 }
 
 // rawPending is an accepted connection whose head has not arrived.
@@ -335,13 +336,13 @@ func (a *rawAccepter) acceptBatch(lrc syscall.RawConn) (closed bool, err error) 
 // acceptPass is acceptBatch's pass on the listener's descriptor lfd.
 func (a *rawAccepter) acceptPass(lfd uintptr) {
 	for range rawBatch {
-		fd, err := a.accept4(int(lfd))
+		fd, peer, err := a.accept4(int(lfd))
 		switch err {
 		case nil:
 			if a.optsEach {
 				publicSocketOpts(fd) // an error is ignored: the message still says they are set
 			}
-			a.conn(fd, rawAddrPort(&a.peer))
+			a.conn(fd, peer)
 			a.yieldGate()
 		case syscall.EINTR, syscall.ECONNABORTED:
 		case syscall.EAGAIN:
@@ -356,17 +357,30 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 }
 
 // accept4 accepts a connection on lfd, non-blocking and close-on-exec,
-// with the client's address in a.peer. (Both syscall's and x/sys's
-// Accept4 allocate the address they return; x/sys's also asks each IPv4
-// socket for its protocol, to tell L2TP.)
-func (a *rawAccepter) accept4(lfd int) (int, error) {
-	a.peerLen = unix.SizeofSockaddrAny
-	fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&a.peer)), uintptr(unsafe.Pointer(&a.peerLen)),
-		unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
-	if errno != 0 {
-		return -1, errno
+// and returns it with the client's address, read from a.peer. (Both
+// syscall's and x/sys's Accept4 allocate the address they return; x/sys's
+// also asks each IPv4 socket for its protocol, to tell L2TP.) A kernel
+// without the accept4 system call (linux/386 before 4.3, where it goes
+// through socketcall) gets syscall's.
+func (a *rawAccepter) accept4(lfd int) (int, netip.AddrPort, error) {
+	if !a.socketcall {
+		a.peerLen = unix.SizeofSockaddrAny
+		fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&a.peer)), uintptr(unsafe.Pointer(&a.peerLen)),
+			unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+		switch errno {
+		case 0:
+			return int(fd), rawAddrPort(&a.peer), nil
+		case unix.ENOSYS:
+			a.socketcall = true
+		default:
+			return -1, netip.AddrPort{}, errno
+		}
 	}
-	return int(fd), nil
+	fd, sa, err := syscall.Accept4(lfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+	if err != nil {
+		return -1, netip.AddrPort{}, err
+	}
+	return fd, sockaddrAddrPort(sa), nil
 }
 
 // conn serves one accepted connection, fd, from the client at peer.

@@ -400,12 +400,13 @@ func TestRawAcceptPassAllocations(t *testing.T) {
 		return float64(m1.Mallocs-m0.Mallocs) / n
 	}
 	warm := pass() // makes the batches and their SCM_RIGHTS buffers
-	// At most 3 objects over the pass: if the test's goroutine moved to
-	// another P between two passes, the Request it put back is in the
-	// other P's private slot of the pool, and the next one is new, with
-	// its strings (3/16 = 0.19). 20 of 20 runs measured 0.
-	if got := pass(); got > 3.0/n {
-		t.Errorf("a pass allocated %.2f objects a connection (%.2f in the first); want none (at most %.2f, a Request the pool missed)", got, warm, 3.0/n)
+	// The least of three passes: if the test's goroutine moved to another
+	// P between a Put and a Get, the Request it put back is in the other
+	// P's private slot of the pool, and that pass makes a new one, with
+	// its strings. Something that allocates a connection does so in
+	// every pass. (20 of 20 runs measured 0 in their second pass.)
+	if got := min(pass(), pass(), pass()); got != 0 {
+		t.Errorf("the least of three passes allocated %.2f objects a connection (%.2f in the first); want none", got, warm)
 	} else {
 		t.Logf("%.2f allocations a connection (%.2f in the first pass)", got, warm)
 	}
@@ -525,15 +526,24 @@ func TestRawAcceptPassLetsAQuiesceThrough(t *testing.T) {
 	}
 	rt := newRawTest(t, 1, b, nil)
 	const n = 3
-	rt.dial(t, n, rawHead) // all queued: one pass accepts them
+	rt.dial(t, n, rawHead)
+	waitFor(t, 5*time.Second, "the clients in the accept queue", func() bool { // so that one pass accepts them
+		q, err := acceptQueue(rt.ln)
+		return err == nil && q == n
+	})
 	rt.start(t)
-	<-inFirst
+	select {
+	case <-inFirst:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Balancer was not asked")
+	}
 	g := rt.p.gate
 	e := g.epoch.Load()
 	go func() {
 		g.quiesce(10 * time.Second)
 		close(quiesced)
 	}()
+	t.Cleanup(func() { <-quiesced }) // bounded by the quiesce's limit
 	waitUntil(5*time.Second, func() bool { return g.epoch.Load() != e })
 	close(releaseFirst)
 	select {

@@ -354,8 +354,8 @@ func (l trackingListener) Accept() (net.Conn, error) {
 	l.w.accepted.Add(1)
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
-		c.Close() // cannot happen: a TCP listener
-		return nil, fmt.Errorf("defuss: worker listener accepted a %T", c)
+		c.Close()                                                                 // cannot happen: a TCP listener
+		return nil, fmt.Errorf("listener accepted a %T, not a TCP connection", c) // Serve's error wraps it
 	}
 	return l.w.trackConn(&workerConn{tcpConn: tc, w: l.w, proxied: true}), nil
 }
@@ -377,9 +377,9 @@ type workerConn struct {
 	proxied bool
 	hdrOnce sync.Once
 	hdrErr  error
-	local   net.Addr               // the public address the client connected to, from the header
-	rest    []byte                 // read with the header, not yet returned by Read: in *restBuf
-	restBuf atomic.Pointer[[]byte] // from w.hdrBufs, given back once rest is read
+	local   net.Addr // the public address the client connected to, from the header
+	rest    []byte   // read with the header, not yet returned by Read: in *restBuf
+	restBuf *[]byte  // from w.hdrBufs, given back once rest is read
 
 	// Handed off by a primary that records connections' durations and
 	// bytes (stats): when, and the bytes read (in) and written (out).
@@ -437,6 +437,7 @@ func (c *workerConn) Read(b []byte) (int, error) {
 			return 0, err
 		}
 		if len(c.rest) > 0 {
+			c.idleSince.Store(0)
 			return c.readRest(b), nil
 		}
 	}
@@ -577,8 +578,7 @@ func (c *workerConn) readHeader() error {
 				c.remote, c.local = net.TCPAddrFromAddrPort(h.src), net.TCPAddrFromAddrPort(h.dst)
 			}
 			if have > n {
-				c.rest = buf[n:have]
-				c.restBuf.Store(bp)
+				c.rest, c.restBuf = buf[n:have], bp
 				c.idleSince.Store(0)
 			} else {
 				c.w.hdrBufs.Put(bp)
@@ -592,15 +592,16 @@ func (c *workerConn) readHeader() error {
 }
 
 // readRest copies what is left of the bytes read with the header into b,
-// and gives their buffer back once they are all read.
+// and gives their buffer back once they are all read. Like the rest of a
+// connection's reads, it is not called concurrently (net/http and
+// crypto/tls read a connection from one goroutine at a time).
 func (c *workerConn) readRest(b []byte) int {
 	n := copy(b, c.rest)
 	c.rest = c.rest[n:]
-	if len(c.rest) == 0 {
+	if len(c.rest) == 0 && c.restBuf != nil {
 		c.rest = nil
-		if bp := c.restBuf.Swap(nil); bp != nil { // once, even if Reads overlapped
-			c.w.hdrBufs.Put(bp)
-		}
+		c.w.hdrBufs.Put(c.restBuf)
+		c.restBuf = nil
 	}
 	return n
 }
