@@ -4,6 +4,7 @@ package defuss
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -120,4 +121,26 @@ func hasUnread(c syscall.Conn) bool {
 	var b [1]byte
 	rc.Control(func(fd uintptr) { n, _, _ = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT) })
 	return n > 0
+}
+
+// readAvailable reads into b what has arrived on c, without waiting: 0
+// and no error when nothing has (or the socket cannot be read this way:
+// a waiting read after it tells), io.EOF when the peer has closed.
+func readAvailable(c syscall.Conn, b []byte) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, nil
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		n, rerr = syscall.Read(int(fd), b)
+		return true // done, whatever came: do not wait
+	}); err != nil || rerr != nil {
+		return 0, nil
+	}
+	if n == 0 {
+		return 0, io.EOF
+	}
+	return n, nil
 }

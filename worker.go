@@ -562,12 +562,13 @@ func (c *workerConn) header() error {
 func (c *workerConn) readHeader() error {
 	bp := c.w.hdrBufs.Get().(*[]byte)
 	buf := *bp
-	c.tcpConn.SetReadDeadline(time.Now().Add(workerHeaderTimeout))
-	defer c.tcpConn.SetReadDeadline(time.Time{})
-	have := 0
+	// The primary writes the header with the client's first bytes as soon
+	// as it has connected, so they are usually there already: a read that
+	// does not wait takes them, with no deadline to set and clear. Only
+	// for the rest does the loop wait, within the timeout.
+	have, err := c.readNow(buf)
+	deadline := false
 	for {
-		k, err := c.tcpConn.Read(buf[have:])
-		have += k
 		h, n, derr := decodeWorkerHeader(buf[:have], &c.w.secret)
 		switch {
 		case derr != nil:
@@ -588,8 +589,19 @@ func (c *workerConn) readHeader() error {
 			c.w.hdrBufs.Put(bp)
 			return fmt.Errorf("%w: reading its PROXY header: %w", errNotFromPrimary, err)
 		}
+		if !deadline {
+			deadline = true
+			c.tcpConn.SetReadDeadline(time.Now().Add(workerHeaderTimeout))
+			defer c.tcpConn.SetReadDeadline(time.Time{})
+		}
+		var k int
+		k, err = c.tcpConn.Read(buf[have:])
+		have += k
 	}
 }
+
+// readNow reads into b what has arrived, without waiting (readAvailable).
+func (c *workerConn) readNow(b []byte) (int, error) { return readAvailable(c.tcpConn, b) }
 
 // readRest copies what is left of the bytes read with the header into b,
 // and gives their buffer back once they are all read. Like the rest of a
