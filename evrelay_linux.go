@@ -563,7 +563,7 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 // peekRead moves what src has to dst, consuming from src only what dst
 // takes.
 func (l *evLoop) peekRead(pr *evPair, d *evDir) {
-	n, err := recvFlags(d.src, l.buf, unix.MSG_PEEK)
+	n, err := recvNow(d.src, l.buf, unix.MSG_PEEK)
 	switch {
 	case n > 0:
 	case err == unix.EAGAIN:
@@ -580,7 +580,7 @@ func (l *evLoop) peekRead(pr *evPair, d *evDir) {
 	}
 	w, err := l.write(pr, d, l.buf[:n])
 	if w > 0 {
-		if m, derr := recvFlags(d.src, l.buf[:w], unix.MSG_TRUNC); derr != nil || m != w {
+		if m, derr := recvNow(d.src, l.buf[:w], unix.MSG_TRUNC); derr != nil || m != w {
 			l.ended(pr, d, false) // cannot happen: what was peeked is there
 			return
 		}
@@ -593,14 +593,6 @@ func (l *evLoop) peekRead(pr *evPair, d *evDir) {
 	case n < len(l.buf):
 		d.peek = false // dst took all there was: plain reads again
 	}
-}
-
-// recvFlags is recv(2) with flags. (unix.Recvfrom picks the system call
-// each architecture has; a TCP socket returns no address, so none is
-// allocated.)
-func recvFlags(fd int, b []byte, flags int) (int, error) {
-	n, _, err := unix.Recvfrom(fd, b, flags)
-	return n, err
 }
 
 // write writes what it can of b to d's destination without waiting, and

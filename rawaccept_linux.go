@@ -589,7 +589,7 @@ func (a *rawAccepter) inspect(fd int, peer netip.AddrPort) (req *Request, n int,
 		return nil, 0, false
 	}
 	head := a.buf[proxyRoom:]
-	n, err := peekNow(fd, head)
+	n, err := recvNow(fd, head, unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	switch {
 	case err == unix.EAGAIN:
 		return nil, 0, true
@@ -891,16 +891,22 @@ type sendOp struct {
 	err      error
 }
 
-// peekNow is recv(MSG_PEEK|MSG_DONTWAIT) on fd into b, which must not be
-// empty: x/sys's Recvfrom also asks for the sender's address, into a
-// buffer it allocates on every call.
-func peekNow(fd int, b []byte) (int, error) {
+// recvNow is recv(2) with flags on fd into b, which must not be empty:
+// the accept loop's peek, and an event loop's peek and consume. x/sys's
+// Recvfrom also asks for the sender's address, into a buffer it
+// allocates on every call. A kernel without the recvfrom system call
+// (linux/386 before 4.3, where it goes through socketcall) gets x/sys's.
+func recvNow(fd int, b []byte, flags int) (int, error) {
 	n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
-		unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-	if errno != 0 {
-		return 0, errno
+		uintptr(flags), 0, 0)
+	switch errno {
+	case 0:
+		return int(n), nil
+	case unix.ENOSYS:
+		n, _, err := unix.Recvfrom(fd, b, flags)
+		return n, err
 	}
-	return int(n), nil
+	return 0, errno
 }
 
 // newFileConn makes fd, from the client at peer, a fileConn: with its

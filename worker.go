@@ -566,7 +566,7 @@ func (c *workerConn) readHeader() error {
 	// as it has connected, so they are usually there already: a read that
 	// does not wait takes them, with no deadline to set and clear. Only
 	// for the rest does the loop wait, within the timeout.
-	have, err := c.readNow(buf)
+	have, err := readAvailable(c.tcpConn, buf)
 	deadline := false
 	for {
 		h, n, derr := decodeWorkerHeader(buf[:have], &c.w.secret)
@@ -599,9 +599,6 @@ func (c *workerConn) readHeader() error {
 		have += k
 	}
 }
-
-// readNow reads into b what has arrived, without waiting (readAvailable).
-func (c *workerConn) readNow(b []byte) (int, error) { return readAvailable(c.tcpConn, b) }
 
 // readRest copies what is left of the bytes read with the header into b,
 // and gives their buffer back once they are all read. Like the rest of a
