@@ -96,6 +96,9 @@ type config struct {
 	// executable, when set (tests only), is what workers run instead of
 	// os.Executable().
 	executable string
+	// noWorkerSocket (tests only): a worker binds no worker socket, as
+	// an earlier version's.
+	noWorkerSocket bool
 
 	// errs collects option errors; validate reports them all at once.
 	errs []error

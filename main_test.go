@@ -150,6 +150,9 @@ func testWorkerMain() int {
 		childFDs = strings.TrimSpace(string(out))
 	}
 	handler, opts := testApp(), []Option{WithLogger(log)}
+	if os.Getenv(envTestApp) == "no-worker-socket" {
+		opts = append(opts, optionFunc(func(c *config) { c.noWorkerSocket = true }))
+	}
 	if spec, ok := os.LookupEnv(envTestServer); ok {
 		srv := &http.Server{Handler: handler}
 		for _, kv := range strings.Split(spec, ";") {

@@ -28,7 +28,13 @@ type process struct {
 	handoffSock *net.UnixConn   // hand-off mode: connections' descriptors go here (fd 5 in the worker)
 	handoffRC   syscall.RawConn // handoffSock's, made once: the raw accept loop sends on it
 	dialed      atomic.Uint64   // connections the primary made (or handed) to this process
-	open        atomic.Int64    // hand-off mode: handed connections the worker has not reported closed
+	// sock is the worker socket that the event loops dial (splice mode
+	// on Linux), set before the process is a candidate; sockOff is set
+	// once the process refused a connection there: an earlier version's
+	// worker, which the primary reaches on its TCP port.
+	sock    *workerSocket
+	sockOff atomic.Bool
+	open    atomic.Int64 // hand-off mode: handed connections the worker has not reported closed
 	// handoffVersion is the highest hand-off message version the worker
 	// announced it decodes, set when its ready frame comes (2 if it
 	// announced none); 0, read as 2, before.

@@ -358,7 +358,7 @@ func (p *primary) offer(req *Request, send func(*process, byte) error, up *upstr
 		if send != nil {
 			err = handTo(w.proc, send, how&offerNowait != 0)
 		} else {
-			*up, err = p.dialUpstream(w.Addr, how)
+			*up, err = p.dialUpstream(w, how)
 		}
 		if err == nil {
 			if w.proc != nil {
@@ -409,12 +409,40 @@ type upstream struct {
 	fd   int
 }
 
-// dialUpstream connects to the worker at addr: with offerRaw, on a
-// socket of its own (dialWorkerRaw) where addr is an IP address, else
-// with p.dial. With offerNowait a connection that the worker's accept
-// queue does not take at once is errWouldWait.
-func (p *primary) dialUpstream(addr string, how offerHow) (upstream, error) {
+var (
+	// errSocketFull: the worker socket's accept queue is full.
+	errSocketFull = errors.New("defuss: worker socket's accept queue is full")
+	// errSocketAbsent: nothing listens on the worker socket.
+	errSocketAbsent = errors.New("defuss: no worker socket")
+)
+
+// dialUpstream connects to the worker w: with offerRaw, on a socket of
+// its own, to its worker socket where it has one (dialWorkerSocket) and
+// else to its address where that is an IP address and port
+// (dialWorkerRaw); otherwise with p.dial. With offerNowait a connection
+// that the worker's accept queue does not take at once is errWouldWait.
+func (p *primary) dialUpstream(w *WorkerInfo, how offerHow) (upstream, error) {
+	addr := w.Addr
 	if how&offerRaw != 0 {
+		if pr := w.proc; pr != nil && pr.sock != nil && !pr.sockOff.Load() {
+			fd, err := dialWorkerSocket(pr.sock)
+			switch {
+			case err == nil:
+				return upstream{fd: fd}, nil
+			case err == errSocketFull && how&offerNowait != 0:
+				return upstream{fd: -1}, errWouldWait
+			case err == errSocketAbsent:
+				// An earlier version's worker, or one that could not
+				// bind it: its TCP port from now on. (A draining
+				// worker refuses on both.)
+				pr.sockOff.Store(true)
+				p.log.Debug("worker socket refused; using the worker's TCP port", "worker", w.Index, "worker_pid", pr.pid)
+			case err != errSocketFull:
+				return upstream{fd: -1}, err
+			}
+			// A full queue with time to wait: the TCP port's connect
+			// waits for room, a Unix socket's does not.
+		}
 		timeout := p.cfg.dialTimeout
 		if how&offerNowait != 0 {
 			timeout = 0

@@ -220,6 +220,9 @@ func (sv *supervisor) onReady(pr *process, m *message, now time.Time) {
 	}
 	pr.ready = true
 	pr.addr = net.JoinHostPort(p.cfg.workerHost, strconv.Itoa(m.port))
+	if !p.cfg.handoff && !pr.sharedListener {
+		pr.sock = newWorkerSocket(&p.secret, pr.pid)
+	}
 	if pr.handoffSock != nil {
 		pr.handoffVersion.Store(uint32(handoffAnnounced(pr.handoffSock)))
 	}

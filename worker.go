@@ -38,6 +38,8 @@ type worker struct {
 	log      *slog.Logger
 	srv      *http.Server
 	ln       net.Listener
+	sock     net.Listener // splice mode on Linux: the worker socket (workersock_linux.go), or nil
+	noSock   bool         // tests: bind none, as an earlier version
 	status   *os.File
 	control  *os.File
 	conns    atomic.Int64             // open connections, hijacked ones included
@@ -96,6 +98,7 @@ func startWorker(h http.Handler, c *config) (*Server, error) {
 		finished: make(chan struct{}),
 	}
 	w.stats = newSampler(&w.conns, &w.requests)
+	w.noSock = c.noWorkerSocket
 	w.hdrBufs.New = func() any { b := make([]byte, workerHeaderBuf); return &b }
 	// Signals are caught before the worker reports ready: a SIGTERM to
 	// the whole group right after start-up must not kill it.
@@ -157,11 +160,22 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 	}
 	w.ln = ln
 	w.secret = cfg.secret
+	if !cfg.handoff && !cfg.listener && !w.noSock {
+		// Bound before the ready frame: the primary dials it from then on.
+		if w.sock, err = listenWorkerSocket(&w.secret); err != nil {
+			w.sock = nil
+			w.log.Warn("worker socket not bound; the primary connects to the TCP port", "err", err)
+		}
+	}
 	w.user = user
 	w.srv = serverFor(user, w.counting(h), w.connState, slog.NewLogLogger(w.log.Handler(), slog.LevelWarn))
 	w.tls = w.srv.TLSConfig
 	w.wg.Add(1)
-	go w.serve()
+	go w.serve(w.ln)
+	if w.sock != nil {
+		w.wg.Add(1)
+		go w.serve(w.sock)
+	}
 	if cfg.handoff {
 		if err := announceHandoff(uc); err != nil {
 			// The primary then sends version 2, which needs no more.
@@ -178,13 +192,13 @@ func (w *worker) start(h http.Handler, user *http.Server) error {
 	return w.send(&message{kind: frameReady, port: ln.Addr().(*net.TCPAddr).Port, stats: w.stats.sample()})
 }
 
-func (w *worker) serve() {
+func (w *worker) serve(l net.Listener) {
 	defer w.wg.Done()
 	// Every connection must start with the primary's PROXY header: it
 	// carries the client's address, and the secret proves where it comes
 	// from, so a local process that dials the worker port directly is not
 	// served and cannot claim any client address (workerConn.header).
-	ln := trackingListener{w.ln, w}
+	ln := trackingListener{l, w}
 	if err := w.srv.Serve(w.withTLS(ln)); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
 		w.log.Error("serve", "err", err)
 		w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) // read after wg.Wait
@@ -211,6 +225,9 @@ func (w *worker) drain(timeout time.Duration, conns uint64) {
 	}
 	w.draining.Store(true)
 	w.ln.Close()
+	if w.sock != nil {
+		w.sock.Close()
+	}
 	if w.handed != nil {
 		w.handed.Close()
 	}
@@ -352,10 +369,15 @@ func (l trackingListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.w.accepted.Add(1)
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		c.Close()                                                                 // cannot happen: a TCP listener
-		return nil, fmt.Errorf("listener accepted a %T, not a TCP connection", c) // Serve's error wraps it
+	var tc tcpConn
+	switch c := c.(type) {
+	case *net.TCPConn:
+		tc = c
+	case *net.UnixConn:
+		tc = unixConn{c} // the worker socket
+	default:
+		c.Close()                                                                         // cannot happen: a TCP or Unix listener
+		return nil, fmt.Errorf("listener accepted a %T, not a TCP or Unix connection", c) // Serve's error wraps it
 	}
 	return l.w.trackConn(&workerConn{tcpConn: tc, w: l.w, proxied: true}), nil
 }
@@ -413,6 +435,29 @@ type tcpConn interface {
 }
 
 var _ tcpConn = (*net.TCPConn)(nil)
+
+// unixConn is a connection from the primary on the worker socket: a
+// tcpConn whose TCP options do nothing (the primary's socket to the
+// client has them), and which copies with io.Copy (a *net.UnixConn has
+// neither sendfile nor splice for net/http to use).
+type unixConn struct{ *net.UnixConn }
+
+var _ tcpConn = unixConn{}
+
+func (unixConn) SetKeepAlive(bool) error                      { return nil }
+func (unixConn) SetKeepAlivePeriod(time.Duration) error       { return nil }
+func (unixConn) SetKeepAliveConfig(net.KeepAliveConfig) error { return nil }
+func (unixConn) SetLinger(int) error                          { return nil }
+func (unixConn) SetNoDelay(bool) error                        { return nil }
+
+// ReadFrom and WriteTo hide c's own ReadFrom and WriteTo, which are a
+// datagram socket's, from io.Copy.
+func (c unixConn) ReadFrom(r io.Reader) (int64, error) {
+	return io.Copy(struct{ io.Writer }{c.UnixConn}, r)
+}
+func (c unixConn) WriteTo(w io.Writer) (int64, error) {
+	return io.Copy(w, struct{ io.Reader }{c.UnixConn})
+}
 
 // track counts c as open until it is closed.
 func (w *worker) track(c tcpConn, handed bool) *workerConn {
