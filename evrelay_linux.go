@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -545,7 +546,7 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 		w, err := l.write(pr, d, buf[:n])
 		switch {
 		case err != nil:
-			l.ended(pr, d, false)
+			l.writeFailed(pr, d)
 		case w < n:
 			d.pending = bytes.Clone(buf[w:n])
 			d.peek = true
@@ -587,7 +588,7 @@ func (l *evLoop) peekRead(pr *evPair, d *evDir) {
 	}
 	switch {
 	case err != nil:
-		l.ended(pr, d, false)
+		l.writeFailed(pr, d)
 	case w < n:
 		d.stalled = true
 	case n < len(l.buf):
@@ -601,7 +602,7 @@ func (l *evLoop) peekRead(pr *evPair, d *evDir) {
 func (l *evLoop) write(pr *evPair, d *evDir, b []byte) (int, error) {
 	w := 0
 	for w < len(b) {
-		n, err := unix.Write(d.dst, b[w:])
+		n, err := sendRaw(d.dst, b[w:])
 		if n > 0 {
 			w += n
 			continue
@@ -639,7 +640,7 @@ func (l *evLoop) resume(pr *evPair, d *evDir) {
 	w, err := l.write(pr, d, d.pending)
 	switch {
 	case err != nil:
-		l.ended(pr, d, false)
+		l.writeFailed(pr, d)
 	case w == len(d.pending):
 		d.pending = nil
 	default:
@@ -664,6 +665,20 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 	}
 	unix.Shutdown(d.dst, unix.SHUT_WR)
 	l.progress(pr)
+}
+
+// writeFailed ends d after a write to its destination failed. A worker
+// that has closed its socket refuses writes (a Unix socket at once, TCP
+// after its reset) while what it sent before may still wait to be read:
+// then the client-to-worker direction ends alone, as in endUp, and the
+// worker's last bytes still reach the client. Any other failure ends the
+// connection.
+func (l *evLoop) writeFailed(pr *evPair, d *evDir) {
+	if d == &pr.up && !pr.down.done {
+		l.endUp(pr)
+		return
+	}
+	l.ended(pr, d, false)
 }
 
 // endUp ends the client-to-worker direction without a FIN from the
@@ -877,7 +892,7 @@ func connectRaw(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 func writeRaw(fd int, b []byte, timeout time.Duration) error {
 	try := func() (bool, error) {
 		for len(b) > 0 {
-			n, err := unix.Write(fd, b)
+			n, err := sendRaw(fd, b)
 			switch {
 			case n > 0:
 				b = b[n:]
@@ -929,3 +944,22 @@ func waitWritable(fd int, timeout time.Duration, try func() (bool, error)) error
 }
 
 func closeRaw(fd int) { unix.Close(fd) }
+
+// sendRaw writes b to the socket fd without waiting and without SIGPIPE
+// (which a write to a Unix socket whose peer has closed raises, and a
+// program that asked for it with signal.Notify would see): a raw
+// sendto with MSG_NOSIGNAL, which allocates nothing.
+func sendRaw(fd int, b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	n, _, errno := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
+	switch errno {
+	case 0:
+		return int(n), nil
+	case unix.ENOSYS: // linux/386 before 4.3: sendto goes through socketcall
+		return unix.Write(fd, b)
+	}
+	return 0, errno
+}

@@ -294,7 +294,7 @@ func readSockOpts(c syscall.Conn) (map[string]int, error) {
 
 func init() {
 	// /conn hijacks the connection and answers what the worker serves
-	// it through ("*net.TCPConn", "*defuss.handedConn") and its
+	// it through ("*net.TCPConn", "*defuss.handedConn", "defuss.unixConn") and its
 	// options, as "NAME=VALUE" words.
 	platformRoutes["/conn"] = func(w http.ResponseWriter, r *http.Request) {
 		c, _, err := http.NewResponseController(w).Hijack()

@@ -414,7 +414,19 @@ var (
 	errSocketFull = errors.New("defuss: worker socket's accept queue is full")
 	// errSocketAbsent: nothing listens on the worker socket.
 	errSocketAbsent = errors.New("defuss: no worker socket")
+	// errSocketImpostor: another process than the worker listens there.
+	errSocketImpostor = errors.New("defuss: worker socket held by another process")
 )
+
+// sockErrPasses reports whether err, from dialWorkerSocket, may not
+// happen on the next dial: the process is short of descriptors or
+// memory. Any other failure (nobody listening, another process
+// listening, AF_UNIX refused by a sandbox, connect denied by a security
+// module) will happen again.
+func sockErrPasses(err error) bool {
+	return errors.Is(err, errSocketFull) || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
 
 // dialUpstream connects to the worker w: with offerRaw, on a socket of
 // its own, to its worker socket where it has one (dialWorkerSocket) and
@@ -425,23 +437,24 @@ func (p *primary) dialUpstream(w *WorkerInfo, how offerHow) (upstream, error) {
 	addr := w.Addr
 	if how&offerRaw != 0 {
 		if pr := w.proc; pr != nil && pr.sock != nil && !pr.sockOff.Load() {
-			fd, err := dialWorkerSocket(pr.sock)
+			fd, err := dialWorkerSocket(pr.sock, pr.pid)
 			switch {
 			case err == nil:
 				return upstream{fd: fd}, nil
-			case err == errSocketFull && how&offerNowait != 0:
+			case errors.Is(err, errSocketFull) && how&offerNowait != 0:
 				return upstream{fd: -1}, errWouldWait
-			case err == errSocketAbsent:
-				// An earlier version's worker, or one that could not
-				// bind it: its TCP port from now on. (A draining
-				// worker refuses on both.)
-				pr.sockOff.Store(true)
-				p.log.Debug("worker socket refused; using the worker's TCP port", "worker", w.Index, "worker_pid", pr.pid)
-			case err != errSocketFull:
-				return upstream{fd: -1}, err
+			case !sockErrPasses(err) && pr.sockOff.CompareAndSwap(false, true):
+				// The TCP port from now on.
+				if errors.Is(err, errSocketAbsent) {
+					p.log.Debug("worker socket refused (a worker of an earlier version, or one that is stopping); using the worker's TCP port",
+						"worker", w.Index, "worker_pid", pr.pid)
+				} else {
+					p.log.Warn("cannot use the worker socket; using the worker's TCP port", "worker", w.Index, "worker_pid", pr.pid, "err", err)
+				}
 			}
-			// A full queue with time to wait: the TCP port's connect
-			// waits for room, a Unix socket's does not.
+			// The TCP port now, whatever failed. A full queue with time
+			// to wait: the TCP port's connect waits for room, a Unix
+			// socket's does not.
 		}
 		timeout := p.cfg.dialTimeout
 		if how&offerNowait != 0 {

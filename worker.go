@@ -69,6 +69,7 @@ type worker struct {
 	user        *http.Server // WithServer's: its RegisterOnShutdown hooks run when the drain begins
 	tls         *tls.Config  // serve HTTPS with this; nil: plain HTTP
 	err         error
+	errOnce     sync.Once // sets err from serve
 	wg          sync.WaitGroup
 }
 
@@ -200,8 +201,10 @@ func (w *worker) serve(l net.Listener) {
 	// served and cannot claim any client address (workerConn.header).
 	ln := trackingListener{l, w}
 	if err := w.srv.Serve(w.withTLS(ln)); err != nil && !errors.Is(err, http.ErrServerClosed) && !w.draining.Load() {
-		w.log.Error("serve", "err", err)
-		w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) // read after wg.Wait
+		w.log.Error("serve", "err", err, "addr", l.Addr())
+		// Both listeners' Serve may fail at once (an HTTP/2 set-up error
+		// comes from each): the first error is the worker's.
+		w.errOnce.Do(func() { w.err = fmt.Errorf("defuss: worker %d: serve: %w", w.slot, err) }) // read after wg.Wait
 		w.requestStop(0, 0)
 	}
 }
@@ -438,8 +441,7 @@ var _ tcpConn = (*net.TCPConn)(nil)
 
 // unixConn is a connection from the primary on the worker socket: a
 // tcpConn whose TCP options do nothing (the primary's socket to the
-// client has them), and which copies with io.Copy (a *net.UnixConn has
-// neither sendfile nor splice for net/http to use).
+// client has them).
 type unixConn struct{ *net.UnixConn }
 
 var _ tcpConn = unixConn{}
@@ -450,14 +452,12 @@ func (unixConn) SetKeepAliveConfig(net.KeepAliveConfig) error { return nil }
 func (unixConn) SetLinger(int) error                          { return nil }
 func (unixConn) SetNoDelay(bool) error                        { return nil }
 
-// ReadFrom and WriteTo hide c's own ReadFrom and WriteTo, which are a
-// datagram socket's, from io.Copy.
-func (c unixConn) ReadFrom(r io.Reader) (int64, error) {
-	return io.Copy(struct{ io.Writer }{c.UnixConn}, r)
-}
-func (c unixConn) WriteTo(w io.Writer) (int64, error) {
-	return io.Copy(w, struct{ io.Reader }{c.UnixConn})
-}
+// ReadFrom and WriteTo are io.Copy's: a *net.UnixConn's methods of those
+// names are a datagram socket's. io.Copy still finds the system's copies
+// where there are some: an *os.File's WriteTo sends a file with
+// sendfile, a *net.TCPConn's ReadFrom splices from a Unix socket.
+func (c unixConn) ReadFrom(r io.Reader) (int64, error) { return io.Copy(c.UnixConn, r) }
+func (c unixConn) WriteTo(w io.Writer) (int64, error)  { return io.Copy(w, c.UnixConn) }
 
 // track counts c as open until it is closed.
 func (w *worker) track(c tcpConn, handed bool) *workerConn {

@@ -3,6 +3,7 @@ package defuss
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"net"
 	"os"
 	"strconv"
@@ -67,33 +68,50 @@ func listenWorkerSocket(secret *[secretLen]byte) (net.Listener, error) {
 	return net.Listen("unix", workerSockName(secret, os.Getpid()))
 }
 
-// dialWorkerSocket connects to s on a raw non-blocking socket of its own,
-// for an event loop to carry. A Unix socket connects at once or not at
-// all: errSocketFull when the worker's accept queue is full (Linux does
-// not wait for room on a non-blocking socket), errSocketAbsent when
-// nothing listens. It allocates nothing: s's address is made once.
-func dialWorkerSocket(s *workerSocket) (int, error) {
+// dialWorkerSocket connects to s, the socket of the worker process pid,
+// on a raw non-blocking socket of its own, for an event loop to carry. A
+// Unix socket connects at once or not at all: errSocketFull when the
+// worker's accept queue is full (Linux does not wait for room on a
+// non-blocking socket), errSocketAbsent when nothing listens. The peer
+// must be pid itself (SO_PEERCRED: the process that listened), or it is
+// errSocketImpostor: a process that bound the name after a worker of the
+// same pid had gone, and whose own bind then failed, gets no connection.
+// It allocates nothing: s's address is made once.
+func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, os.NewSyscallError("socket", err)
 	}
+	var e unix.Errno
 	for {
 		// connect(2) only reads s.sa, which no one writes after
 		// newWorkerSocket: the accept loops dial it at once.
-		_, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&s.sa)), uintptr(s.n))
-		switch e {
-		case 0:
-			return fd, nil
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			err = errSocketFull
-		case unix.ECONNREFUSED, unix.ENOENT:
-			err = errSocketAbsent
-		default:
-			err = &net.OpError{Op: "dial", Net: "unix", Addr: &net.UnixAddr{Name: s.name, Net: "unix"}, Err: os.NewSyscallError("connect", e)}
+		_, _, e = unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&s.sa)), uintptr(s.n))
+		if e != unix.EINTR {
+			break
 		}
-		unix.Close(fd)
-		return -1, err
 	}
+	switch e {
+	case 0:
+		var cred unix.Ucred
+		n := uint32(unsafe.Sizeof(cred))
+		_, _, e = unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERCRED,
+			uintptr(unsafe.Pointer(&cred)), uintptr(unsafe.Pointer(&n)), 0)
+		switch {
+		case e != 0:
+			err = os.NewSyscallError("getsockopt", e)
+		case int(cred.Pid) != pid:
+			err = fmt.Errorf("%w: %s is pid %d's, not the worker's (%d)", errSocketImpostor, s.name, cred.Pid, pid)
+		default:
+			return fd, nil
+		}
+	case unix.EAGAIN:
+		err = errSocketFull
+	case unix.ECONNREFUSED, unix.ENOENT:
+		err = errSocketAbsent
+	default:
+		err = os.NewSyscallError("connect", e)
+	}
+	unix.Close(fd)
+	return -1, &net.OpError{Op: "dial", Net: "unix", Addr: &net.UnixAddr{Name: s.name, Net: "unix"}, Err: err}
 }

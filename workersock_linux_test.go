@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pires/go-proxyproto"
 	"go.opentelemetry.io/otel/metric/noop"
 	"golang.org/x/sys/unix"
 )
@@ -46,12 +47,12 @@ func TestWorkerSockName(t *testing.T) {
 	}
 }
 
-// testWorkerSocket is a worker socket of a made-up process, under a
-// secret of its own.
+// testWorkerSocket is the worker socket of this process under a secret
+// of its own: the test's listeners are the worker's.
 func testWorkerSocket(t *testing.T) *workerSocket {
 	var secret [secretLen]byte
 	rand.Read(secret[:])
-	return newWorkerSocket(&secret, 1<<22+os.Getpid())
+	return newWorkerSocket(&secret, os.Getpid())
 }
 
 // listenBacklog listens on s with backlog n, and accepts nothing.
@@ -89,7 +90,7 @@ func fillBacklog(t *testing.T, s *workerSocket) []int {
 		}
 	})
 	for range 64 {
-		fd, err := dialWorkerSocket(s)
+		fd, err := dialWorkerSocket(s, os.Getpid())
 		if errors.Is(err, errSocketFull) {
 			if len(fds) == 0 {
 				t.Fatal("full before the first connection")
@@ -109,7 +110,7 @@ func fillBacklog(t *testing.T, s *workerSocket) []int {
 // tells a full accept queue from a socket nobody listens on.
 func TestDialWorkerSocket(t *testing.T) {
 	s := testWorkerSocket(t)
-	if _, err := dialWorkerSocket(s); !errors.Is(err, errSocketAbsent) {
+	if _, err := dialWorkerSocket(s, os.Getpid()); !errors.Is(err, errSocketAbsent) {
 		t.Fatalf("nothing bound: %v, want errSocketAbsent", err)
 	}
 
@@ -118,7 +119,7 @@ func TestDialWorkerSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	fd, err := dialWorkerSocket(s)
+	fd, err := dialWorkerSocket(s, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,8 +145,25 @@ func TestDialWorkerSocket(t *testing.T) {
 	if _, err := io.ReadFull(c, got); err != nil || string(got) != "ping" {
 		t.Fatalf("read %q (%v)", got, err)
 	}
+	fds := make([]int, 0, 128) // within the listener's backlog, unaccepted
+	if n := testing.AllocsPerRun(100, func() {
+		fd, err := dialWorkerSocket(s, os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+	}); n != 0 {
+		t.Errorf("%.1f allocations a dial", n)
+	}
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	// Another process's socket under the name: no connection.
+	if _, err := dialWorkerSocket(s, os.Getpid()+1); !errors.Is(err, errSocketImpostor) {
+		t.Fatalf("a listener of another pid: %v, want errSocketImpostor", err)
+	}
 	ln.Close()
-	if _, err := dialWorkerSocket(s); !errors.Is(err, errSocketAbsent) {
+	if _, err := dialWorkerSocket(s, os.Getpid()); !errors.Is(err, errSocketAbsent) {
 		t.Fatalf("listener closed: %v, want errSocketAbsent", err)
 	}
 
@@ -164,8 +182,7 @@ func TestDialUpstreamFallsBackToTheTCPPort(t *testing.T) {
 	}
 	defer tln.Close()
 	p := newTestPrimary(t, nil, WithMeterProvider(noop.NewMeterProvider()), tln.Addr().String())
-	pid := 1<<22 + os.Getpid()
-	pr := &process{pid: pid, sock: newWorkerSocket(&p.secret, pid)}
+	pr := &process{pid: os.Getpid(), sock: newWorkerSocket(&p.secret, os.Getpid())}
 	w := p.pool.view.Load().cands[0]
 	w.proc = pr
 	accept := func(ln net.Listener) net.Conn {
@@ -226,7 +243,7 @@ func TestDialUpstreamFallsBackToTheTCPPort(t *testing.T) {
 
 	// Nobody listening: the TCP port, from then on.
 	closeFull()
-	if c, err := dial(offerRaw | offerNowait); err != nil || domain(c) != "tcp" {
+	if c, err := dial(offerRaw); err != nil || domain(c) != "tcp" {
 		t.Fatalf("no worker socket: %v (%v), want the TCP port", c, err)
 	}
 	accept(tln)
@@ -242,15 +259,35 @@ func TestDialUpstreamFallsBackToTheTCPPort(t *testing.T) {
 		t.Fatalf("after a refusal: %v (%v), want the TCP port", c, err)
 	}
 	accept(tln)
+
+	// Another process listening under the worker's name (it bound the
+	// name once a worker of the same pid had gone): no connection to it,
+	// and the TCP port from then on.
+	pr = &process{pid: os.Getpid() + 1, sock: newWorkerSocket(&p.secret, os.Getpid()+1)}
+	w.proc = pr
+	squat, err := net.Listen("unix", pr.sock.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squat.Close()
+	if c, err := dial(offerRaw); err != nil || domain(c) != "tcp" {
+		t.Fatalf("impostor: %v (%v), want the TCP port", c, err)
+	}
+	accept(tln)
+	if !pr.sockOff.Load() {
+		t.Fatal("the impostor's socket is still used")
+	}
+	c = accept(squat) // the connection the check made: it sends nothing
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(c); len(got) != 0 || err != nil {
+		t.Fatalf("the impostor read %q (%v), want nothing and EOF", got, err)
+	}
 }
 
 // unixRelayPair is relayPair with the worker on a worker socket.
 func unixRelayPair(t *testing.T, opts ...Option) (p *primary, r *relay, client, worker net.Conn) {
 	t.Helper()
-	p, r, client, worker = relayPair(t, opts...)
-	ln := useWorkerSocket(t, p)
-	// relayPair's connection is over TCP: make one over the socket.
-	r.abort()
+	p, ln := unixRelayPrimary(t, opts...)
 	r, client, worker = addRelay(t, p, ln)
 	if worker.LocalAddr().Network() != "unix" {
 		t.Fatal("the worker connection is not on the worker socket")
@@ -258,22 +295,27 @@ func unixRelayPair(t *testing.T, opts ...Option) (p *primary, r *relay, client, 
 	return p, r, client, worker
 }
 
-// useWorkerSocket gives p's only worker a worker socket, and returns its
-// listener.
-func useWorkerSocket(t *testing.T, p *primary) net.Listener {
+// unixRelayPrimary is a primary with event loops whose only worker (this
+// process) listens on ln, its worker socket. Its TCP port refuses.
+func unixRelayPrimary(t *testing.T, opts ...Option) (*primary, net.Listener) {
 	t.Helper()
-	pid := 1<<22 + os.Getpid()
-	pr := &process{pid: pid, sock: newWorkerSocket(&p.secret, pid)}
+	always0 := func(_ *Request, c []WorkerInfo) *WorkerInfo { return &c[0] }
+	p := newTestPrimary(t, always0, WithMeterProvider(noop.NewMeterProvider()), "127.0.0.1:1")
+	for _, o := range opts {
+		o.apply(p.cfg)
+	}
+	if p.relay() == nil {
+		t.Fatal("no event loops")
+	}
+	t.Cleanup(p.stopRelay)
+	pr := &process{pid: os.Getpid(), sock: newWorkerSocket(&p.secret, os.Getpid())}
 	ln, err := net.Listen("unix", pr.sock.name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	v := p.pool.view.Load()
-	cands := append([]WorkerInfo(nil), v.cands...)
-	cands[0].proc = pr
-	p.pool.view.Store(&poolView{cands: cands})
-	return ln
+	p.pool.view.Load().cands[0].proc = pr // before any dial
+	return p, ln
 }
 
 // The relay tests whose worker closes while its answer waits for a slow
@@ -288,8 +330,10 @@ func TestEvRelayOverWorkerSocketSlowReaderGetsWholeResponse(t *testing.T) {
 			p, r, cc, wc := unixRelayPair(t, WithHalfOpen(tc.halfOpen))
 			cc.(*net.TCPConn).SetReadBuffer(16 << 10)
 			r.client.(*net.TCPConn).SetWriteBuffer(16 << 10)
-			// 300 KiB fits in the worker's send buffer, as in slowClient.
+			// 300 KiB fits in the worker's send buffer, as in slowClient
+			// (where the system allows 1 MiB; else the write times out).
 			wc.(*net.UnixConn).SetWriteBuffer(1 << 20)
+			wc.SetWriteDeadline(time.Now().Add(10 * time.Second))
 			if !p.relay().take(r) {
 				t.Fatal("not taken")
 			}
@@ -307,11 +351,41 @@ func TestEvRelayOverWorkerSocketSlowReaderGetsWholeResponse(t *testing.T) {
 	}
 }
 
+// The worker answers and closes while its answer waits for a slow
+// client, which then sends more (a pipelined request): a Unix socket
+// refuses the write to the worker at once (EPIPE), and the client still
+// gets the whole answer. (Found in review: the failed write ended the
+// connection, and the answer's tail was lost.)
+func TestEvRelayOverWorkerSocketClientSendsAfterWorkerClosed(t *testing.T) {
+	p, r, cc, wc := unixRelayPair(t)
+	cc.(*net.TCPConn).SetReadBuffer(16 << 10)
+	r.client.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	wc.(*net.UnixConn).SetWriteBuffer(1 << 20)
+	wc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if !p.relay().take(r) {
+		t.Fatal("not taken")
+	}
+	resp := bytes.Repeat([]byte("x"), 300<<10)
+	if _, err := wc.Write(resp); err != nil {
+		t.Fatal(err)
+	}
+	wc.Close()
+	awaitWorkerFIN(t, -1)
+	if _, err := cc.Write([]byte("GET /next HTTP/1.1\r\nHost: t\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the loop writes it to the closed worker socket
+	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(cc)
+	if len(got) != len(resp) || err != nil {
+		t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
+	}
+}
+
 // Bulk transfers and a small exchange over worker sockets, as
 // TestEvRelayBulkTransfersAndSmallExchange over TCP.
 func TestEvRelayOverWorkerSocketBulkAndSmall(t *testing.T) {
-	p, _, _, _ := relayPair(t)
-	ln := useWorkerSocket(t, p)
+	p, ln := unixRelayPrimary(t)
 	const bulk, size = 4, 3 << 20
 	body := bytes.Repeat([]byte("0123456789abcdef"), size/16)
 	errs := make(chan error, bulk+1)
@@ -390,18 +464,28 @@ func TestSpliceReachesWorkersOnTheirSockets(t *testing.T) {
 	if handoffMode {
 		return
 	}
+	// A PROXY v2 header with a wrong secret, as the primary's but for it.
+	h := proxyproto.HeaderProxyFromAddrs(2, &net.TCPAddr{IP: net.IPv4(203, 0, 113, 9), Port: 4444},
+		&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 3000})
+	if err := h.SetTLVs([]proxyproto.TLV{{Type: tlvSecret, Value: bytes.Repeat([]byte{7}, secretLen)}}); err != nil {
+		t.Fatal(err)
+	}
+	wrong, err := h.Format()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, w := range s.Workers() {
-		for _, prefix := range [][]byte{nil, []byte("PROXY TCP4 203.0.113.9 127.0.0.1 4444 3000\r\n")} {
+		for _, prefix := range [][]byte{nil, []byte("PROXY TCP4 203.0.113.9 127.0.0.1 4444 3000\r\n"), wrong} {
 			c, err := net.DialTimeout("unix", workerSockName(&s.p.secret, w.PID), 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
 			c.SetDeadline(time.Now().Add(10 * time.Second))
 			c.Write(append(prefix, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"...))
-			got, _ := io.ReadAll(c)
+			got, err := io.ReadAll(c) // the worker closes it
 			c.Close()
-			if len(got) != 0 {
-				t.Fatalf("a connection to worker %d's socket without the secret was served: %q", w.PID, got)
+			if len(got) != 0 || err != nil {
+				t.Fatalf("a connection to worker %d's socket without the secret: read %q (%v), want nothing and EOF", w.PID, got, err)
 			}
 		}
 	}

@@ -11,4 +11,4 @@ type workerSocket struct{}
 
 func newWorkerSocket(*[secretLen]byte, int) *workerSocket       { return nil }
 func listenWorkerSocket(*[secretLen]byte) (net.Listener, error) { return nil, nil }
-func dialWorkerSocket(*workerSocket) (int, error)               { return -1, errSocketAbsent }
+func dialWorkerSocket(*workerSocket, int) (int, error)          { return -1, errSocketAbsent }

@@ -34,7 +34,10 @@ func (h *harness) setups() []setup {
 		{key: "direct", name: "direct (1 process)", start: (*harness).startDirect, slow: true},
 		{key: "defuss", name: "defuss splice (" + n + " workers)", start: defussStarter(false), idle: true, slow: true},
 		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter(true), idle: true, slow: true},
-		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: (*harness).startHAProxy, idle: true, slow: true},
+		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: haproxyStarter("plain"), idle: true, slow: true},
+		// HAProxy's backends on Unix sockets, as splice mode's workers on
+		// Linux: the like-for-like comparison of the two proxies.
+		{key: "haproxy-unix", name: "HAProxy tcp rr (" + n + " Unix backends)", start: haproxyStarter("plainunix")},
 		{key: "reuseport", name: "SO_REUSEPORT (" + n + " processes)", start: (*harness).startReusePort},
 	}
 }
@@ -155,7 +158,8 @@ func (h *harness) startDefuss(ctx context.Context, workers int, handoff bool) (*
 // workers.
 func (h *harness) backendProcs() int { return max(1, h.ncpu/h.workers) }
 
-// startBackends starts h.workers plain servers on ephemeral ports.
+// startBackends starts h.workers servers of the bench server's mode on
+// ephemeral ports (plainunix: on abstract Unix sockets).
 func (h *harness) startBackends(ctx context.Context, t *target, mode string) ([]string, error) {
 	var addrs []string
 	for i := range h.workers {
@@ -185,14 +189,28 @@ func (h *harness) startReusePort(ctx context.Context) (*target, error) {
 	return h.ready(ctx, t)
 }
 
-func (h *harness) startHAProxy(ctx context.Context) (*target, error) {
+// haproxyStarter starts HAProxy in front of h.workers servers of the
+// bench server's mode: "plain" (loopback TCP) or "plainunix" (abstract
+// Unix sockets).
+func haproxyStarter(mode string) func(*harness, context.Context) (*target, error) {
+	return func(h *harness, ctx context.Context) (*target, error) {
+		return h.startHAProxy(ctx, mode)
+	}
+}
+
+func (h *harness) startHAProxy(ctx context.Context, mode string) (*target, error) {
 	if h.haproxy == "" {
 		return nil, fmt.Errorf("haproxy is not installed (bench/run.sh installs it)")
 	}
 	t := &target{}
-	backends, err := h.startBackends(ctx, t, "plain")
+	backends, err := h.startBackends(ctx, t, mode)
 	if err != nil {
 		return nil, err
+	}
+	for i, a := range backends {
+		if name, ok := strings.CutPrefix(a, "@"); ok {
+			backends[i] = "abns@" + name // HAProxy's name for an abstract socket
+		}
 	}
 	port, err := freePort()
 	if err != nil {

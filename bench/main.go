@@ -1,8 +1,9 @@
 //go:build linux
 
 // Command bench is the benchmark harness of issues 6 and 14. It compares
-// defuss with one plain Go process, HAProxy in TCP mode and SO_REUSEPORT,
-// on one machine, over loopback only, and prints markdown tables on stdout
+// defuss with one plain Go process, HAProxy in TCP mode (in front of Go
+// servers on loopback TCP ports, and on abstract Unix sockets as splice
+// mode's workers on Linux) and SO_REUSEPORT, on one machine, over loopback only, and prints markdown tables on stdout
 // (progress goes to stderr):
 //
 //  1. throughput: requests/s, p50 and p99 latency, the ratio to "direct",
@@ -33,7 +34,7 @@
 //	BENCH_IDLE_CONNS=10000    idle connections for the memory table (0 skips it)
 //	BENCH_POOL_WORKERS=2,4,8  worker counts of the pool table (empty skips it)
 //	BENCH_SLOW_CONNS=1000     slow readers of the slow-reader table (0 skips it)
-//	BENCH_ONLY=direct,defuss  run only these setups (direct, defuss, handoff, haproxy, reuseport)
+//	BENCH_ONLY=direct,defuss  run only these setups (direct, defuss, handoff, haproxy, haproxy-unix, reuseport)
 //	BENCH_TABLES=pool,slow    run only these tables (throughput, idle, pool, slow)
 //	BENCH_TIMEOUT=20m     the whole run stops after this, printing what it has
 //	BENCH_QUICK=1         smoke run: one round of 2s runs, no warm-up, 2000 idle and 200 slow connections
@@ -160,7 +161,7 @@ func run() int {
 	flag.IntVar(&h.idleConns, "idle-conns", envInt("BENCH_IDLE_CONNS", defIdle), "idle connections for the memory table (0 skips it)")
 	flag.IntVar(&h.slowConns, "slow-conns", envInt("BENCH_SLOW_CONNS", defSlow), "slow readers of the slow-reader table (0 skips it)")
 	pool := flag.String("pool-workers", envString("BENCH_POOL_WORKERS", "2,4,8"), "comma-separated worker counts of the pool table (empty skips it)")
-	only := flag.String("only", os.Getenv("BENCH_ONLY"), "comma-separated setups to run: direct,defuss,handoff,haproxy,reuseport (empty: all)")
+	only := flag.String("only", os.Getenv("BENCH_ONLY"), "comma-separated setups to run: direct,defuss,handoff,haproxy,haproxy-unix,reuseport (empty: all)")
 	tables := flag.String("tables", os.Getenv("BENCH_TABLES"), "comma-separated tables to run: throughput,idle,pool,slow (empty: all)")
 	timeout := flag.Duration("timeout", envDuration("BENCH_TIMEOUT", "20m"), "stop the whole run after this")
 	flag.StringVar(&h.server, "server", os.Getenv("BENCH_SERVER"), "bench server binary (empty: build ./bench/server)")

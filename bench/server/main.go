@@ -7,6 +7,7 @@
 //	server -mode defuss    -addr 127.0.0.1:0 -workers 2     # defuss.Start: primary + workers
 //	server -mode reuseport -addr 127.0.0.1:PORT             # SO_REUSEPORT listener
 //	server -mode plain     -addr 127.0.0.1:0                # a backend behind HAProxy
+//	server -mode plainunix                                  # the same on an abstract Unix socket
 //
 // Once it accepts, the server prints "listening HOST:PORT" on stdout (the
 // primary only, under defuss), so the harness can pass port 0 and learn the
@@ -42,7 +43,7 @@ var (
 )
 
 func main() {
-	mode := flag.String("mode", "direct", "direct, defuss, reuseport or plain")
+	mode := flag.String("mode", "direct", "direct, defuss, reuseport, plain or plainunix")
 	addr := flag.String("addr", "127.0.0.1:0", "address to listen on")
 	workers := flag.Int("workers", 2, "defuss workers (-mode defuss)")
 	handoff := flag.Bool("handoff", false, "defuss hand-off mode (-mode defuss)")
@@ -59,6 +60,12 @@ func main() {
 	case "direct", "plain":
 		var ln net.Listener
 		if ln, err = net.Listen("tcp", *addr); err == nil {
+			err = serve(ln)
+		}
+	case "plainunix":
+		// An abstract Unix socket named after the process: -addr is not used.
+		var ln net.Listener
+		if ln, err = net.Listen("unix", fmt.Sprintf("@defuss-bench-%d", os.Getpid())); err == nil {
 			err = serve(ln)
 		}
 	case "reuseport":
