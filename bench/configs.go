@@ -36,7 +36,8 @@ func (h *harness) setups() []setup {
 		{key: "handoff", name: "defuss hand-off (" + n + " workers)", start: defussStarter(true), idle: true, slow: true},
 		{key: "haproxy", name: "HAProxy tcp rr (" + n + " backends)", start: haproxyStarter("plain"), idle: true, slow: true},
 		// HAProxy's backends on Unix sockets, as splice mode's workers on
-		// Linux: the like-for-like comparison of the two proxies.
+		// Linux (theirs are abstract): the like-for-like comparison of the
+		// two proxies.
 		{key: "haproxy-unix", name: "HAProxy tcp rr (" + n + " Unix backends)", start: haproxyStarter("plainunix")},
 		{key: "reuseport", name: "SO_REUSEPORT (" + n + " processes)", start: (*harness).startReusePort},
 	}
@@ -159,11 +160,14 @@ func (h *harness) startDefuss(ctx context.Context, workers int, handoff bool) (*
 func (h *harness) backendProcs() int { return max(1, h.ncpu/h.workers) }
 
 // startBackends starts h.workers servers of the bench server's mode on
-// ephemeral ports (plainunix: on abstract Unix sockets).
+// ephemeral ports (plainunix: on Unix sockets in h.tmp).
 func (h *harness) startBackends(ctx context.Context, t *target, mode string) ([]string, error) {
 	var addrs []string
 	for i := range h.workers {
 		args := []string{"-mode", mode, "-addr", "127.0.0.1:0"}
+		if mode == "plainunix" {
+			args[3] = filepath.Join(h.tmp, fmt.Sprintf("backend%d.sock", i))
+		}
 		if mode == "reuseport" && i > 0 {
 			args[3] = addrs[0] // the others join the first one's port
 		}
@@ -190,8 +194,8 @@ func (h *harness) startReusePort(ctx context.Context) (*target, error) {
 }
 
 // haproxyStarter starts HAProxy in front of h.workers servers of the
-// bench server's mode: "plain" (loopback TCP) or "plainunix" (abstract
-// Unix sockets).
+// bench server's mode: "plain" (loopback TCP) or "plainunix" (Unix
+// sockets in h.tmp).
 func haproxyStarter(mode string) func(*harness, context.Context) (*target, error) {
 	return func(h *harness, ctx context.Context) (*target, error) {
 		return h.startHAProxy(ctx, mode)
@@ -207,9 +211,9 @@ func (h *harness) startHAProxy(ctx context.Context, mode string) (*target, error
 	if err != nil {
 		return nil, err
 	}
-	for i, a := range backends {
-		if name, ok := strings.CutPrefix(a, "@"); ok {
-			backends[i] = "abns@" + name // HAProxy's name for an abstract socket
+	if mode == "plainunix" {
+		for i, a := range backends {
+			backends[i] = "unix@" + a
 		}
 	}
 	port, err := freePort()

@@ -2,8 +2,8 @@
 
 // Command bench is the benchmark harness of issues 6 and 14. It compares
 // defuss with one plain Go process, HAProxy in TCP mode (in front of Go
-// servers on loopback TCP ports, and on abstract Unix sockets as splice
-// mode's workers on Linux) and SO_REUSEPORT, on one machine, over loopback only, and prints markdown tables on stdout
+// servers on loopback TCP ports, and on Unix sockets, as splice mode's
+// workers on Linux) and SO_REUSEPORT, on one machine, over loopback only, and prints markdown tables on stdout
 // (progress goes to stderr):
 //
 //  1. throughput: requests/s, p50 and p99 latency, the ratio to "direct",

@@ -7,7 +7,7 @@
 //	server -mode defuss    -addr 127.0.0.1:0 -workers 2     # defuss.Start: primary + workers
 //	server -mode reuseport -addr 127.0.0.1:PORT             # SO_REUSEPORT listener
 //	server -mode plain     -addr 127.0.0.1:0                # a backend behind HAProxy
-//	server -mode plainunix                                  # the same on an abstract Unix socket
+//	server -mode plainunix -addr /tmp/x.sock                # the same on a Unix socket
 //
 // Once it accepts, the server prints "listening HOST:PORT" on stdout (the
 // primary only, under defuss), so the harness can pass port 0 and learn the
@@ -63,9 +63,10 @@ func main() {
 			err = serve(ln)
 		}
 	case "plainunix":
-		// An abstract Unix socket named after the process: -addr is not used.
+		// -addr is the socket's path. (Not an abstract name: HAProxy 2.6
+		// pads those to the whole sun_path, which Go does not.)
 		var ln net.Listener
-		if ln, err = net.Listen("unix", fmt.Sprintf("@defuss-bench-%d", os.Getpid())); err == nil {
+		if ln, err = net.Listen("unix", *addr); err == nil {
 			err = serve(ln)
 		}
 	case "reuseport":
