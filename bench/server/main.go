@@ -64,7 +64,10 @@ func main() {
 		}
 	case "plainunix":
 		// -addr is the socket's path. (Not an abstract name: HAProxy 2.6
-		// pads those to the whole sun_path, which Go does not.)
+		// pads those to the whole sun_path, which Go does not.) The
+		// harness ends a server with SIGTERM, which leaves the file: the
+		// next round's server of the same path removes it.
+		os.Remove(*addr)
 		var ln net.Listener
 		if ln, err = net.Listen("unix", *addr); err == nil {
 			err = serve(ln)
