@@ -17,18 +17,20 @@ import (
 // the worker's loopback TCP port. Over loopback TCP every connection to a
 // worker costs both processes a handshake, a teardown and the TCP stack
 // on every write; over a Unix socket its bytes go from one socket's
-// queue to the other's. On 13-byte requests that took about a third of
-// the primary's CPU a connection on Connection: close, and a sixth on
+// queue to the other's. On 13-byte requests that took about two fifths
+// of the primary's CPU a connection on Connection: close, and a sixth on
 // keep-alive (README, Performance).
 //
 // The worker binds it before its ready frame, under a name that both
 // sides derive from the run's secret and the worker's pid (workerSockName)
-// and that nobody else can guess before it is bound. The primary dials it
-// for the event loops; what else dials the worker (connections that are
-// not TCP, the goroutine relay) uses the TCP port, which the worker keeps.
-// A worker that did not bind it (an earlier version under a newer
-// primary, or a bind that failed) refuses the dial, and the primary uses
-// that worker's TCP port from then on. Not with fixed worker ports
+// and that nobody else can guess before it is bound (once bound, it is
+// in /proc/net/unix: the primary checks that the process listening there
+// is the worker, dialWorkerSocket). The primary dials it for the event
+// loops; what else dials the worker (connections that are not TCP, the
+// goroutine relay) uses the TCP port, which the worker keeps. A worker
+// that did not bind it (an earlier version under a newer primary, or a
+// bind that failed) refuses the dial, or another process answers, and
+// the primary uses that worker's TCP port from then on. Not with fixed worker ports
 // (WithWorkerPort): their processes share the slot's socket, and a
 // draining one closes its own (process.drain).
 type workerSocket struct {
@@ -39,7 +41,7 @@ type workerSocket struct {
 
 // workerSockName is the abstract name of the socket of the worker pid:
 // the pid, for whoever reads /proc/net/unix, and a hash that the secret
-// goes into, so that no other process can bind it first.
+// goes into, so that no other process can bind it before the worker.
 func workerSockName(secret *[secretLen]byte, pid int) string {
 	h := sha256.New()
 	h.Write([]byte("defuss worker socket\x00"))
