@@ -364,8 +364,8 @@ func (l *evLoop) run() {
 // everything else the look found, and only as much as the budget allows,
 // the longest-waiting first, so that a small exchange waits behind about
 // one budget's worth of copying per loop, however many transfers are in
-// flight (by construction; the README's "While the attack opens" has what
-// the benchmark saw). Before, every ready download moved a buffer per
+// flight (by construction; bench/NOTES.md's "While a slow-read attack
+// opens" has what the benchmark saw). Before, every ready download moved a buffer per
 // look, and small requests were answered about every 59 ms while 500
 // large answers started at once. HAProxy's scheduler keeps bulk work in a
 // class of its own for the same reason. What a look skips stays ready
