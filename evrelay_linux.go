@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -199,6 +200,9 @@ type evDir struct {
 	stalled  bool   // peeking, and dst is full: wait until it is writable
 	pending  []byte // read from src, not yet written to dst
 	n        int64  // bytes written to dst
+	// discard: dst refused a write (the worker has closed); what src
+	// still sends is read and dropped (writeFailed).
+	discard bool
 }
 
 // end and close are what the connection table asks of a relayed pair
@@ -512,11 +516,14 @@ func (l *evLoop) event(ev unix.EpollEvent) {
 		acted = true
 	}
 	if !pr.closed && !acted && ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		if ev.Events&unix.EPOLLERR == 0 && !out.done && out.blocked() {
-			// Closed both ways (its FIN came after ours), while what it
-			// sent waits for the other side to take it: the rest is
-			// still to be read. EPOLLHUP cannot be masked, so the socket
-			// leaves epoll until its direction reads again (rearm).
+		if (ev.Events&unix.EPOLLERR == 0 || side == 1) && !out.done && out.blocked() {
+			// Closed both ways (its FIN came after ours), or the worker
+			// reset it (it closed with bytes unread: a Unix socket
+			// reports that at once), while what it sent waits for the
+			// other side to take it: the rest is still to be read, and
+			// the error comes after it. EPOLLHUP and EPOLLERR cannot be
+			// masked, so the socket leaves epoll until its direction
+			// reads again (rearm).
 			unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, pr.fd(int(side)), nil)
 			pr.parked[side], pr.mask[side] = true, 0
 			return
@@ -542,6 +549,7 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 	buf := l.buf[:evPlainRead]
 	n, err := unix.Read(d.src, buf)
 	switch {
+	case n > 0 && d.discard:
 	case n > 0:
 		w, err := l.write(pr, d, buf[:n])
 		switch {
@@ -657,9 +665,11 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 		other = &pr.down
 	}
 	d.done = true
-	if !clean || !pr.halfOpen || other.done {
+	if !clean || (!pr.halfOpen && !other.discard) || other.done {
 		// Closing sends the FIN (the other side is read to its EOF, or
-		// done with): no shutdown first.
+		// done with): no shutdown first. (A client whose bytes are
+		// being dropped is read on until its FIN or finTimeout, half
+		// open or not.)
 		l.finish(pr)
 		return
 	}
@@ -670,12 +680,15 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 // writeFailed ends d after a write to its destination failed. A worker
 // that has closed its socket refuses writes (a Unix socket at once, TCP
 // after its reset) while what it sent before may still wait to be read:
-// then the client-to-worker direction ends alone, as in endUp, and the
-// worker's last bytes still reach the client. Any other failure ends the
+// then the worker's last bytes still go to the client, and what the
+// client sends meanwhile is read and dropped, as the worker would have
+// (a socket closed with bytes unread resets its connection, and the
+// reset drops what it had not sent yet). Any other failure ends the
 // connection.
 func (l *evLoop) writeFailed(pr *evPair, d *evDir) {
 	if d == &pr.up && !pr.down.done {
-		l.endUp(pr)
+		d.release()
+		d.peek, d.discard = false, true
 		return
 	}
 	l.ended(pr, d, false)
@@ -692,6 +705,7 @@ func (l *evLoop) endUp(pr *evPair) {
 	}
 	d.done = true
 	d.release()
+	d.peek = false
 	if pr.down.done {
 		l.finish(pr) // the close sends the FIN
 		return
@@ -900,7 +914,7 @@ func writeRaw(fd int, b []byte, timeout time.Duration) error {
 			case err == unix.EAGAIN:
 				return false, nil
 			default:
-				return false, os.NewSyscallError("write", err)
+				return false, os.NewSyscallError("sendto", err)
 			}
 		}
 		return true, nil
@@ -948,18 +962,28 @@ func closeRaw(fd int) { unix.Close(fd) }
 // sendRaw writes b to the socket fd without waiting and without SIGPIPE
 // (which a write to a Unix socket whose peer has closed raises, and a
 // program that asked for it with signal.Notify would see): a raw
-// sendto with MSG_NOSIGNAL, which allocates nothing.
+// sendto with MSG_NOSIGNAL, which allocates nothing. Where the system
+// has no sendto call of its own (linux/386 before 4.3: it goes through
+// socketcall), a write, which may raise SIGPIPE.
 func sendRaw(fd int, b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	n, _, errno := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
-		unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
-	switch errno {
-	case 0:
-		return int(n), nil
-	case unix.ENOSYS: // linux/386 before 4.3: sendto goes through socketcall
-		return unix.Write(fd, b)
+	if !noSendto.Load() {
+		n, _, errno := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+			unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.ENOSYS:
+			noSendto.Store(true)
+		default:
+			return 0, errno
+		}
 	}
-	return 0, errno
+	return unix.Write(fd, b)
 }
+
+// noSendto is set once sendto has failed with ENOSYS: the system has
+// none, for every socket.
+var noSendto atomic.Bool

@@ -109,7 +109,7 @@ func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 		}
 	case unix.EAGAIN:
 		err = errSocketFull
-	case unix.ECONNREFUSED, unix.ENOENT:
+	case unix.ECONNREFUSED, unix.ENOENT, unix.ENOSYS: // ENOSYS: linux/386 before 4.3, whose connect goes through socketcall
 		err = errSocketAbsent
 	default:
 		err = os.NewSyscallError("connect", e)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -145,8 +146,8 @@ func TestDialWorkerSocket(t *testing.T) {
 	if _, err := io.ReadFull(c, got); err != nil || string(got) != "ping" {
 		t.Fatalf("read %q (%v)", got, err)
 	}
-	fds := make([]int, 0, 128) // within the listener's backlog, unaccepted
-	if n := testing.AllocsPerRun(100, func() {
+	fds := make([]int, 0, 32) // within the listener's backlog, unaccepted
+	if n := testing.AllocsPerRun(20, func() {
 		fd, err := dialWorkerSocket(s, os.Getpid())
 		if err != nil {
 			t.Fatal(err)
@@ -351,35 +352,80 @@ func TestEvRelayOverWorkerSocketSlowReaderGetsWholeResponse(t *testing.T) {
 	}
 }
 
-// The worker answers and closes while its answer waits for a slow
-// client, which then sends more (a pipelined request): a Unix socket
-// refuses the write to the worker at once (EPIPE), and the client still
-// gets the whole answer. (Found in review: the failed write ended the
-// connection, and the answer's tail was lost.)
-func TestEvRelayOverWorkerSocketClientSendsAfterWorkerClosed(t *testing.T) {
-	p, r, cc, wc := unixRelayPair(t)
-	cc.(*net.TCPConn).SetReadBuffer(16 << 10)
-	r.client.(*net.TCPConn).SetWriteBuffer(16 << 10)
-	wc.(*net.UnixConn).SetWriteBuffer(1 << 20)
-	wc.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	if !p.relay().take(r) {
-		t.Fatal("not taken")
+// The worker answers 300 KiB and closes while its answer waits for a
+// slow client, which sends more, before or after the close, once or
+// several times (pipelined requests): the client still gets the whole
+// answer, and then the end of the connection, in both half-open
+// settings.
+//   - after: a Unix socket refuses the write to the worker at once
+//     (EPIPE). (Found in review: the failed write ended the
+//     connection, and the answer's tail was lost.)
+//   - again: the bytes that come after the refused write are read and
+//     dropped. (Found in the second review: left unread, they made the
+//     close a reset, which dropped what the primary had not sent yet.)
+//   - before: the worker closes with the request unread, which resets
+//     the primary's socket (EPOLLERR) with the answer still queued on
+//     it. (Found in the second review: the loop ended the pair on that
+//     error.)
+func TestEvRelayOverWorkerSocketClientSendsAroundWorkerClose(t *testing.T) {
+	req := []byte("GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+	for _, tc := range []struct {
+		name          string
+		before, after int // client writes before and after the worker's close
+	}{{"after", 0, 1}, {"again", 0, 3}, {"before", 1, 0}, {"before and after", 1, 2}} {
+		for _, halfOpen := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/halfOpen=%v", tc.name, halfOpen), func(t *testing.T) {
+				p, r, cc, wc := unixRelayPair(t, WithHalfOpen(halfOpen))
+				cc.(*net.TCPConn).SetReadBuffer(16 << 10)
+				r.client.(*net.TCPConn).SetWriteBuffer(16 << 10)
+				wc.(*net.UnixConn).SetWriteBuffer(1 << 20)
+				wc.SetDeadline(time.Now().Add(10 * time.Second))
+				if !p.relay().take(r) {
+					t.Fatal("not taken")
+				}
+				for range tc.before {
+					if _, err := cc.Write(req); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if tc.before > 0 { // it reached the worker, which leaves it unread
+					waitFor(t, 5*time.Second, "the request at the worker", func() bool {
+						n, err := unix.IoctlGetInt(int(fdOf(t, wc)), unix.SIOCINQ)
+						return err == nil && n >= len(req)
+					})
+				}
+				resp := bytes.Repeat([]byte("x"), 300<<10)
+				if _, err := wc.Write(resp); err != nil {
+					t.Fatal(err)
+				}
+				wc.Close()
+				awaitWorkerFIN(t, -1)
+				for range tc.after {
+					if _, err := cc.Write(req); err != nil {
+						t.Fatal(err)
+					}
+					time.Sleep(20 * time.Millisecond) // the loop takes it before the next
+				}
+				cc.SetReadDeadline(time.Now().Add(10 * time.Second))
+				got, err := io.ReadAll(cc)
+				if len(got) != len(resp) || err != nil {
+					t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
+				}
+			})
+		}
 	}
-	resp := bytes.Repeat([]byte("x"), 300<<10)
-	if _, err := wc.Write(resp); err != nil {
+}
+
+// fdOf is c's descriptor, for a look at its socket.
+func fdOf(t *testing.T, c net.Conn) uintptr {
+	t.Helper()
+	rc, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
 		t.Fatal(err)
 	}
-	wc.Close()
-	awaitWorkerFIN(t, -1)
-	if _, err := cc.Write([]byte("GET /next HTTP/1.1\r\nHost: t\r\n\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(50 * time.Millisecond) // the loop writes it to the closed worker socket
-	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	got, err := io.ReadAll(cc)
-	if len(got) != len(resp) || err != nil {
-		t.Fatalf("client got %d of %d bytes (%v)", len(got), len(resp), err)
-	}
+	var fd uintptr
+	rc.Control(func(f uintptr) { fd = f })
+	return fd
 }
 
 // Bulk transfers and a small exchange over worker sockets, as
