@@ -322,6 +322,14 @@ func TestEvRelayBulkTransfersAndSmallExchange(t *testing.T) {
 	for i := range body {
 		body[i] = byte(i*7 + i>>12)
 	}
+	bulkAndSmall(t, p, ln, bulk, body)
+}
+
+// bulkAndSmall moves body, bulk times at once, from workers that ln
+// accepts to clients through p's loops, beside a small exchange, and
+// fails t unless every byte arrives in order and the exchange goes on.
+func bulkAndSmall(t *testing.T, p *primary, ln net.Listener, bulk int, body []byte) {
+	t.Helper()
 	errs := make(chan error, 2*bulk+1) // room for every goroutine's send: none blocks after a failure
 	for range bulk {
 		r, cc, wc := addRelay(t, p, ln)

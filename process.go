@@ -30,8 +30,9 @@ type process struct {
 	dialed      atomic.Uint64   // connections the primary made (or handed) to this process
 	// sock is the worker socket that the event loops dial (splice mode
 	// on Linux), set before the process is a candidate; sockOff is set
-	// once the process refused a connection there: an earlier version's
-	// worker, which the primary reaches on its TCP port.
+	// once a dial there failed in a way that will recur (nobody listens:
+	// an earlier version's worker; another process listens; the system
+	// refuses Unix sockets), and the primary uses the TCP port since.
 	sock    *workerSocket
 	sockOff atomic.Bool
 	open    atomic.Int64 // hand-off mode: handed connections the worker has not reported closed

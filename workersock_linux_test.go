@@ -434,35 +434,7 @@ func TestEvRelayOverWorkerSocketBulkAndSmall(t *testing.T) {
 	p, ln := unixRelayPrimary(t)
 	const bulk, size = 4, 3 << 20
 	body := bytes.Repeat([]byte("0123456789abcdef"), size/16)
-	errs := make(chan error, bulk+1)
-	for range bulk {
-		r, cc, wc := addRelay(t, p, ln)
-		if !p.relay().take(r) {
-			t.Fatal("not taken")
-		}
-		go func() {
-			wc.Write(body)
-			wc.Close()
-		}()
-		go func() {
-			cc.SetReadDeadline(time.Now().Add(30 * time.Second))
-			got, err := io.ReadAll(cc)
-			if err == nil && !bytes.Equal(got, body) {
-				err = fmt.Errorf("a client got %d bytes, not the %d sent, or not in order", len(got), len(body))
-			}
-			errs <- err
-		}()
-	}
-	r, cc, wc := addRelay(t, p, ln)
-	if !p.relay().take(r) {
-		t.Fatal("not taken")
-	}
-	go smallExchange(cc, wc, errs)
-	for range bulk + 1 {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
-	}
+	bulkAndSmall(t, p, ln, bulk, body)
 }
 
 // listedUnixSockets returns the abstract names in /proc/net/unix.
