@@ -313,7 +313,7 @@ func (l *evLoop) post(c evCmd) {
 	l.mu.Unlock()
 	if wake {
 		var one = [8]byte{1}
-		unix.Write(l.efd, one[:]) // cannot fail short of a full counter, which a pending wake-up already covers
+		writeNow(l.efd, one[:]) // cannot fail short of a full counter, which a pending wake-up already covers
 	}
 }
 
@@ -324,7 +324,7 @@ func (l *evLoop) run() {
 	var werr error
 	wait := func(fd uintptr) bool {
 		for {
-			n, werr = unix.EpollWait(int(fd), l.events, 0)
+			n, werr = epollWaitNow(int(fd), l.events)
 			if werr != unix.EINTR {
 				return n != 0 || werr != nil
 			}
@@ -440,7 +440,7 @@ func (l *evLoop) shut() {
 // drainInbox runs the posted commands. It reports whether one was stop.
 func (l *evLoop) drainInbox() (stop bool) {
 	var b [8]byte
-	unix.Read(l.efd, b[:])
+	readNow(l.efd, b[:])
 	l.mu.Lock()
 	cmds := l.inbox
 	l.inbox = l.spare[:0]
@@ -524,7 +524,7 @@ func (l *evLoop) event(ev unix.EpollEvent) {
 			// the error comes after it. EPOLLHUP and EPOLLERR cannot be
 			// masked, so the socket leaves epoll until its direction
 			// reads again (rearm).
-			unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, pr.fd(int(side)), nil)
+			epollCtlNow(l.epfd, unix.EPOLL_CTL_DEL, pr.fd(int(side)), nil)
 			pr.parked[side], pr.mask[side] = true, 0
 			return
 		}
@@ -547,7 +547,7 @@ func (l *evLoop) read(pr *evPair, d *evDir) {
 		return
 	}
 	buf := l.buf[:evPlainRead]
-	n, err := unix.Read(d.src, buf)
+	n, err := readNow(d.src, buf)
 	switch {
 	case n > 0 && d.discard:
 	case n > 0:
@@ -673,7 +673,7 @@ func (l *evLoop) ended(pr *evPair, d *evDir, clean bool) {
 		l.finish(pr)
 		return
 	}
-	unix.Shutdown(d.dst, unix.SHUT_WR)
+	shutdownNow(d.dst, unix.SHUT_WR)
 	l.progress(pr)
 }
 
@@ -710,7 +710,7 @@ func (l *evLoop) endUp(pr *evPair) {
 		l.finish(pr) // the close sends the FIN
 		return
 	}
-	unix.Shutdown(d.dst, unix.SHUT_WR)
+	shutdownNow(d.dst, unix.SHUT_WR)
 	l.progress(pr) // starts no timer: the worker's direction is still on
 	l.rearm(pr)
 }
@@ -765,7 +765,7 @@ func interest(out, in *evDir) uint32 {
 // interest in pr.mask.
 func (l *evLoop) ctl(op int, pr *evPair, side int) error {
 	ev := unix.EpollEvent{Events: pr.mask[side], Fd: pr.id<<1 | int32(side), Pad: pr.gen}
-	return unix.EpollCtl(l.epfd, op, pr.fd(side), &ev)
+	return epollCtlNow(l.epfd, op, pr.fd(side), &ev)
 }
 
 func (pr *evPair) fd(side int) int {
@@ -781,8 +781,8 @@ func (l *evLoop) finish(pr *evPair) {
 		return
 	}
 	pr.closed = true
-	unix.Close(pr.cfd)
-	unix.Close(pr.wfd)
+	pr.rl.p.closeClient(pr.cfd)
+	closeNow(pr.wfd)
 	pr.up.release()
 	pr.down.release()
 	l.pairs[pr.id] = nil // every pair was added: commands follow its add
@@ -970,7 +970,7 @@ func sendRaw(fd int, b []byte) (int, error) {
 		return 0, nil
 	}
 	if !noSendto.Load() {
-		n, _, errno := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		n, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
 			unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
 		switch errno {
 		case 0:

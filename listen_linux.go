@@ -146,3 +146,21 @@ func listenerConn(ln net.Listener) (syscall.RawConn, error) {
 	}
 	return tl.SyscallConn()
 }
+
+// socketLingers reports whether closing a socket that ln accepted may
+// wait: its listening socket has SO_LINGER on with a time, which each
+// accepted socket takes (a WithListener listener's owner may have set
+// it). Also true where that cannot be read: a listener that is not a
+// *net.TCPListener may still give TCP connections to the event loops.
+func socketLingers(ln net.Listener) bool {
+	rc, err := listenerConn(ln)
+	if err != nil {
+		return true
+	}
+	var l *unix.Linger
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { l, gerr = unix.GetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER) }); err != nil || gerr != nil {
+		return true
+	}
+	return l.Onoff != 0 && l.Linger > 0
+}

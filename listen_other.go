@@ -21,3 +21,6 @@ func allowHandshakes(net.Listener) error { return errors.ErrUnsupported }
 
 // acceptQueue is not known here.
 func acceptQueue(net.Listener) (int, error) { return 0, errors.ErrUnsupported }
+
+// socketLingers is not asked here: only Linux's loops close raw.
+func socketLingers(net.Listener) bool { return true }

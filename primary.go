@@ -31,6 +31,7 @@ type primary struct {
 	pid        int
 	exe        string // the binary workers run
 	ln         net.Listener
+	lingers    bool            // closing an accepted socket may wait (socketLingers): closeClient goes through the scheduler
 	secret     [secretLen]byte // in the PROXY header of every connection to a worker
 
 	pool  *pool      // the slot table
@@ -101,6 +102,7 @@ func newPrimary(c *config, ln net.Listener, exe string) (*primary, error) {
 		rawGrace:   rawGrace,
 		exe:        exe,
 		ln:         ln,
+		lingers:    socketLingers(ln),
 		pool:       newPool(c.workers),
 		conns:      newConnTable(c.maxConns),
 		gate:       newDialGate(),

@@ -238,7 +238,7 @@ func (e *execProcess) watch(pr *process) {
 	go func() {
 		defer e.wg.Done()
 		defer close(framesDone)
-		readFrames(e.status, pr)
+		readFrames(pipeReader(e.status), pr)
 	}()
 	go func() {
 		defer e.wg.Done()

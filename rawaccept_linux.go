@@ -113,7 +113,7 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 	var werr error
 	wait := func(fd uintptr) bool {
 		for {
-			n, werr = unix.EpollWait(int(fd), a.events, 0)
+			n, werr = epollWaitNow(int(fd), a.events)
 			if werr != unix.EINTR {
 				return n != 0 || werr != nil
 			}
@@ -268,7 +268,7 @@ func newRawAccepter(p *primary, lrc syscall.RawConn) (*rawAccepter, error) {
 		a.file.Close()
 		return nil, err
 	}
-	a.doOp = func(ep uintptr) { a.op.err = unix.EpollCtl(int(ep), a.op.op, a.op.fd, a.op.ev) }
+	a.doOp = func(ep uintptr) { a.op.err = epollCtlNow(int(ep), a.op.op, a.op.fd, a.op.ev) }
 	a.doSend = func(fd uintptr) { a.snd.err = sendmsgNow(int(fd), a.snd.msg, a.snd.oob) }
 	a.accept = a.acceptPass
 	a.send = a.queue
@@ -365,7 +365,7 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 func (a *rawAccepter) accept4(lfd int) (int, netip.AddrPort, error) {
 	if !a.socketcall {
 		a.peerLen = unix.SizeofSockaddrAny
-		fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&a.peer)), uintptr(unsafe.Pointer(&a.peerLen)),
+		fd, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&a.peer)), uintptr(unsafe.Pointer(&a.peerLen)),
 			unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
 		switch errno {
 		case 0:
@@ -641,7 +641,7 @@ func (a *rawAccepter) handOff(fd int, peer netip.AddrPort, req *Request, start t
 		}
 		return true
 	}
-	unix.Close(fd) // the worker has its own descriptor
+	p.closeClient(fd) // the worker has its own descriptor
 	p.tel.sniff.Record(bg, time.Since(start).Seconds(), p.tel.outcome[sniffComplete].record...)
 	return true
 }
@@ -746,7 +746,7 @@ func (a *rawAccepter) flush(b *handBatch) {
 	if err == nil {
 		now := time.Now()
 		for _, c := range b.conns {
-			unix.Close(c.fd) // the worker has its own descriptor
+			p.closeClient(c.fd) // the worker has its own descriptor
 			p.tel.sniff.Record(bg, now.Sub(c.at).Seconds(), p.tel.outcome[sniffComplete].record...)
 		}
 	} else {
@@ -856,10 +856,11 @@ func sendNow(uc *net.UnixConn, msg, oob []byte) error {
 	return serr
 }
 
-// sendmsgNow is sendNow's sendmsg on the descriptor fd.
+// sendmsgNow is sendNow's sendmsg on the descriptor fd: msg, which must
+// not be empty, with the descriptors in oob, through sendmsgRaw.
 func sendmsgNow(fd int, msg, oob []byte) error {
 	for {
-		switch err := unix.Sendmsg(fd, msg, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL); err {
+		switch err := sendmsgRaw(fd, msg, oob, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL); err {
 		case nil:
 			return nil
 		case unix.EINTR:
@@ -897,7 +898,7 @@ type sendOp struct {
 // allocates on every call. A kernel without the recvfrom system call
 // (linux/386 before 4.3, where it goes through socketcall) gets x/sys's.
 func recvNow(fd int, b []byte, flags int) (int, error) {
-	n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+	n, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
 		uintptr(flags), 0, 0)
 	switch errno {
 	case 0:

@@ -456,7 +456,7 @@ func (a *slowReaders) run(started chan<- struct{}) {
 	answered := 0
 	for {
 		for i, c := range a.conns {
-			n, err := readNow(c, buf)
+			n, err := readQueued(c, buf)
 			if err != nil {
 				a.err = fmt.Errorf("slow reader %d after %d bytes: %w", i, a.read[i], err)
 				return
@@ -483,9 +483,9 @@ func (a *slowReaders) run(started chan<- struct{}) {
 	}
 }
 
-// readNow reads what c has queued, up to len(buf), without waiting: 0
+// readQueued reads what c has queued, up to len(buf), without waiting: 0
 // bytes when nothing is there.
-func readNow(c *net.TCPConn, buf []byte) (int, error) {
+func readQueued(c *net.TCPConn, buf []byte) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0, err

@@ -88,7 +88,7 @@ func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 	for {
 		// connect(2) only reads s.sa, which no one writes after
 		// newWorkerSocket: the accept loops dial it at once.
-		_, _, e = unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&s.sa)), uintptr(s.n))
+		_, _, e = unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&s.sa)), uintptr(s.n))
 		if e != unix.EINTR {
 			break
 		}
@@ -97,7 +97,7 @@ func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 	case 0:
 		var cred unix.Ucred
 		n := uint32(unsafe.Sizeof(cred))
-		_, _, e = unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERCRED,
+		_, _, e = unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERCRED,
 			uintptr(unsafe.Pointer(&cred)), uintptr(unsafe.Pointer(&n)), 0)
 		switch {
 		case e != 0:
@@ -114,6 +114,6 @@ func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 	default:
 		err = os.NewSyscallError("connect", e)
 	}
-	unix.Close(fd)
+	closeNow(fd)
 	return -1, &net.OpError{Op: "dial", Net: "unix", Addr: &net.UnixAddr{Name: s.name, Net: "unix"}, Err: err}
 }

@@ -1,0 +1,188 @@
+package defuss
+
+import (
+	"io"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// System calls that cannot block, made without telling Go's scheduler:
+// the raw accept loop's and the event loops' calls on non-blocking
+// sockets and epoll sets (RawSyscall, not Syscall).
+//
+// A Syscall enters and leaves the scheduler's "in a system call" state,
+// so that a call that blocks does not hold its P. On the way in it wakes
+// the runtime's monitor thread (sysmon) if it sleeps, which it does
+// whenever every P is idle: after every pause of a loop that waits for
+// its next connection. Woken from a system call, sysmon polls every 20
+// µs for at least a millisecond before it sleeps again. Under a load of
+// short connections that is most of the time: perf on a hand-off
+// primary under wrk (13 B, Connection: close, 2 workers) put 28% of its
+// CPU in sysmon, most of it in its nanosleep's context switches. A
+// call that cannot block has nothing to gain from that state; Go's own
+// runtime and x/sys make socket, getsockname and the like the same way.
+//
+// Each call here is on a non-blocking descriptor, with MSG_DONTWAIT, a
+// zero timeout, or, for close, on a socket without SO_LINGER (closeNow's
+// comment), so none can wait. A signal that arrives during one is
+// handled when it returns, as with any short call.
+
+// epollWaitNow is epoll_wait(2) with a zero timeout.
+func epollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
+	var p unsafe.Pointer
+	if len(events) > 0 {
+		p = unsafe.Pointer(&events[0])
+	}
+	// epoll_pwait with no signal mask is epoll_wait, on every
+	// architecture (arm64 and riscv64 have no epoll_wait).
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(p), uintptr(len(events)), 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
+}
+
+// epollCtlNow is epoll_ctl(2).
+func epollCtlNow(epfd, op, fd int, ev *unix.EpollEvent) error {
+	_, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// closeNow is close(2) of a socket without SO_LINGER, the one option
+// that makes closing a socket wait: one of the loops' own, to a worker.
+// A client's goes through closeClient.
+func closeNow(fd int) {
+	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
+}
+
+// closeClient closes the client socket fd: closeNow, unless the public
+// listener has SO_LINGER with a time (p.lingers), which each socket it
+// accepts takes; then unix.Close, which may wait that long without
+// holding a P.
+func (p *primary) closeClient(fd int) {
+	if p.lingers {
+		unix.Close(fd)
+		return
+	}
+	closeNow(fd)
+}
+
+// readNow is read(2) on a non-blocking descriptor.
+func readNow(fd int, b []byte) (int, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	n, _, errno := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(p), uintptr(len(b)))
+	if errno != 0 {
+		return -1, errno // as x/sys's
+	}
+	return int(n), nil
+}
+
+// writeNow is write(2) on a non-blocking descriptor.
+func writeNow(fd int, b []byte) (int, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	n, _, errno := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(p), uintptr(len(b)))
+	if errno != 0 {
+		return -1, errno // as x/sys's
+	}
+	return int(n), nil
+}
+
+// shutdownNow is shutdown(2). A kernel without the shutdown system call
+// (linux/386 before 4.3, where it goes through socketcall) gets x/sys's.
+func shutdownNow(fd, how int) {
+	if _, _, errno := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), uintptr(how), 0); errno == unix.ENOSYS {
+		unix.Shutdown(fd, how)
+	}
+}
+
+// sendmsgRaw is sendmsg(2) of msg, which must not be empty, and the
+// control message oob, with flags that include MSG_DONTWAIT. x/sys's
+// Sendmsg is the same call, through Syscall. A kernel without the
+// sendmsg system call (linux/386 before 4.3, where it goes through
+// socketcall) gets x/sys's.
+func sendmsgRaw(fd int, msg, oob []byte, flags int) error {
+	iov := unix.Iovec{Base: &msg[0]}
+	iov.SetLen(len(msg))
+	h := unix.Msghdr{Iov: &iov}
+	h.SetIovlen(1)
+	if len(oob) > 0 {
+		h.Control = &oob[0]
+		h.SetControllen(len(oob))
+	}
+	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&h)), uintptr(flags))
+	switch errno {
+	case 0:
+		return nil
+	case unix.ENOSYS:
+		return unix.Sendmsg(fd, msg, oob, nil, flags)
+	}
+	return errno
+}
+
+// pipeReader returns a reader of the pipe f that reads with readNow,
+// waiting in Go's poller: the worker's status pipe, which brings a
+// hand-off worker's close reports every few milliseconds. f itself if
+// its descriptor blocks, which no read here may do.
+func pipeReader(f *os.File) io.Reader {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return f
+	}
+	nonblock := false
+	rc.Control(func(fd uintptr) {
+		fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
+		nonblock = err == nil && fl&unix.O_NONBLOCK != 0
+	})
+	if !nonblock {
+		return f
+	}
+	r := &rawPipeReader{rc: rc}
+	r.read = func(fd uintptr) bool {
+		for {
+			r.n, r.err = readNow(int(fd), r.b)
+			if r.err != unix.EINTR {
+				return r.err != unix.EAGAIN
+			}
+		}
+	}
+	return r
+}
+
+// rawPipeReader is pipeReader's reader.
+type rawPipeReader struct {
+	rc   syscall.RawConn
+	read func(fd uintptr) bool // made once: no closure a read
+	b    []byte
+	n    int
+	err  error
+}
+
+func (r *rawPipeReader) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	r.b = b
+	err := r.rc.Read(r.read)
+	r.b = nil
+	switch {
+	case err != nil:
+		return 0, err
+	case r.err != nil:
+		return 0, os.NewSyscallError("read", r.err)
+	case r.n == 0:
+		return 0, io.EOF
+	}
+	return r.n, nil
+}
