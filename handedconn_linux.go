@@ -37,7 +37,8 @@ import (
 // net's, it copies from a TCP or Unix stream socket through user space
 // (net splices those; from a pipe both copy), and so does WriteTo.
 type handedConn struct {
-	f            *os.File // the descriptor, in Go's poller
+	f            *os.File   // the descriptor, in Go's poller
+	io           *rawStream // Read and Write, with raw calls on f's descriptor
 	laddr, raddr *net.TCPAddr
 	closed       atomic.Bool // Close was called: errors are net.ErrClosed
 }
@@ -74,16 +75,22 @@ func newHandedConn(fd int, peer netip.AddrPort) (*handedConn, error) {
 		c.f.Close()
 		return nil, fmt.Errorf("a blocking socket, which cannot be served with deadlines: %w", err)
 	}
+	rc, err := c.f.SyscallConn()
+	if err != nil {
+		c.f.Close()
+		return nil, err
+	}
+	c.io = newRawStream(rc)
 	return c, nil
 }
 
 func (c *handedConn) Read(b []byte) (int, error) {
-	n, err := c.f.Read(b)
+	n, err := c.io.Read(b)
 	return n, c.opErr("read", err)
 }
 
 func (c *handedConn) Write(b []byte) (int, error) {
-	n, err := c.f.Write(b)
+	n, err := c.io.Write(b)
 	return n, c.opErr("write", err)
 }
 
@@ -104,10 +111,10 @@ func (c *handedConn) SetWriteDeadline(t time.Time) error {
 
 func (c *handedConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
 
-// opErr makes err, from c's file, the error net gives for op: io.EOF as
-// it is, the rest in a *net.OpError, with net.ErrClosed once c is closed
-// (os says "file already closed", or "use of closed file") and a system
-// call's name on an errno.
+// opErr makes err, from c's file or c.io, the error net gives for op:
+// io.EOF as it is, the rest in a *net.OpError, with net.ErrClosed once c
+// is closed (os says "file already closed", or "use of closed file") and
+// a system call's name on an errno.
 func (c *handedConn) opErr(op string, err error) error {
 	if err == nil || err == io.EOF {
 		return err

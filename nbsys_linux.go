@@ -3,6 +3,7 @@ package defuss
 import (
 	"io"
 	"os"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -185,4 +186,104 @@ func (r *rawPipeReader) Read(b []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return r.n, nil
+}
+
+// rawStream reads and writes a connected, non-blocking socket in Go's
+// poller with raw calls (readNow; sendRaw, which raises no SIGPIPE),
+// waiting for it as os.File and net do: a worker's side of a
+// connection. A read that finds the socket empty or a write that finds
+// it full waits in the poller, with the descriptor's deadlines. One
+// read and one write at a time each (the poller locks each direction
+// too); its operations are made once, so a call allocates nothing.
+type rawStream struct {
+	rc   syscall.RawConn
+	r, w rawOp
+}
+
+// rawOp is one direction of a rawStream: its buffer and result.
+type rawOp struct {
+	mu  sync.Mutex
+	b   []byte
+	n   int
+	err error
+	do  func(fd uintptr) bool
+}
+
+// newRawStream makes a rawStream of the descriptor behind rc.
+func newRawStream(rc syscall.RawConn) *rawStream {
+	s := &rawStream{rc: rc}
+	s.r.do = func(fd uintptr) bool {
+		for {
+			s.r.n, s.r.err = readNow(int(fd), s.r.b)
+			if s.r.err != unix.EINTR {
+				return s.r.err != unix.EAGAIN
+			}
+		}
+	}
+	s.w.do = func(fd uintptr) bool {
+		for len(s.w.b) > 0 {
+			n, err := sendRaw(int(fd), s.w.b)
+			switch {
+			case n > 0:
+				s.w.n += n
+				s.w.b = s.w.b[n:]
+			case err == unix.EINTR:
+			case err == unix.EAGAIN:
+				return false
+			default:
+				s.w.err = err
+				return true
+			}
+		}
+		return true
+	}
+	return s
+}
+
+// Read is one read(2) of up to len(b) bytes once some are there: io.EOF
+// at the end of the stream, an errno as it is, or the poller's error
+// (a deadline, a closed descriptor).
+func (s *rawStream) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	s.r.mu.Lock()
+	defer s.r.mu.Unlock()
+	s.r.b, s.r.n, s.r.err = b, 0, nil
+	err := s.rc.Read(s.r.do)
+	n, rerr := s.r.n, s.r.err
+	s.r.b = nil
+	switch {
+	case err != nil:
+		return 0, err
+	case rerr != nil:
+		return 0, rerr
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// Write writes all of b, waiting for room as it must; on an error, what
+// was written before it.
+func (s *rawStream) Write(b []byte) (int, error) {
+	s.w.mu.Lock()
+	defer s.w.mu.Unlock()
+	s.w.b, s.w.n, s.w.err = b, 0, nil
+	err := s.rc.Write(s.w.do)
+	n, werr := s.w.n, s.w.err
+	s.w.b = nil
+	if err == nil {
+		err = werr
+	}
+	return n, err
+}
+
+// rawStreamOf is a rawStream of c's socket, or nil where c has none.
+func rawStreamOf(c syscall.Conn) io.ReadWriter {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return newRawStream(rc)
 }

@@ -4,11 +4,13 @@ package defuss
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -145,5 +147,127 @@ func TestPipeReader(t *testing.T) {
 	defer bw.Close()
 	if got := pipeReader(br); got != io.Reader(br) {
 		t.Fatalf("pipeReader of a blocking pipe is %T, want the *os.File itself", got)
+	}
+}
+
+// unixPair is a connected pair of Unix stream sockets on an abstract
+// name: the client as net's, the server as the worker's unixConn, with
+// raw reads and writes or, for comparison, without (net's own).
+func unixPair(t *testing.T, raw bool) (client *net.UnixConn, server unixConn) {
+	t.Helper()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: "@defuss-test-" + t.Name(), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.DialUnix("unix", nil, ln.Addr().(*net.UnixAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	sc, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sc.Close() })
+	server = unixConn{UnixConn: sc}
+	if raw {
+		server = newUnixConn(sc)
+		if server.raw == nil {
+			t.Fatal("newUnixConn made no raw stream")
+		}
+	}
+	return client, server
+}
+
+// The worker's side of a worker-socket connection reads and writes with
+// raw calls (rawStream) and gives what *net.UnixConn gives, each check
+// run on both: the errors net/http tells apart, a write larger than the
+// socket holds, which waits for the reader, and a read and a write at
+// once.
+func TestUnixConnAsNetUnixConn(t *testing.T) {
+	for _, raw := range []bool{false, true} {
+		name := "net.UnixConn"
+		if raw {
+			name = "rawStream"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Run("read timeout", func(t *testing.T) {
+				_, server := unixPair(t, raw)
+				server.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+				_, err := server.Read(make([]byte, 1))
+				var ne net.Error
+				var oe *net.OpError
+				if !errors.As(err, &ne) || !ne.Timeout() || !errors.Is(err, os.ErrDeadlineExceeded) ||
+					!errors.As(err, &oe) || oe.Op != "read" || oe.Net != "unix" {
+					t.Fatalf("read past the deadline: %#v; want a *net.OpError \"read\" that is a timeout", err)
+				}
+			})
+			t.Run("write timeout", func(t *testing.T) {
+				_, server := unixPair(t, raw)
+				server.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+				n, err := server.Write(make([]byte, 64<<20)) // more than a socket holds: nobody reads
+				var oe *net.OpError
+				if !errors.Is(err, os.ErrDeadlineExceeded) || !errors.As(err, &oe) || oe.Op != "write" || n < 0 || n >= 64<<20 {
+					t.Fatalf("write past the deadline: %d, %v; want less than all written and a *net.OpError \"write\" that is a timeout", n, err)
+				}
+			})
+			t.Run("EOF", func(t *testing.T) {
+				client, server := unixPair(t, raw)
+				client.Write([]byte("ab"))
+				client.Close()
+				readExactly(t, server, "ab")
+				if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+					t.Fatalf("read after the peer's close: %d, %v; want io.EOF", n, err)
+				}
+				if n, err := server.Read(nil); n != 0 || err != nil {
+					t.Fatalf("empty read: %d, %v; want 0, nil", n, err)
+				}
+			})
+			t.Run("closed", func(t *testing.T) {
+				_, server := unixPair(t, raw)
+				if err := server.Close(); err != nil {
+					t.Fatal(err)
+				}
+				_, err := server.Read(make([]byte, 1))
+				var oe *net.OpError
+				if !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) || oe.Op != "read" {
+					t.Errorf("read after Close: %v; want net.ErrClosed in a *net.OpError", err)
+				}
+				if _, err := server.Write([]byte("x")); !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) || oe.Op != "write" {
+					t.Errorf("write after Close: %v; want net.ErrClosed in a *net.OpError", err)
+				}
+			})
+			t.Run("peer gone", func(t *testing.T) {
+				client, server := unixPair(t, raw)
+				client.Close()
+				_, err := server.Write([]byte("x"))
+				var se *os.SyscallError
+				if !errors.Is(err, unix.EPIPE) || !errors.As(err, &se) || se.Syscall != "write" {
+					t.Fatalf("write to a closed peer: %#v; want EPIPE as a *os.SyscallError \"write\"", err)
+				}
+			})
+			t.Run("large write and a read at once", func(t *testing.T) {
+				client, server := unixPair(t, raw)
+				big := bytes.Repeat([]byte("0123456789abcdef"), 1<<18) // 4 MiB
+				done := make(chan error, 1)
+				go func() {
+					n, err := server.Write(big)
+					if err == nil && n != len(big) {
+						err = io.ErrShortWrite
+					}
+					done <- err
+				}()
+				client.Write([]byte("ping"))
+				readExactly(t, server, "ping") // while the write waits for room
+				got := make([]byte, len(big))
+				if _, err := io.ReadFull(client, got); err != nil || !bytes.Equal(got, big) {
+					t.Fatalf("client read: %v, equal %v", err, bytes.Equal(got, big))
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("write: %v", err)
+				}
+			})
+		})
 	}
 }

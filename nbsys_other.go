@@ -5,7 +5,11 @@ package defuss
 import (
 	"io"
 	"os"
+	"syscall"
 )
 
 // pipeReader returns f: the raw reads of nbsys_linux.go are Linux's.
 func pipeReader(f *os.File) io.Reader { return f }
+
+// rawStreamOf is nil: connections read and write through net.
+func rawStreamOf(syscall.Conn) io.ReadWriter { return nil }

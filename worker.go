@@ -377,7 +377,7 @@ func (l trackingListener) Accept() (net.Conn, error) {
 	case *net.TCPConn:
 		tc = c
 	case *net.UnixConn:
-		tc = unixConn{c} // the worker socket
+		tc = newUnixConn(c) // the worker socket
 	default:
 		c.Close()                                                                         // cannot happen: a TCP or Unix listener
 		return nil, fmt.Errorf("listener accepted a %T, not a TCP or Unix connection", c) // Serve's error wraps it
@@ -441,10 +441,46 @@ var _ tcpConn = (*net.TCPConn)(nil)
 
 // unixConn is a connection from the primary on the worker socket: a
 // tcpConn whose TCP options do nothing (the primary's socket to the
-// client has them).
-type unixConn struct{ *net.UnixConn }
+// client has them). On Linux it reads and writes with raw calls
+// (rawStream), as handedConn does.
+type unixConn struct {
+	*net.UnixConn
+	raw io.ReadWriter // nil: the UnixConn's own Read and Write
+}
 
 var _ tcpConn = unixConn{}
+
+// newUnixConn makes c a unixConn.
+func newUnixConn(c *net.UnixConn) unixConn { return unixConn{c, rawStreamOf(c)} }
+
+func (c unixConn) Read(b []byte) (int, error) {
+	if c.raw == nil {
+		return c.UnixConn.Read(b)
+	}
+	n, err := c.raw.Read(b)
+	return n, c.opErr("read", err)
+}
+
+func (c unixConn) Write(b []byte) (int, error) {
+	if c.raw == nil {
+		return c.UnixConn.Write(b)
+	}
+	n, err := c.raw.Write(b)
+	return n, c.opErr("write", err)
+}
+
+// opErr makes err, from c.raw, the error the UnixConn's own method gives:
+// io.EOF as it is, the rest in a *net.OpError, with a system call's name
+// on an errno.
+func (c unixConn) opErr(op string, err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	if e, ok := err.(syscall.Errno); ok {
+		err = os.NewSyscallError(op, e)
+	}
+	return &net.OpError{Op: op, Net: "unix", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}
 
 func (unixConn) SetKeepAlive(bool) error                      { return nil }
 func (unixConn) SetKeepAlivePeriod(time.Duration) error       { return nil }
