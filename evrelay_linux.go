@@ -970,10 +970,12 @@ func sendRaw(fd int, b []byte) (int, error) {
 		return 0, nil
 	}
 	if !noSendto.Load() {
+		raceBeforeWrite()
 		n, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
 			unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
 		switch errno {
 		case 0:
+			raceWrote(b, int(n))
 			return int(n), nil
 		case unix.ENOSYS:
 			noSendto.Store(true)

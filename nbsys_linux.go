@@ -63,9 +63,18 @@ func closeNow(fd int) {
 }
 
 // closeClient closes the client socket fd: closeNow, unless the public
-// listener has SO_LINGER with a time (p.lingers), which each socket it
-// accepts takes; then unix.Close, which may wait that long without
-// holding a P.
+// listener had SO_LINGER with a time when the primary started
+// (p.lingers), which each socket it accepts takes; then unix.Close,
+// which may wait that long without holding a P.
+//
+// In hand-off mode a handler can set SO_LINGER on a handed-off socket
+// itself (handedConn.SetLinger) and close it, and if that happens
+// between the primary's sendmsg and its close, the primary's close is
+// the last and lingers. A raw close then waits until the runtime's
+// preemption signal, which it sends a goroutine that has run for 10 ms,
+// interrupts the wait (the socket closes on in the background); through
+// the scheduler it would hold up the accept loop for the whole linger
+// time. (From Go's and Linux's sources; no test makes that race.)
 func (p *primary) closeClient(fd int) {
 	if p.lingers {
 		unix.Close(fd)
@@ -84,6 +93,7 @@ func readNow(fd int, b []byte) (int, error) {
 	if errno != 0 {
 		return -1, errno // as x/sys's
 	}
+	raceRead(b, int(n), nil)
 	return int(n), nil
 }
 
@@ -93,10 +103,12 @@ func writeNow(fd int, b []byte) (int, error) {
 	if len(b) > 0 {
 		p = unsafe.Pointer(&b[0])
 	}
+	raceBeforeWrite()
 	n, _, errno := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(p), uintptr(len(b)))
 	if errno != 0 {
 		return -1, errno // as x/sys's
 	}
+	raceWrote(b, int(n))
 	return int(n), nil
 }
 
@@ -110,7 +122,10 @@ func shutdownNow(fd, how int) {
 
 // sendmsgRaw is sendmsg(2) of msg, which must not be empty, and the
 // control message oob, with flags that include MSG_DONTWAIT. x/sys's
-// Sendmsg is the same call, through Syscall. A kernel without the
+// Sendmsg is the same call, through Syscall. (A message with descriptors
+// may wait, MSG_DONTWAIT or not, while the kernel's collector of
+// in-flight Unix-socket descriptors runs: briefly, and only when such
+// descriptors pile up, as with Syscall before.) A kernel without the
 // sendmsg system call (linux/386 before 4.3, where it goes through
 // socketcall) gets x/sys's.
 func sendmsgRaw(fd int, msg, oob []byte, flags int) error {
@@ -122,9 +137,11 @@ func sendmsgRaw(fd int, msg, oob []byte, flags int) error {
 		h.Control = &oob[0]
 		h.SetControllen(len(oob))
 	}
+	raceBeforeWrite()
 	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&h)), uintptr(flags))
 	switch errno {
 	case 0:
+		raceWrote(msg, len(msg))
 		return nil
 	case unix.ENOSYS:
 		return unix.Sendmsg(fd, msg, oob, nil, flags)
@@ -188,8 +205,9 @@ func (r *rawPipeReader) Read(b []byte) (int, error) {
 	return r.n, nil
 }
 
-// rawStream reads and writes a connected, non-blocking socket in Go's
-// poller with raw calls (readNow; sendRaw, which raises no SIGPIPE),
+// rawStream reads and writes a connected socket in Go's poller with raw
+// calls that do not wait (recvNow and sendRaw with MSG_DONTWAIT; sendRaw
+// raises no SIGPIPE),
 // waiting for it as os.File and net do: a worker's side of a
 // connection. A read that finds the socket empty or a write that finds
 // it full waits in the poller, with the descriptor's deadlines. One
@@ -214,7 +232,10 @@ func newRawStream(rc syscall.RawConn) *rawStream {
 	s := &rawStream{rc: rc}
 	s.r.do = func(fd uintptr) bool {
 		for {
-			s.r.n, s.r.err = readNow(int(fd), s.r.b)
+			// recv with MSG_DONTWAIT, not read: the socket may have been
+			// made blocking since (an *os.File from net's File whose Fd
+			// was called, in a handler that hijacked the connection).
+			s.r.n, s.r.err = recvNow(int(fd), s.r.b, unix.MSG_DONTWAIT)
 			if s.r.err != unix.EINTR {
 				return s.r.err != unix.EAGAIN
 			}

@@ -902,6 +902,7 @@ func recvNow(fd int, b []byte, flags int) (int, error) {
 		uintptr(flags), 0, 0)
 	switch errno {
 	case 0:
+		raceRead(b, int(n), nil)
 		return int(n), nil
 	case unix.ENOSYS:
 		n, _, err := unix.Recvfrom(fd, b, flags)

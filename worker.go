@@ -471,10 +471,14 @@ func (c unixConn) Write(b []byte) (int, error) {
 
 // opErr makes err, from c.raw, the error the UnixConn's own method gives:
 // io.EOF as it is, the rest in a *net.OpError, with a system call's name
-// on an errno.
+// on an errno. net's RawConn wraps the poller's errors in a
+// *net.OpError of its own ("raw-read"), which this one replaces.
 func (c unixConn) opErr(op string, err error) error {
 	if err == nil || err == io.EOF {
 		return err
+	}
+	if oe, ok := err.(*net.OpError); ok {
+		err = oe.Err
 	}
 	if e, ok := err.(syscall.Errno); ok {
 		err = os.NewSyscallError(op, e)
