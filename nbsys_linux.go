@@ -24,7 +24,7 @@ import (
 // primary under wrk (13 B, Connection: close, 2 workers) put 28% of its
 // CPU in sysmon, most of it in its nanosleep's context switches. A
 // call that cannot block has nothing to gain from that state; Go's own
-// runtime and x/sys make socket, getsockname and the like the same way.
+// syscall package and x/sys make socket, getsockname and the like the same way.
 //
 // Each call here is on a non-blocking descriptor, with MSG_DONTWAIT, a
 // zero timeout, or, for close, on a socket without SO_LINGER (closeNow's
