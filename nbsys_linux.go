@@ -261,9 +261,10 @@ func newRawStream(rc syscall.RawConn) *rawStream {
 	return s
 }
 
-// Read is one read(2) of up to len(b) bytes once some are there: io.EOF
-// at the end of the stream, an errno as it is, or the poller's error
-// (a deadline, a closed descriptor).
+// Read is one recv of up to len(b) bytes once some are there: io.EOF at
+// the end of the stream, an errno as it is, or the poller's error (a
+// deadline, a closed descriptor). Write has the same shape for the other
+// direction.
 func (s *rawStream) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
