@@ -782,7 +782,7 @@ func (l *evLoop) finish(pr *evPair) {
 	}
 	pr.closed = true
 	pr.rl.p.closeClient(pr.cfd)
-	closeNow(pr.wfd)
+	closeRaw(pr.wfd)
 	pr.up.release()
 	pr.down.release()
 	l.pairs[pr.id] = nil // every pair was added: commands follow its add
@@ -956,8 +956,6 @@ func waitWritable(fd int, timeout time.Duration, try func() (bool, error)) error
 	}
 	return terr
 }
-
-func closeRaw(fd int) { unix.Close(fd) }
 
 // sendRaw writes b to the socket fd without waiting and without SIGPIPE
 // (which a write to a Unix socket whose peer has closed raises, and a

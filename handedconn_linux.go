@@ -80,7 +80,7 @@ func newHandedConn(fd int, peer netip.AddrPort) (*handedConn, error) {
 		c.f.Close()
 		return nil, err
 	}
-	c.io = newRawStream(rc)
+	c.io = newRawStream(rc, recvDontWait)
 	return c, nil
 }
 

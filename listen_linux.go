@@ -150,8 +150,9 @@ func listenerConn(ln net.Listener) (syscall.RawConn, error) {
 // socketLingers reports whether closing a socket that ln accepted may
 // wait: its listening socket has SO_LINGER on with a time, which each
 // accepted socket takes (a WithListener listener's owner may have set
-// it; the primary asks once, when it starts). Also true where that cannot be read: a listener that is not a
-// *net.TCPListener may still give TCP connections to the event loops.
+// it; the primary asks once, when it starts). Also true where that
+// cannot be read: a listener that is not a *net.TCPListener may still
+// give TCP connections to the event loops.
 func socketLingers(ln net.Listener) bool {
 	rc, err := listenerConn(ln)
 	if err != nil {

@@ -27,7 +27,7 @@ import (
 // syscall package and x/sys make socket, getsockname and the like the same way.
 //
 // Each call here is on a non-blocking descriptor, with MSG_DONTWAIT, a
-// zero timeout, or, for close, on a socket without SO_LINGER (closeNow's
+// zero timeout, or, for close, on a socket without SO_LINGER (closeRaw's
 // comment), so none can wait. A signal that arrives during one is
 // handled when it returns, as with any short call.
 
@@ -55,14 +55,14 @@ func epollCtlNow(epfd, op, fd int, ev *unix.EpollEvent) error {
 	return nil
 }
 
-// closeNow is close(2) of a socket without SO_LINGER, the one option
+// closeRaw is close(2) of a socket without SO_LINGER, the one option
 // that makes closing a socket wait: one of the loops' own, to a worker.
 // A client's goes through closeClient.
-func closeNow(fd int) {
+func closeRaw(fd int) {
 	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
 }
 
-// closeClient closes the client socket fd: closeNow, unless the public
+// closeClient closes the client socket fd: closeRaw, unless the public
 // listener had SO_LINGER with a time when the primary started
 // (p.lingers), which each socket it accepts takes; then unix.Close,
 // which may wait that long without holding a P.
@@ -80,7 +80,7 @@ func (p *primary) closeClient(fd int) {
 		unix.Close(fd)
 		return
 	}
-	closeNow(fd)
+	closeRaw(fd)
 }
 
 // readNow is read(2) on a non-blocking descriptor.
@@ -150,9 +150,10 @@ func sendmsgRaw(fd int, msg, oob []byte, flags int) error {
 }
 
 // pipeReader returns a reader of the pipe f that reads with readNow,
-// waiting in Go's poller: the worker's status pipe, which brings a
-// hand-off worker's close reports every few milliseconds. f itself if
-// its descriptor blocks, which no read here may do.
+// waiting in Go's poller (a rawStream's read side): the worker's status
+// pipe, which brings a hand-off worker's close reports every few
+// milliseconds. f itself if its descriptor blocks, which no read here
+// may do.
 func pipeReader(f *os.File) io.Reader {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -166,50 +167,13 @@ func pipeReader(f *os.File) io.Reader {
 	if !nonblock {
 		return f
 	}
-	r := &rawPipeReader{rc: rc}
-	r.read = func(fd uintptr) bool {
-		for {
-			r.n, r.err = readNow(int(fd), r.b)
-			if r.err != unix.EINTR {
-				return r.err != unix.EAGAIN
-			}
-		}
-	}
-	return r
-}
-
-// rawPipeReader is pipeReader's reader.
-type rawPipeReader struct {
-	rc   syscall.RawConn
-	read func(fd uintptr) bool // made once: no closure a read
-	b    []byte
-	n    int
-	err  error
-}
-
-func (r *rawPipeReader) Read(b []byte) (int, error) {
-	if len(b) == 0 {
-		return 0, nil
-	}
-	r.b = b
-	err := r.rc.Read(r.read)
-	r.b = nil
-	switch {
-	case err != nil:
-		return 0, err
-	case r.err != nil:
-		return 0, os.NewSyscallError("read", r.err)
-	case r.n == 0:
-		return 0, io.EOF
-	}
-	return r.n, nil
+	return newRawStream(rc, readNow)
 }
 
 // rawStream reads and writes a connected socket in Go's poller with raw
-// calls that do not wait (recvNow and sendRaw with MSG_DONTWAIT; sendRaw
-// raises no SIGPIPE),
-// waiting for it as os.File and net do: a worker's side of a
-// connection. A read that finds the socket empty or a write that finds
+// calls that do not wait (recvDontWait; sendRaw, which raises no
+// SIGPIPE), waiting for it as os.File and net do: a worker's side of a
+// connection; or reads a pipe (pipeReader). A read that finds the socket empty or a write that finds
 // it full waits in the poller, with the descriptor's deadlines. One
 // read and one write at a time each (the poller locks each direction
 // too); its operations are made once, so a call allocates nothing.
@@ -227,15 +191,13 @@ type rawOp struct {
 	do  func(fd uintptr) bool
 }
 
-// newRawStream makes a rawStream of the descriptor behind rc.
-func newRawStream(rc syscall.RawConn) *rawStream {
+// newRawStream makes a rawStream of the descriptor behind rc that reads
+// with read: recvDontWait on a socket, readNow on a pipe.
+func newRawStream(rc syscall.RawConn, read func(fd int, b []byte) (int, error)) *rawStream {
 	s := &rawStream{rc: rc}
 	s.r.do = func(fd uintptr) bool {
 		for {
-			// recv with MSG_DONTWAIT, not read: the socket may have been
-			// made blocking since (an *os.File from net's File whose Fd
-			// was called, in a handler that hijacked the connection).
-			s.r.n, s.r.err = recvNow(int(fd), s.r.b, unix.MSG_DONTWAIT)
+			s.r.n, s.r.err = read(int(fd), s.r.b)
 			if s.r.err != unix.EINTR {
 				return s.r.err != unix.EAGAIN
 			}
@@ -307,5 +269,11 @@ func rawStreamOf(c syscall.Conn) io.ReadWriter {
 	if err != nil {
 		return nil
 	}
-	return newRawStream(rc)
+	return newRawStream(rc, recvDontWait)
 }
+
+// recvDontWait is a rawStream's read of a socket: recv with MSG_DONTWAIT,
+// not read, for the socket may have been made blocking since (an
+// *os.File from net's File whose Fd was called, in a handler that
+// hijacked the connection).
+func recvDontWait(fd int, b []byte) (int, error) { return recvNow(fd, b, unix.MSG_DONTWAIT) }

@@ -116,8 +116,8 @@ func TestPipeReader(t *testing.T) {
 	}
 	defer r.Close()
 	pr := pipeReader(r)
-	if _, ok := pr.(*rawPipeReader); !ok {
-		t.Fatalf("pipeReader of os.Pipe's read end is %T, want *rawPipeReader", pr)
+	if _, ok := pr.(*rawStream); !ok {
+		t.Fatalf("pipeReader of os.Pipe's read end is %T, want *rawStream", pr)
 	}
 	want := bytes.Repeat([]byte("frame"), 20000) // more than a pipe holds: the reads wait
 	go func() {

@@ -114,6 +114,6 @@ func dialWorkerSocket(s *workerSocket, pid int) (int, error) {
 	default:
 		err = os.NewSyscallError("connect", e)
 	}
-	closeNow(fd)
+	closeRaw(fd)
 	return -1, &net.OpError{Op: "dial", Net: "unix", Addr: &net.UnixAddr{Name: s.name, Net: "unix"}, Err: err}
 }
