@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -348,4 +350,57 @@ func TestWorkerCloseReports(t *testing.T) {
 	if closes != 2+withStats+maxPendingCloses+1 || in != withStats*10+maxPendingCloses || out != withStats*1000+maxPendingCloses {
 		t.Errorf("%d closes, %d bytes in, %d out", closes, in, out)
 	}
+}
+
+// TestCloseReportGapFor: 1 ms a worker, from 2 ms to 16 ms.
+func TestCloseReportGapFor(t *testing.T) {
+	ms := time.Millisecond
+	for _, tt := range []struct {
+		n    int
+		want time.Duration
+	}{{0, 2 * ms}, {1, 2 * ms}, {2, 2 * ms}, {3, 3 * ms}, {8, 8 * ms}, {16, 16 * ms}, {17, 16 * ms}, {maxWorkers, 16 * ms}} {
+		if got := closeReportGapFor(tt.n); got != tt.want {
+			t.Errorf("closeReportGapFor(%d) = %v, want %v", tt.n, got, tt.want)
+		}
+	}
+}
+
+// TestWorkerTakesReportGap: a worker's command reader sets the gap between
+// close reports from the primary's frame, keeps it across a malformed
+// one, and uses closeReportGap until told.
+func TestWorkerTakesReportGap(t *testing.T) {
+	r, wr, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer wr.Close()
+	logs := &syncBuffer{}
+	w := &worker{control: r, stop: make(chan stopRequest, 1), force: make(chan struct{}), done: make(chan struct{}),
+		log: slog.New(slog.NewTextHandler(logs, nil))}
+	if g := w.reportGap(); g != closeReportGap {
+		t.Fatalf("gap before the primary said: %v, want %v", g, closeReportGap)
+	}
+	w.wg.Add(1)
+	go w.commands()
+	defer w.wg.Wait()
+	bad := appendCommand(nil, &command{kind: frameReportGap, reportGap: time.Second}) // out of range
+	b := appendCommand(nil, &command{kind: frameReportGap, reportGap: 8 * time.Millisecond})
+	b = append(b, bad...)
+	b = appendCommand(b, &command{kind: frameDrain, shutdownTimeout: time.Second, conns: 3})
+	if _, err := wr.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	// The drain comes after both gaps: once it is here, they were read.
+	if req := <-w.stop; req != (stopRequest{time.Second, 3}) {
+		t.Fatalf("stop request %+v", req)
+	}
+	if g := w.reportGap(); g != 8*time.Millisecond {
+		t.Errorf("gap %v, want 8ms (and the malformed frame ignored)", g)
+	}
+	if !strings.Contains(logs.String(), "bad command from primary") {
+		t.Errorf("malformed gap not logged: %q", logs.String())
+	}
+	close(w.done) // the pipe's end below is ours, not the primary's going
+	wr.Close()
 }

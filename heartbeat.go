@@ -59,6 +59,9 @@ const (
 	// primary → worker
 	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], flags u8, host
 	frameDrain  byte = 17 // timeout ns u64, connections u64
+	// frameReportGap sets a hand-off worker's least time between close
+	// reports, from closeReportGap to maxCloseReportGap (closeReportGapFor).
+	frameReportGap byte = 18 // gap ns u64
 
 	statsLen       = 8*8 + 4*2
 	maxFailMessage = 512
@@ -110,6 +113,7 @@ type command struct {
 	secret          [secretLen]byte // frameConfig: proves a connection comes from the primary
 	handoff         bool            // frameConfig: connections also arrive on fd 5
 	listener        bool            // frameConfig: the listening socket comes first on fd 5 (fixed ports)
+	reportGap       time.Duration   // frameReportGap
 }
 
 // secretLen is the size of the per-run secret that the primary puts in the
@@ -320,6 +324,8 @@ func appendCommand(b []byte, c *command) []byte {
 		case frameDrain:
 			b = binary.BigEndian.AppendUint64(b, uint64(c.shutdownTimeout))
 			b = binary.BigEndian.AppendUint64(b, c.conns)
+		case frameReportGap:
+			b = binary.BigEndian.AppendUint64(b, uint64(c.reportGap))
 		}
 		return b
 	})
@@ -355,6 +361,13 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 		c.conns = binary.BigEndian.Uint64(p[8:])
 		if c.shutdownTimeout = time.Duration(binary.BigEndian.Uint64(p)); c.shutdownTimeout <= 0 {
 			return c, fmt.Errorf("%w: drain timeout out of range", errFrame)
+		}
+	case frameReportGap:
+		if len(p) != 8 {
+			return c, fmt.Errorf("%w: report gap of %d bytes", errFrame, len(p))
+		}
+		if c.reportGap = time.Duration(binary.BigEndian.Uint64(p)); c.reportGap < closeReportGap || c.reportGap > maxCloseReportGap {
+			return c, fmt.Errorf("%w: report gap %d ns out of range", errFrame, uint64(c.reportGap))
 		}
 	default:
 		return c, fmt.Errorf("%w: unknown command %d", errFrame, typ)

@@ -298,6 +298,9 @@ func TestHeartbeatCommandRoundTrip(t *testing.T) {
 		{"drain", command{kind: frameDrain, shutdownTimeout: 10 * time.Second}},
 		{"drain of one nanosecond", command{kind: frameDrain, shutdownTimeout: time.Nanosecond}},
 		{"drain of the longest timeout", command{kind: frameDrain, shutdownTimeout: math.MaxInt64}},
+		{"least report gap", command{kind: frameReportGap, reportGap: closeReportGap}},
+		{"report gap of 8 workers", command{kind: frameReportGap, reportGap: closeReportGapFor(8)}},
+		{"longest report gap", command{kind: frameReportGap, reportGap: maxCloseReportGap}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -459,6 +462,7 @@ func TestDecodeCommandMalformed(t *testing.T) {
 	_, config := commandPayload(t, command{kind: frameConfig, slot: 1, port: 4000, host: "127.0.0.1", heartbeat: time.Second, shutdownTimeout: time.Second, secret: fixtureSecret()})
 	fixed := configFixedLen(t)
 	_, drain := commandPayload(t, command{kind: frameDrain, shutdownTimeout: time.Second})
+	_, gap := commandPayload(t, command{kind: frameReportGap, reportGap: closeReportGap})
 	setU64 := func(off int, v uint64) func([]byte) {
 		return func(p []byte) { binary.BigEndian.PutUint64(p[off:], v) }
 	}
@@ -468,7 +472,7 @@ func TestDecodeCommandMalformed(t *testing.T) {
 		p    []byte
 	}{
 		{"unknown type 0", 0, drain},
-		{"unknown type 18", 18, drain},
+		{"unknown type 19", 19, drain},
 		{"message type as a command", frameStats, drain},
 
 		{"config shorter than its fixed part", frameConfig, config[:fixed-1]},
@@ -486,6 +490,15 @@ func TestDecodeCommandMalformed(t *testing.T) {
 		{"drain empty", frameDrain, nil},
 		{"drain with zero timeout", frameDrain, patched(drain, setU64(0, 0))},
 		{"drain with negative timeout", frameDrain, patched(drain, setU64(0, 1<<63))},
+
+		{"report gap one byte short", frameReportGap, gap[:7]},
+		{"report gap one byte long", frameReportGap, append(bytes.Clone(gap), 0)},
+		{"report gap empty", frameReportGap, nil},
+		{"report gap of zero", frameReportGap, patched(gap, setU64(0, 0))},
+		{"report gap 1 ns under the least", frameReportGap, patched(gap, setU64(0, uint64(closeReportGap-1)))},
+		{"report gap 1 ns over the longest", frameReportGap, patched(gap, setU64(0, uint64(maxCloseReportGap+1)))},
+		{"negative report gap", frameReportGap, patched(gap, setU64(0, 1<<63))},
+		{"a drain's payload as a report gap", frameReportGap, drain},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -690,6 +703,8 @@ func FuzzDecodeCommand(f *testing.F) {
 		{kind: frameConfig, slot: 1, port: 40001, host: "::1", heartbeat: 50 * time.Millisecond, shutdownTimeout: 5 * time.Second, secret: fixtureSecret()},
 		// A graceful drain.
 		{kind: frameDrain, shutdownTimeout: 10 * time.Second},
+		// The close report gap of a hand-off pool of 8.
+		{kind: frameReportGap, reportGap: 8 * time.Millisecond},
 	}
 	for _, c := range seeds {
 		typ, p := commandPayload(f, c)

@@ -65,6 +65,9 @@ type process struct {
 	// connection. (Hand-off mode passes connections on the process's own
 	// socket.)
 	sharedListener bool
+	// reportGap is the gap between close reports the worker was last
+	// told (hand-off mode): see supervisor.tellReportGap.
+	reportGap time.Duration
 }
 
 // osProcess is what the supervisor asks of a running worker process: the
@@ -76,6 +79,8 @@ type osProcess interface {
 	// drain sends c (a drain command) on the control pipe, or SIGTERM when
 	// the pipe is gone.
 	drain(c *command)
+	// send sends c on the control pipe.
+	send(c *command) error
 	// kill ends the process with SIGKILL.
 	kill()
 	// release closes the primary's ends of the process's pipes and sockets
@@ -178,7 +183,7 @@ func (pr *process) release() {
 func readFrames(r io.Reader, pr *process) {
 	// Buffered: a frame's header and payload come in one read, and the
 	// frames a worker wrote meanwhile with them, rather than two reads a
-	// frame (close reports come every 2 ms from each busy worker).
+	// frame (close reports come every 2 ms or more from each busy worker).
 	r = bufio.NewReaderSize(r, frameHeaderLen+maxFramePayload)
 	buf := make([]byte, maxFramePayload)
 	for {
@@ -212,6 +217,13 @@ func (e *execProcess) drain(c *command) {
 	if _, err := e.control.Write(appendCommand(nil, c)); err != nil {
 		e.cmd.Process.Signal(syscall.SIGTERM)
 	}
+}
+
+// send writes c in one write, which a pipe's buffer takes without
+// blocking unless the worker has left about 64 KiB of commands unread.
+func (e *execProcess) send(c *command) error {
+	_, err := e.control.Write(appendCommand(nil, c))
+	return err
 }
 
 func (e *execProcess) kill() { e.cmd.Process.Kill() }
@@ -329,11 +341,16 @@ func (p *primary) spawnExec(i int, events chan<- procEvent) (*process, error) {
 	if p.cfg.baseWorkerPort > 0 {
 		port = p.cfg.baseWorkerPort + i
 	}
-	// The pipe buffer takes this small frame without blocking, even if the
-	// worker never reads it.
-	_, err = controlW.Write(appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
+	// The pipe buffer takes these small frames without blocking, even if
+	// the worker never reads them.
+	b := appendCommand(nil, &command{kind: frameConfig, slot: i, port: port,
 		host: p.cfg.workerHost, heartbeat: p.cfg.heartbeat, shutdownTimeout: p.cfg.shutdownTimeout, secret: p.secret,
-		handoff: p.cfg.handoff, listener: fixed}))
+		handoff: p.cfg.handoff, listener: fixed})
+	if p.cfg.handoff {
+		pr.reportGap = p.reportGap()
+		b = appendCommand(b, &command{kind: frameReportGap, reportGap: pr.reportGap})
+	}
+	_, err = controlW.Write(b)
 	if err != nil {
 		// The process is gone already (or going): its exit status says why.
 		p.log.Warn("cannot send configuration to worker", "worker", i, "worker_pid", pr.pid, "err", err)

@@ -73,6 +73,7 @@ func (p *primary) supervise(s *slot, startup chan<- error) {
 			sv.startCur()
 		case <-tick.C:
 			sv.checkStale()
+			sv.tellReportGap()
 		case req := <-s.replace:
 			sv.startReplace(req)
 		case <-drain:
@@ -436,6 +437,31 @@ func (sv *supervisor) checkStale() {
 			p.pool.setState(s, WorkerStale, pr.pid)
 		}
 	}
+}
+
+// tellReportGap tells the slot's hand-off workers the gap between close
+// reports for the pool's size now, when it is not what they were told
+// (the pool was scaled since). So a scaled pool's workers follow within a
+// tick; a process started after the scale got it with its configuration.
+func (sv *supervisor) tellReportGap() {
+	if !sv.p.cfg.handoff {
+		return
+	}
+	gap := sv.p.reportGap()
+	sv.each(func(pr *process) {
+		if pr.reportGap == gap || pr.draining {
+			return
+		}
+		if err := pr.sys.send(&command{kind: frameReportGap, reportGap: gap}); err != nil {
+			return // gone, or going: its exit comes
+		}
+		pr.reportGap = gap
+	})
+}
+
+// reportGap is the gap between close reports for the pool's size now.
+func (p *primary) reportGap() time.Duration {
+	return closeReportGapFor(len(p.pool.snapshot().all))
 }
 
 // checkLimits starts recycling the current process once it has served its

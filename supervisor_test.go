@@ -5,8 +5,10 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -27,6 +29,8 @@ type fakeProc struct {
 	spawned time.Time
 	port    int           // what it reports ready on
 	drains  chan *command // drain commands the supervisor sent
+	sent    chan *command // other commands it sent
+	refuse  atomic.Bool   // send fails, as on a closed pipe
 	killed  chan struct{} // closed by the first kill
 	kill1   sync.Once
 }
@@ -36,6 +40,14 @@ var _ osProcess = (*fakeProc)(nil)
 var errKilled = errors.New("signal: killed")
 
 func (f *fakeProc) drain(c *command) { f.drains <- c }
+
+func (f *fakeProc) send(c *command) error {
+	if f.refuse.Load() {
+		return os.ErrClosed
+	}
+	f.sent <- c
+	return nil
+}
 
 // kill makes the process exit, as SIGKILL would.
 func (f *fakeProc) kill() {
@@ -81,7 +93,7 @@ func (fw *fakeWorkers) spawn(slot int, events chan<- procEvent) (*process, error
 		return nil, fw.fail
 	}
 	fw.pid++
-	f := &fakeProc{slot: slot, spawned: time.Now(), port: 4000 + fw.pid, drains: make(chan *command, 4), killed: make(chan struct{})}
+	f := &fakeProc{slot: slot, spawned: time.Now(), port: 4000 + fw.pid, drains: make(chan *command, 4), sent: make(chan *command, 4), killed: make(chan struct{})}
 	if fw.base > 0 {
 		f.port = fw.base + slot
 	}
@@ -487,6 +499,52 @@ func TestSupervisorRetire(t *testing.T) {
 		f.exit(nil)
 		recv(t, sv.done, "end of the slot")
 		sv.noSpawn()
+	})
+}
+
+// TestSupervisorReportGap: in hand-off mode the supervisor tells its
+// workers the gap between close reports for the pool's size, again after
+// each scale and only then, retries a send that failed at the next tick,
+// and tells nothing in splice mode.
+func TestSupervisorReportGap(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		sv := superviseFake(t, WithHandoff(true))
+		f := sv.startReady()
+		gap := func(want time.Duration) {
+			t.Helper()
+			c := recv(t, f.sent, "report gap")
+			if c.kind != frameReportGap || c.reportGap != want {
+				t.Fatalf("sent %+v, want a report gap of %v", c, want)
+			}
+			time.Sleep(3 * fakeBeat) // three more ticks: nothing more to tell
+			synctest.Wait()
+			if len(f.sent) != 0 {
+				t.Fatalf("sent %+v again", <-f.sent)
+			}
+		}
+		// The fake spawn sends no configuration: the first tick tells it.
+		gap(closeReportGap)
+		if _, err := sv.p.pool.grow(8, func(*slot) {}); err != nil { // slots nobody supervises
+			t.Fatal(err)
+		}
+		gap(8 * time.Millisecond)
+		f.refuse.Store(true)
+		sv.p.pool.grow(40, func(*slot) {})
+		time.Sleep(3 * fakeBeat)
+		f.refuse.Store(false)
+		gap(maxCloseReportGap)
+		sv.p.pool.remove(sv.p.pool.list()[1:])
+		gap(closeReportGap)
+	})
+	synctest.Test(t, func(t *testing.T) {
+		sv := superviseFake(t)
+		f := sv.startReady()
+		sv.p.pool.grow(8, func(*slot) {})
+		time.Sleep(3 * fakeBeat)
+		synctest.Wait()
+		if len(f.sent) != 0 {
+			t.Fatalf("splice mode: sent %+v", <-f.sent)
+		}
 	})
 }
 

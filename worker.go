@@ -63,6 +63,7 @@ type worker struct {
 	handed      *handoffListener // hand-off mode: the connections the primary hands over
 	closes      closeLog         // handed-off connections closed, not yet reported
 	kick        chan struct{}    // wakes reportCloses
+	closeGap    atomic.Int64     // the primary's gap between close reports (frameReportGap); 0 until it says
 	done        chan struct{}    // closed when the server has stopped; ends the loops
 	finished    chan struct{}    // closed when everything is released; err is set
 	stopSignals func()
@@ -772,8 +773,9 @@ func (w *worker) heartbeats() {
 	}
 }
 
-// commands reads the control pipe. A drain command stops gracefully; EOF
-// means the primary is gone, so the worker stops at once.
+// commands reads the control pipe. A drain command stops gracefully, a
+// report gap sets the gap between close reports; EOF means the primary is
+// gone, so the worker stops at once.
 func (w *worker) commands() {
 	defer w.wg.Done()
 	buf := make([]byte, maxFramePayload)
@@ -790,11 +792,14 @@ func (w *worker) commands() {
 			return
 		}
 		c, err := decodeCommand(typ, payload)
-		if err != nil || c.kind != frameDrain {
+		switch {
+		case err == nil && c.kind == frameDrain:
+			w.requestStop(c.shutdownTimeout, c.conns)
+		case err == nil && c.kind == frameReportGap:
+			w.closeGap.Store(int64(c.reportGap))
+		default:
 			w.log.Error("bad command from primary", "err", err, "type", typ)
-			continue
 		}
-		w.requestStop(c.shutdownTimeout, c.conns)
 	}
 }
 
