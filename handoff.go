@@ -321,9 +321,10 @@ func (w *worker) reportGap() time.Duration {
 	return closeReportGap
 }
 
-// The least time between two close reports of one worker: the primary's
-// counts of a worker's connections lag by about that (by construction; no
-// test measures the lag). It grows with the pool (closeReportGapFor).
+// closeReportGap and the two below set the least time between two close
+// reports of one worker: the primary's counts of a worker's connections
+// lag by about that (by construction; no test measures the lag). It grows
+// with the pool (closeReportGapFor).
 const (
 	closeReportGap          = 2 * time.Millisecond  // the least, for a pool of 2 workers or fewer
 	closeReportGapPerWorker = time.Millisecond      // for larger pools
@@ -332,14 +333,14 @@ const (
 
 // closeReportGapFor is the gap between close reports for a pool of n
 // workers: 1 ms a worker, from closeReportGap to maxCloseReportGap. A
-// worker takes about 1/n of the closes, so under load a report carries as
-// many closes in a pool of 8 as in a pool of 2, a count lags by as many
-// closes, and the primary reads about 1,000 reports a second from the
-// whole pool where it read 500 from each worker. Each report costs a
-// wake-up on both sides, and on a machine with fewer cores than workers,
-// context switches: with 8 workers on 2 cores, 8 ms instead of 2 ms cut
-// the primary's CPU per connection by about a quarter, the workers' by
-// about a fifth (bench/NOTES.md).
+// worker takes about 1/n of the closes, so under load, in pools of up to
+// 16, a report carries as many closes in a pool of 8 as in a pool of 2, a
+// count lags by as many closes, and the primary reads about 1,000 reports
+// a second from the whole pool where it read 500 from each worker. Each
+// report costs a wake-up on both sides, and on a machine with fewer cores
+// than workers, context switches: with 8 workers on 2 cores this cut the
+// primary's CPU per connection by about a quarter and the workers' by
+// about a fifth (bench/NOTES.md, *Close reports in larger pools*).
 func closeReportGapFor(n int) time.Duration {
 	return min(max(time.Duration(n)*closeReportGapPerWorker, closeReportGap), maxCloseReportGap)
 }

@@ -2,6 +2,7 @@ package defuss
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -374,7 +375,6 @@ func TestWorkerTakesReportGap(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	defer wr.Close()
 	logs := &syncBuffer{}
 	w := &worker{control: r, stop: make(chan stopRequest, 1), force: make(chan struct{}), done: make(chan struct{}),
 		log: slog.New(slog.NewTextHandler(logs, nil))}
@@ -383,8 +383,13 @@ func TestWorkerTakesReportGap(t *testing.T) {
 	}
 	w.wg.Add(1)
 	go w.commands()
-	defer w.wg.Wait()
-	bad := appendCommand(nil, &command{kind: frameReportGap, reportGap: time.Second}) // out of range
+	defer func() {
+		close(w.done) // the pipe's end below is ours, not the primary's going
+		wr.Close()
+		w.wg.Wait()
+	}()
+	bad := appendCommand(nil, &command{kind: frameReportGap, reportGap: 8 * time.Millisecond})
+	binary.BigEndian.PutUint64(bad[frameHeaderLen:], uint64(time.Millisecond)) // under the least
 	b := appendCommand(nil, &command{kind: frameReportGap, reportGap: 8 * time.Millisecond})
 	b = append(b, bad...)
 	b = appendCommand(b, &command{kind: frameDrain, shutdownTimeout: time.Second, conns: 3})
@@ -392,8 +397,13 @@ func TestWorkerTakesReportGap(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The drain comes after both gaps: once it is here, they were read.
-	if req := <-w.stop; req != (stopRequest{time.Second, 3}) {
-		t.Fatalf("stop request %+v", req)
+	select {
+	case req := <-w.stop:
+		if req != (stopRequest{time.Second, 3}) {
+			t.Fatalf("stop request %+v", req)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the drain after the gaps was not read within 10s")
 	}
 	if g := w.reportGap(); g != 8*time.Millisecond {
 		t.Errorf("gap %v, want 8ms (and the malformed frame ignored)", g)
@@ -401,6 +411,4 @@ func TestWorkerTakesReportGap(t *testing.T) {
 	if !strings.Contains(logs.String(), "bad command from primary") {
 		t.Errorf("malformed gap not logged: %q", logs.String())
 	}
-	close(w.done) // the pipe's end below is ours, not the primary's going
-	wr.Close()
 }

@@ -3,14 +3,18 @@
 package defuss
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -381,4 +385,83 @@ func TestReceiveBatch(t *testing.T) {
 	if n := closes(); n != 3 {
 		t.Errorf("%d closes to report, want 3 by count (1 lost, 2 of a malformed batch)", n)
 	}
+}
+
+// TestWorkerReportsClosesAtTheGap: on the fake clock, the first close is
+// reported at once, those that follow within the gap the primary set (8
+// ms) together when it ends, and a close after a quiet spell at once
+// again.
+func TestWorkerReportsClosesAtTheGap(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r, wr, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		defer wr.Close()
+		w := &worker{slot: 1, status: wr, kick: make(chan struct{}, 1), done: make(chan struct{})}
+		w.closeGap.Store(int64(8 * time.Millisecond))
+		w.wg.Add(1)
+		go w.reportCloses()
+		defer func() {
+			close(w.done)
+			w.wg.Wait()
+		}()
+		rc, err := r.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// reported returns the closes reported since it was last called,
+		// reading the pipe without waiting (the writer never blocks on it
+		// here, and a read that waited would stop the fake clock).
+		buf := make([]byte, 1<<16)
+		reported := func() []int {
+			t.Helper()
+			synctest.Wait()
+			var n int
+			var rerr error
+			if err := rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), buf) }); err != nil {
+				t.Fatal(err)
+			}
+			if rerr == unix.EAGAIN {
+				return nil
+			}
+			if rerr != nil {
+				t.Fatal(rerr)
+			}
+			var got []int
+			for br := bytes.NewReader(buf[:n]); br.Len() > 0; {
+				typ, p, err := readFrame(br, make([]byte, maxFramePayload))
+				if err != nil {
+					t.Fatal(err)
+				}
+				m, err := decodeMessage(typ, p)
+				if err != nil || m.kind != frameClosed {
+					t.Fatalf("frame %+v, %v", m, err)
+				}
+				got = append(got, m.closed)
+			}
+			return got
+		}
+		check := func(when string, want ...int) {
+			t.Helper()
+			if got := reported(); !slices.Equal(got, want) {
+				t.Errorf("%s: reports of %v closes, want %v", when, got, want)
+			}
+		}
+		w.handedClose(nil)
+		check("first close", 1)
+		time.Sleep(time.Millisecond)
+		for range 5 {
+			w.handedClose(nil)
+		}
+		check("1 ms later")
+		time.Sleep(7*time.Millisecond - 1) // 8 ms after the first report, less 1 ns
+		check("1 ns before the gap's end")
+		time.Sleep(1)
+		check("at the gap's end", 5)
+		time.Sleep(20 * time.Millisecond)
+		w.handedClose(nil)
+		check("after a quiet spell", 1)
+	})
 }

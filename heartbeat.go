@@ -60,8 +60,14 @@ const (
 	frameConfig byte = 16 // slot u16, port u16, heartbeat ns u64, shutdown ns u64, secret [32], flags u8, host
 	frameDrain  byte = 17 // timeout ns u64, connections u64
 	// frameReportGap sets a hand-off worker's least time between close
-	// reports, from closeReportGap to maxCloseReportGap (closeReportGapFor).
+	// reports (closeReportGapFor), from closeReportGap to
+	// maxReportGapFrame.
 	frameReportGap byte = 18 // gap ns u64
+
+	// maxReportGapFrame is the longest gap a worker takes: more than this
+	// version's primary sends (maxCloseReportGap), so that a later one may
+	// send more.
+	maxReportGapFrame = time.Second
 
 	statsLen       = 8*8 + 4*2
 	maxFailMessage = 512
@@ -366,7 +372,7 @@ func decodeCommand(typ byte, p []byte) (command, error) {
 		if len(p) != 8 {
 			return c, fmt.Errorf("%w: report gap of %d bytes", errFrame, len(p))
 		}
-		if c.reportGap = time.Duration(binary.BigEndian.Uint64(p)); c.reportGap < closeReportGap || c.reportGap > maxCloseReportGap {
+		if c.reportGap = time.Duration(binary.BigEndian.Uint64(p)); c.reportGap < closeReportGap || c.reportGap > maxReportGapFrame {
 			return c, fmt.Errorf("%w: report gap %d ns out of range", errFrame, uint64(c.reportGap))
 		}
 	default:

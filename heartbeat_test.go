@@ -300,7 +300,8 @@ func TestHeartbeatCommandRoundTrip(t *testing.T) {
 		{"drain of the longest timeout", command{kind: frameDrain, shutdownTimeout: math.MaxInt64}},
 		{"least report gap", command{kind: frameReportGap, reportGap: closeReportGap}},
 		{"report gap of 8 workers", command{kind: frameReportGap, reportGap: closeReportGapFor(8)}},
-		{"longest report gap", command{kind: frameReportGap, reportGap: maxCloseReportGap}},
+		{"longest report gap this primary sends", command{kind: frameReportGap, reportGap: maxCloseReportGap}},
+		{"longest report gap a worker takes", command{kind: frameReportGap, reportGap: maxReportGapFrame}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -496,7 +497,7 @@ func TestDecodeCommandMalformed(t *testing.T) {
 		{"report gap empty", frameReportGap, nil},
 		{"report gap of zero", frameReportGap, patched(gap, setU64(0, 0))},
 		{"report gap 1 ns under the least", frameReportGap, patched(gap, setU64(0, uint64(closeReportGap-1)))},
-		{"report gap 1 ns over the longest", frameReportGap, patched(gap, setU64(0, uint64(maxCloseReportGap+1)))},
+		{"report gap 1 ns over the longest", frameReportGap, patched(gap, setU64(0, uint64(maxReportGapFrame+1)))},
 		{"negative report gap", frameReportGap, patched(gap, setU64(0, 1<<63))},
 		{"a drain's payload as a report gap", frameReportGap, drain},
 	}

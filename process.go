@@ -214,7 +214,7 @@ type execProcess struct {
 var _ osProcess = (*execProcess)(nil)
 
 func (e *execProcess) drain(c *command) {
-	if _, err := e.control.Write(appendCommand(nil, c)); err != nil {
+	if err := e.send(c); err != nil {
 		e.cmd.Process.Signal(syscall.SIGTERM)
 	}
 }

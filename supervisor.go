@@ -442,7 +442,10 @@ func (sv *supervisor) checkStale() {
 // tellReportGap tells the slot's hand-off workers the gap between close
 // reports for the pool's size now, when it is not what they were told
 // (the pool was scaled since). So a scaled pool's workers follow within a
-// tick; a process started after the scale got it with its configuration.
+// tick. A process started after a scale got the new gap with its
+// configuration, except the first of a slot the scale adds, which may get
+// the old one (the pool publishes its new size once every slot is
+// started) and the new one at its slot's first tick.
 func (sv *supervisor) tellReportGap() {
 	if !sv.p.cfg.handoff {
 		return

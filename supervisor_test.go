@@ -505,7 +505,7 @@ func TestSupervisorRetire(t *testing.T) {
 // TestSupervisorReportGap: in hand-off mode the supervisor tells its
 // workers the gap between close reports for the pool's size, again after
 // each scale and only then, retries a send that failed at the next tick,
-// and tells nothing in splice mode.
+// tells a draining process nothing, and tells nothing in splice mode.
 func TestSupervisorReportGap(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		sv := superviseFake(t, WithHandoff(true))
@@ -529,12 +529,25 @@ func TestSupervisorReportGap(t *testing.T) {
 		}
 		gap(8 * time.Millisecond)
 		f.refuse.Store(true)
-		sv.p.pool.grow(40, func(*slot) {})
+		if _, err := sv.p.pool.grow(40, func(*slot) {}); err != nil {
+			t.Fatal(err)
+		}
 		time.Sleep(3 * fakeBeat)
 		f.refuse.Store(false)
 		gap(maxCloseReportGap)
 		sv.p.pool.remove(sv.p.pool.list()[1:])
 		gap(closeReportGap)
+		// A draining process is told nothing more.
+		close(sv.s.retire)
+		recv(t, f.drains, "drain command")
+		if _, err := sv.p.pool.grow(8, func(*slot) {}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * fakeBeat)
+		synctest.Wait()
+		if len(f.sent) != 0 {
+			t.Fatalf("told a draining process %+v", <-f.sent)
+		}
 	})
 	synctest.Test(t, func(t *testing.T) {
 		sv := superviseFake(t)
