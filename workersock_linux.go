@@ -31,7 +31,7 @@ import (
 // that did not bind it (an earlier version under a newer primary, or a
 // bind that failed) refuses the dial, or another process answers, and
 // the primary uses that worker's TCP port from then on. Not with fixed worker ports
-// (WithWorkerPort): their processes share the slot's socket, and a
+// (WithBaseWorkerPort): their processes share the slot's socket, and a
 // draining one closes its own (process.drain).
 type workerSocket struct {
 	name string // with the leading '@'

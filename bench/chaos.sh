@@ -36,7 +36,7 @@ DEFUSS_SOAK=$soak go test "${race[@]}" -count=1 -timeout "$timeout" -v -run "$te
 	grep -v -e 'level=INFO' -e 'level=DEBUG'
 
 if [ "$fuzztime" != 0 ]; then
-	for f in FuzzParseRequest FuzzDecodeMessage FuzzDecodeCommand; do
+	for f in FuzzParseRequest FuzzDecodeMessage FuzzDecodeCommand FuzzParseClientHello FuzzDecodeHandoff FuzzDecodeWorkerHeader; do
 		echo "chaos: fuzzing $f for $fuzztime" >&2
 		go test -run '^$' -fuzz "^${f}\$" -fuzztime "$fuzztime" .
 	done
