@@ -431,7 +431,7 @@ func TestHandedConnSendsFilesWithSendfile(t *testing.T) {
 		{"a file in a wrapper, as io.Copy passes os's", struct{ *os.File }{f2}, true, 100_000},
 		{"bytes", bytes.NewReader([]byte("bytes")), false, 0},
 	} {
-		n, handled, err := hc.sendFile(tc.r)
+		n, handled, err := sendFile(hc.io.rc, tc.r)
 		if n != tc.n || handled != tc.handled || err != nil {
 			t.Errorf("%s: sendFile = %d, %v, %v; want %d, %v", tc.name, n, handled, err, tc.n, tc.handled)
 		}

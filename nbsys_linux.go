@@ -277,3 +277,13 @@ func rawStreamOf(c syscall.Conn) io.ReadWriter {
 // *os.File from net's File whose Fd was called, in a handler that
 // hijacked the connection).
 func recvDontWait(fd int, b []byte) (int, error) { return recvNow(fd, b, unix.MSG_DONTWAIT) }
+
+// rawSendFile is sendFile on raw's socket when raw is a rawStream; it has
+// not handled r otherwise.
+func rawSendFile(raw io.ReadWriter, r io.Reader) (int64, bool, error) {
+	s, ok := raw.(*rawStream)
+	if !ok {
+		return 0, false, nil
+	}
+	return sendFile(s.rc, r)
+}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -273,5 +274,70 @@ func TestUnixConnAsNetUnixConn(t *testing.T) {
 				}
 			})
 		})
+	}
+}
+
+// TestUnixConnSendsFilesWithSendfile: a splice-mode worker's connection
+// on its Unix socket sends a regular file, whole or a part of one (as
+// http.ServeFile sends it), with sendfile(2), waiting for its reader while
+// the socket is full, and copies what sendfile cannot send from; every
+// byte arrives in order. A unixConn without a raw stream leaves files to
+// io.Copy.
+func TestUnixConnSendsFilesWithSendfile(t *testing.T) {
+	client, server := unixPair(t, true)
+	data := make([]byte, 6<<20) // more than the socket holds
+	for i := range data {
+		data[i] = byte(i*7 + i>>11)
+	}
+	path := writeTempFile(t, data)
+	got := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(client)
+		got <- b
+	}()
+	f, f2, dir := openFile(t, path), openFile(t, path), openFile(t, t.TempDir())
+	var want []byte
+	for _, tc := range []struct {
+		name    string
+		r       io.Reader
+		handled bool
+		sent    []byte
+	}{
+		{"part of a file", &io.LimitedReader{R: f, N: 100_000}, true, data[:100_000]},
+		{"the rest of the file", f, true, data[100_000:]},
+		{"a directory", dir, false, nil},
+		{"a pipe", pipeOf(t, []byte("piped")), false, nil},
+		{"a file in a wrapper, as io.Copy passes os's", struct{ *os.File }{f2}, true, data},
+		{"bytes", bytes.NewReader([]byte("bytes")), false, nil},
+	} {
+		n, handled, err := rawSendFile(server.raw, tc.r)
+		if n != int64(len(tc.sent)) || handled != tc.handled || err != nil {
+			t.Errorf("%s: rawSendFile = %d, %v, %v; want %d, %v", tc.name, n, handled, err, len(tc.sent), tc.handled)
+		}
+		want = append(want, tc.sent...)
+	}
+	// ReadFrom, as net/http calls it: a part of a file, then bytes.
+	if n, err := server.ReadFrom(&io.LimitedReader{R: openFile(t, path), N: 12345}); n != 12345 || err != nil {
+		t.Errorf("ReadFrom of a part of a file = %d, %v; want 12345", n, err)
+	}
+	if n, err := server.ReadFrom(strings.NewReader("tail")); n != 4 || err != nil {
+		t.Errorf("ReadFrom of bytes = %d, %v; want 4", n, err)
+	}
+	want = append(append(want, data[:12345]...), "tail"...)
+	if err := server.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if !bytes.Equal(b, want) {
+			t.Errorf("the reader got %d bytes, not the %d sent in order", len(b), len(want))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reader did not get EOF within 10s")
+	}
+
+	_, plain := unixPair(t, false)
+	if n, handled, err := rawSendFile(plain.raw, openFile(t, path)); handled || n != 0 || err != nil {
+		t.Errorf("without a raw stream: rawSendFile = %d, %v, %v; want it unhandled", n, handled, err)
 	}
 }

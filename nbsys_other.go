@@ -13,3 +13,6 @@ func pipeReader(f *os.File) io.Reader { return f }
 
 // rawStreamOf is nil: connections read and write through net.
 func rawStreamOf(syscall.Conn) io.ReadWriter { return nil }
+
+// rawSendFile has not handled r: net copies it.
+func rawSendFile(io.ReadWriter, io.Reader) (int64, bool, error) { return 0, false, nil }

@@ -493,12 +493,22 @@ func (unixConn) SetKeepAliveConfig(net.KeepAliveConfig) error { return nil }
 func (unixConn) SetLinger(int) error                          { return nil }
 func (unixConn) SetNoDelay(bool) error                        { return nil }
 
-// ReadFrom and WriteTo are io.Copy's: a *net.UnixConn's methods of those
-// names are a datagram socket's. io.Copy still finds the system's copies
-// where there are some: an *os.File's WriteTo sends a file with
-// sendfile, a *net.TCPConn's ReadFrom splices from a Unix socket.
-func (c unixConn) ReadFrom(r io.Reader) (int64, error) { return io.Copy(c.UnixConn, r) }
-func (c unixConn) WriteTo(w io.Writer) (int64, error)  { return io.Copy(w, c.UnixConn) }
+// ReadFrom sends a regular file, whole or a part of it, with sendfile(2)
+// on Linux (rawSendFile), as handedConn's does: net's copy to a Unix
+// socket would send a part through user space, and http.ServeFile sends a
+// part (an io.LimitedReader). Anything else, and every source elsewhere,
+// goes through io.Copy, which finds the system's copies where there are
+// some (an *os.File's WriteTo). WriteTo is io.Copy's, where a
+// *net.TCPConn's ReadFrom splices from a Unix socket. (A *net.UnixConn's
+// methods of those names are a datagram socket's.)
+func (c unixConn) ReadFrom(r io.Reader) (int64, error) {
+	if n, handled, err := rawSendFile(c.raw, r); handled {
+		return n, c.opErr("readfrom", err)
+	}
+	return io.Copy(c.UnixConn, r)
+}
+
+func (c unixConn) WriteTo(w io.Writer) (int64, error) { return io.Copy(w, c.UnixConn) }
 
 // track counts c as open until it is closed.
 func (w *worker) track(c tcpConn, handed bool) *workerConn {
