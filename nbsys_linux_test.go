@@ -296,6 +296,7 @@ func TestUnixConnSendsFilesWithSendfile(t *testing.T) {
 		got <- b
 	}()
 	f, f2, dir := openFile(t, path), openFile(t, path), openFile(t, t.TempDir())
+	server.SetWriteDeadline(time.Now().Add(10 * time.Second)) // a send that never ends fails
 	var want []byte
 	for _, tc := range []struct {
 		name    string
@@ -316,9 +317,10 @@ func TestUnixConnSendsFilesWithSendfile(t *testing.T) {
 		}
 		want = append(want, tc.sent...)
 	}
-	// ReadFrom, as net/http calls it: a part of a file, then bytes.
-	if n, err := server.ReadFrom(&io.LimitedReader{R: openFile(t, path), N: 12345}); n != 12345 || err != nil {
-		t.Errorf("ReadFrom of a part of a file = %d, %v; want 12345", n, err)
+	// ReadFrom, as net/http calls it: a part of a file, which only
+	// sendfile can send (the file's Read fails), then bytes.
+	if n, err := server.ReadFrom(&io.LimitedReader{R: unreadable{openFile(t, path)}, N: 12345}); n != 12345 || err != nil {
+		t.Errorf("ReadFrom of a part of a file = %d, %v; want 12345 sent with sendfile", n, err)
 	}
 	if n, err := server.ReadFrom(strings.NewReader("tail")); n != 4 || err != nil {
 		t.Errorf("ReadFrom of bytes = %d, %v; want 4", n, err)
@@ -341,3 +343,8 @@ func TestUnixConnSendsFilesWithSendfile(t *testing.T) {
 		t.Errorf("without a raw stream: rawSendFile = %d, %v, %v; want it unhandled", n, handled, err)
 	}
 }
+
+// unreadable is a file whose Read fails: only sendfile sends it.
+type unreadable struct{ *os.File }
+
+func (unreadable) Read([]byte) (int, error) { return 0, errors.New("read: a copy, not sendfile") }

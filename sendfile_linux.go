@@ -24,6 +24,12 @@ const sendFileChunk = 4 << 20
 // sends with it, and so does a splice-mode worker's connection on its
 // Unix socket, where net's copy would go through user space for a part
 // of a file, which is what http.ServeFile sends.
+//
+// As net's sendfile: sendfile(2) takes no MSG_NOSIGNAL, so a send to a
+// gone peer raises SIGPIPE, which Go ignores for a socket (a program
+// that asked for SIGPIPE with signal.Notify sees it); and on a socket
+// made blocking (a hijacking handler's Fd on its File) it blocks in the
+// kernel, past any deadline, where sendRaw's MSG_DONTWAIT would not.
 func sendFile(dst syscall.RawConn, r io.Reader) (written int64, handled bool, err error) {
 	remain := int64(1<<63 - 1)
 	lr, limited := r.(*io.LimitedReader)
