@@ -39,6 +39,8 @@
 //	BENCH_TIMEOUT=20m     the whole run stops after this, printing what it has
 //	BENCH_QUICK=1         smoke run: one round of 2s runs, no warm-up, 2000 idle and 200 slow connections
 //	BENCH_KEEP_LOGS=1     keep the server, HAProxy and config files after a clean run
+//	BENCH_FILE=1          add a workload to the first table: a 64 KiB file that the
+//	                      handler sends with http.ServeFile (sendfile where it can), keep-alive
 //
 // The server processes run with GOMAXPROCS as defuss sets it: all cores
 // for "direct" and the defuss primary, cores/workers for each defuss
@@ -91,6 +93,7 @@ type harness struct {
 	only             map[string]bool // setups to run; nil: all
 	tables           map[string]bool // tables to run; nil: all
 	verbose          bool
+	file             bool // the file workload (fileWorkload)
 
 	ncpu    int
 	nofile  uint64 // RLIMIT_NOFILE after raising it
@@ -168,6 +171,7 @@ func run() int {
 	flag.StringVar(&h.tmp, "tmp", os.Getenv("BENCH_TMP"), "directory for logs and configs (empty: a new temporary one)")
 	pidfile := flag.String("pidfile", os.Getenv("BENCH_PIDFILE"), "append the pid of every started process here")
 	flag.BoolVar(&h.verbose, "v", envBool("BENCH_VERBOSE"), "print every wrk report on stderr")
+	flag.BoolVar(&h.file, "file", envBool("BENCH_FILE"), "add a workload to the first table: a 64 KiB file sent with http.ServeFile, keep-alive")
 	flag.Parse()
 	h.only, h.tables = keySet(*only), keySet(*tables)
 	var err error
@@ -183,6 +187,12 @@ func run() int {
 	if err = h.prepare(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		return 1
+	}
+	if h.file {
+		if err = addFileWorkload(h.tmp); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: file workload:", err)
+			return 1
+		}
 	}
 	reg, err := newRegistry(h.tmp, *pidfile)
 	if err != nil {
@@ -700,4 +710,27 @@ func envDuration(k, def string) time.Duration {
 func envBool(k string) bool {
 	v, _ := strconv.ParseBool(os.Getenv(k))
 	return v
+}
+
+// fileWorkload is the workload BENCH_FILE adds: the servers' /file route
+// sends the file at $BENCH_FILE_PATH with http.ServeFile, which the
+// servers inherit from the harness.
+var fileWorkload = workload{"64 KiB file keep-alive", "/file", false}
+
+// addFileWorkload writes the 64 KiB file into dir, points the servers at
+// it, and adds fileWorkload to the first table.
+func addFileWorkload(dir string) error {
+	b := make([]byte, 64<<10)
+	for i := range b {
+		b[i] = 'a' + byte(i%26)
+	}
+	path := filepath.Join(dir, "file64k")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return err
+	}
+	if err := os.Setenv("BENCH_FILE_PATH", path); err != nil {
+		return err
+	}
+	workloads = append(workloads, fileWorkload)
+	return nil
 }

@@ -93,6 +93,17 @@ func handler() http.Handler {
 	small := strconv.Itoa(len(smallBody))
 	large := strconv.Itoa(len(largeBody))
 	huge := strconv.Itoa(len(hugeBody))
+	// /file sends the file the harness named (BENCH_FILE=1), as a
+	// static-file handler does: http.ServeFile, an io.LimitedReader of
+	// an *os.File, which net sends with sendfile to a TCP socket.
+	mux.HandleFunc("/file", func(w http.ResponseWriter, r *http.Request) {
+		path := os.Getenv("BENCH_FILE_PATH")
+		if path == "" {
+			http.NotFound(w, r)
+			return
+		}
+		http.ServeFile(w, r, path)
+	})
 	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h["Content-Type"] = []string{"text/plain; charset=utf-8"}
