@@ -10,7 +10,8 @@
 //     and CPU time per 10,000 requests (the proxy's, the servers', both)
 //     for five workloads (13-byte and 64 KiB bodies, keep-alive and
 //     "Connection: close"; a 1 MiB body on keep-alive, the one workload
-//     whose handler writes more than 64 KiB at once), measured with wrk;
+//     whose handler writes more than 64 KiB at once; with BENCH_FILE=1 a
+//     sixth, a 64 KiB file sent with http.ServeFile), measured with wrk;
 //  2. idle: the proxy process's RSS per idle proxied connection (the
 //     defuss primary beside HAProxy);
 //  3. pool: the defuss primary's CPU per 10,000 requests with 2, 4 and 8
