@@ -339,8 +339,8 @@ const (
 // a second from the whole pool where it read 500 from each worker. Each
 // report costs a wake-up on both sides, and on a machine with fewer cores
 // than workers, context switches: with 8 workers on 2 cores this cut the
-// primary's CPU per connection by about a quarter and the workers' by
-// about a fifth (bench/NOTES.md, *Close reports in larger pools*).
+// primary's CPU per connection by about a third and the workers' by a
+// quarter to a third (bench/NOTES.md, *Close reports in larger pools*).
 func closeReportGapFor(n int) time.Duration {
 	return min(max(time.Duration(n)*closeReportGapPerWorker, closeReportGap), maxCloseReportGap)
 }

@@ -173,10 +173,11 @@ func pipeReader(f *os.File) io.Reader {
 // rawStream reads and writes a connected socket in Go's poller with raw
 // calls that do not wait (recvDontWait; sendRaw, which raises no
 // SIGPIPE), waiting for it as os.File and net do: a worker's side of a
-// connection; or reads a pipe (pipeReader). A read that finds the socket empty or a write that finds
-// it full waits in the poller, with the descriptor's deadlines. One
-// read and one write at a time each (the poller locks each direction
-// too); its operations are made once, so a call allocates nothing.
+// connection; or reads a pipe (pipeReader). A read that finds the socket
+// empty or a write that finds it full waits in the poller, with the
+// descriptor's deadlines. One read and one write at a time each (the
+// poller locks each direction too); its operations are made once, so a
+// call allocates nothing.
 type rawStream struct {
 	rc   syscall.RawConn
 	r, w rawOp
@@ -277,13 +278,3 @@ func rawStreamOf(c syscall.Conn) io.ReadWriter {
 // *os.File from net's File whose Fd was called, in a handler that
 // hijacked the connection).
 func recvDontWait(fd int, b []byte) (int, error) { return recvNow(fd, b, unix.MSG_DONTWAIT) }
-
-// rawSendFile is sendFile on raw's socket when raw is a rawStream; it has
-// not handled r otherwise.
-func rawSendFile(raw io.ReadWriter, r io.Reader) (int64, bool, error) {
-	s, ok := raw.(*rawStream)
-	if !ok {
-		return 0, false, nil
-	}
-	return sendFile(s.rc, r)
-}

@@ -279,9 +279,9 @@ func TestUnixConnAsNetUnixConn(t *testing.T) {
 
 // TestUnixConnSendsFilesWithSendfile: a splice-mode worker's connection
 // on its Unix socket sends a regular file, whole or a part of one (as
-// http.ServeFile sends it), with sendfile(2), waiting for its reader while
-// the socket is full, and copies what sendfile cannot send from; every
-// byte arrives in order. A unixConn without a raw stream leaves files to
+// http.ServeFile sends it), with sendfile(2), also more than the socket
+// holds while its reader reads, and copies what sendfile cannot send
+// from; every byte arrives in order. A unixConn without a raw stream leaves files to
 // io.Copy.
 func TestUnixConnSendsFilesWithSendfile(t *testing.T) {
 	client, server := unixPair(t, true)

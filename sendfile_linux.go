@@ -14,6 +14,16 @@ import (
 // sendFileChunk bounds one sendfile call.
 const sendFileChunk = 4 << 20
 
+// rawSendFile is sendFile on raw's socket when raw is a rawStream; it has
+// not handled r otherwise.
+func rawSendFile(raw io.ReadWriter, r io.Reader) (int64, bool, error) {
+	s, ok := raw.(*rawStream)
+	if !ok {
+		return 0, false, nil
+	}
+	return sendFile(s.rc, r)
+}
+
 // sendFile sends r, a regular file, with sendfile(2) from its offset to
 // the socket dst, waiting in Go's poller while dst's send buffer is full
 // (the socket's write lock held, as net's own sendfile holds it). It has
