@@ -3,8 +3,11 @@ package defuss
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -63,6 +66,66 @@ func hasPublicSocketOpts(fd int) bool {
 		}
 	}
 	return true
+}
+
+// unsentLimit is TCP_NOTSENT_LOWAT on the public socket, which every
+// accepted connection inherits: the kernel takes a write only while less
+// than this much of the connection's data waits unsent (beyond what the
+// client's window lets go). Without it a socket's send buffer grows to
+// hold a whole large answer (up to net.ipv4.tcp_wmem's 4 MiB), so a
+// client that reads slowly makes the server copy all of it into the
+// kernel at once and keep it there: 2.5 MiB of kernel memory for each
+// 1 MiB answer in bench/run.sh's slow-reader table, and a burst of such
+// copies that starved every other request while 500 slow readers opened.
+// With it the writer waits (its goroutine parks, or splice mode's event
+// loop moves on) and the rest of the answer stays in the handler, or in
+// the worker's socket. A client that reads at speed empties the queue as
+// fast as it is written and sees no difference (bench/NOTES.md, "Unsent
+// data per connection"). 128 KiB keeps a fast link busy between two
+// wake-ups of the writer; HAProxy's buffers are 16 KiB.
+const unsentLimit = 128 << 10
+
+// limitUnsent sets unsentLimit on the listening socket ln (see
+// setUnsentLimit).
+func limitUnsent(ln net.Listener) error {
+	rc, err := listenerConn(ln)
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), systemUnsentLimit()) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// setUnsentLimit sets TCP_NOTSENT_LOWAT to unsentLimit on the socket fd,
+// unless the socket has a value of its own already (an inherited socket:
+// its first owner's choice is kept) or the system's, system, is as low.
+func setUnsentLimit(fd, system int) error {
+	v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT)
+	if err != nil {
+		return os.NewSyscallError("getsockopt", err)
+	}
+	if v != 0 || system <= unsentLimit {
+		return nil
+	}
+	return os.NewSyscallError("setsockopt", unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, unsentLimit))
+}
+
+// systemUnsentLimit is net.ipv4.tcp_notsent_lowat, which applies to a
+// socket with no value of its own: by default 4294967295, no limit. It
+// reports no limit where the setting cannot be read.
+func systemUnsentLimit() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_notsent_lowat")
+	if err != nil {
+		return math.MaxInt
+	}
+	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 63)
+	if err != nil {
+		return math.MaxInt
+	}
+	return int(v)
 }
 
 // stopHandshakes makes the listening socket ln complete no more

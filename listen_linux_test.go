@@ -5,9 +5,13 @@ package defuss
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -175,5 +179,193 @@ func TestEmptyAcceptQueueWaitsAndASecondSignalForces(t *testing.T) {
 			}
 			d.Close()
 		})
+	}
+}
+
+// setUnsentLimit sets TCP_NOTSENT_LOWAT on a listening socket with none,
+// and the sockets it accepts inherit it; it keeps a socket's own value
+// and a system-wide one as low.
+func TestSetUnsentLimit(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		own, system int
+		want        int
+	}{
+		{"default", 0, math.MaxInt, unsentLimit},
+		{"system higher", 0, unsentLimit + 1, unsentLimit},
+		{"system as low", 0, unsentLimit, 0},
+		{"system lower", 0, 16 << 10, 0},
+		{"own value kept", 1 << 20, math.MaxInt, 1 << 20},
+		{"own lower value kept", 4 << 10, math.MaxInt, 4 << 10},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ln := publicListener(t, plainTCP())
+			if c.own != 0 {
+				setsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, c.own)
+			}
+			rc, _ := listenerConn(ln)
+			var serr error
+			rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), c.system) })
+			if serr != nil {
+				t.Fatal(serr)
+			}
+			if got := getsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != c.want {
+				t.Fatalf("listener's TCP_NOTSENT_LOWAT %d; want %d", got, c.want)
+			}
+			cc, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			sc, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sc.Close()
+			src, _ := sc.(*net.TCPConn).SyscallConn()
+			var got int
+			var gerr error
+			src.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT) })
+			if gerr != nil || got != c.want {
+				t.Fatalf("accepted socket's TCP_NOTSENT_LOWAT %d, %v; want %d, inherited", got, gerr, c.want)
+			}
+		})
+	}
+	if v := systemUnsentLimit(); v <= 0 {
+		t.Fatalf("systemUnsentLimit %d", v)
+	}
+}
+
+// The primary limits unsent data on a socket it opened, and leaves
+// WithListener's as its owner made it.
+func TestStartLimitsUnsent(t *testing.T) {
+	if systemUnsentLimit() <= unsentLimit {
+		t.Skipf("net.ipv4.tcp_notsent_lowat is %d: the system's limit is kept", systemUnsentLimit())
+	}
+	t.Run("own socket", func(t *testing.T) {
+		s := startTest(t)
+		if got := getsockopt(t, s.p.ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != unsentLimit {
+			t.Errorf("public socket's TCP_NOTSENT_LOWAT %d; want %d", got, unsentLimit)
+		}
+	})
+	t.Run("WithListener", func(t *testing.T) {
+		lc := plainTCP()
+		own, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := startTest(t, WithListener(own))
+		if got := getsockopt(t, s.p.ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != 0 {
+			t.Errorf("WithListener's socket's TCP_NOTSENT_LOWAT %d; want 0, untouched", got)
+		}
+	})
+}
+
+// plainTCP listens with plain TCP, not the Multipath TCP that net's
+// default may open, whose sockets answer TCP_NOTSENT_LOWAT with -1.
+func plainTCP() net.ListenConfig {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc
+}
+
+// A client that reads nothing of a large answer makes the server hold at
+// most about unsentLimit of it in the kernel, in either mode: the socket
+// that faces the client (the primary's in splice mode, the worker's in
+// hand-off mode) has at most that much queued, where without the limit
+// its send buffer grows to take megabytes. Read from /proc/net/tcp, which
+// shows every socket of the network namespace, for 500 ms after the answer
+// began.
+func TestSlowReaderAnswerStaysOutOfTheKernel(t *testing.T) {
+	if systemUnsentLimit() <= unsentLimit {
+		t.Skipf("net.ipv4.tcp_notsent_lowat is %d: the system's limit applies", systemUnsentLimit())
+	}
+	s := startTest(t)
+	c, err := net.Dial("tcp", s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET /download?n=33554432 HTTP/1.1\r\nHost: test\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// The server's socket for this client: its local address is the
+	// public one, its remote address the client's.
+	local, remote := procNetAddr(s.Addr()), procNetAddr(c.LocalAddr())
+	const bound = 512 << 10 // unsentLimit, a segment of up to 64 KiB past it, room for what is in flight
+	var most int
+	start := time.Now()
+	for time.Since(start) < 500*time.Millisecond || most == 0 {
+		if time.Since(start) > 10*time.Second {
+			t.Fatal("the server's socket for the client never had data queued")
+		}
+		q, ok := procNetTxQueue(t, local, remote)
+		if ok && q > most {
+			most = q
+		}
+		if most > bound {
+			t.Fatalf("the server's socket holds %d bytes for a client that reads nothing; want at most %d", most, bound)
+		}
+		time.Sleep(5 * time.Millisecond) // a sampling interval, not a wait for something
+	}
+	t.Logf("the server's socket held at most %d bytes", most)
+}
+
+// procNetAddr is a as /proc/net/tcp writes it: the IPv4 address as a
+// little-endian hex word, then the port in hex.
+func procNetAddr(a net.Addr) string {
+	ta := a.(*net.TCPAddr)
+	ip := ta.IP.To4()
+	return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], ta.Port)
+}
+
+// procNetTxQueue is the send queue (bytes written, not yet acknowledged)
+// of the TCP socket from local to remote in /proc/net/tcp.
+func procNetTxQueue(t *testing.T, local, remote string) (int, bool) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 5 || f[1] != local || f[2] != remote {
+			continue
+		}
+		tx, _, _ := strings.Cut(f[4], ":")
+		n, err := strconv.ParseUint(tx, 16, 64)
+		if err != nil {
+			t.Fatalf("/proc/net/tcp: %q: %v", line, err)
+		}
+		return int(n), true
+	}
+	return 0, false
+}
+
+// getsockopt and setsockopt are unix's on ln's socket, failing the test
+// on an error.
+func getsockopt(t *testing.T, ln net.Listener, level, opt int) int {
+	t.Helper()
+	rc, err := listenerConn(ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), level, opt) }); err != nil || gerr != nil {
+		t.Fatal(err, gerr)
+	}
+	return v
+}
+
+func setsockopt(t *testing.T, ln net.Listener, level, opt, v int) {
+	t.Helper()
+	rc, err := listenerConn(ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), level, opt, v) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
 	}
 }

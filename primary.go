@@ -168,6 +168,13 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 		ln.Close()
 		return nil, err
 	}
+	if c.listener == nil {
+		// Only on a socket the primary opened or inherited: WithListener's
+		// owner configured it.
+		if err := limitUnsent(ln); err != nil && !errors.Is(err, errors.ErrUnsupported) {
+			p.log.Debug("TCP_NOTSENT_LOWAT not set: a slow reader's answer may sit whole in the kernel", "err", err)
+		}
+	}
 	sigs := p.notifySignals()
 	p.log.Info("starting workers", "workers", c.workers, "addr", ln.Addr().String())
 	startup := make(chan error, c.workers)
