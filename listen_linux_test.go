@@ -4,6 +4,7 @@ package defuss
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -203,11 +204,13 @@ func TestSetUnsentLimit(t *testing.T) {
 			if c.own != 0 {
 				setsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, c.own)
 			}
-			rc, _ := listenerConn(ln)
+			rc, err := listenerConn(ln)
+			if err != nil {
+				t.Fatal(err)
+			}
 			var serr error
-			rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), c.system) })
-			if serr != nil {
-				t.Fatal(serr)
+			if err := rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), c.system) }); err != nil || serr != nil {
+				t.Fatal(err, serr)
 			}
 			if got := getsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != c.want {
 				t.Fatalf("listener's TCP_NOTSENT_LOWAT %d; want %d", got, c.want)
@@ -222,10 +225,15 @@ func TestSetUnsentLimit(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer sc.Close()
-			src, _ := sc.(*net.TCPConn).SyscallConn()
+			src, err := sc.(*net.TCPConn).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
 			var got int
 			var gerr error
-			src.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT) })
+			if err := src.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT) }); err != nil {
+				t.Fatal(err)
+			}
 			if gerr != nil || got != c.want {
 				t.Fatalf("accepted socket's TCP_NOTSENT_LOWAT %d, %v; want %d, inherited", got, gerr, c.want)
 			}
@@ -262,7 +270,7 @@ func TestStartLimitsUnsent(t *testing.T) {
 }
 
 // plainTCP listens with plain TCP, not the Multipath TCP that net's
-// default may open, whose sockets answer TCP_NOTSENT_LOWAT with -1.
+// default may open, whose sockets do not report TCP_NOTSENT_LOWAT.
 func plainTCP() net.ListenConfig {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
@@ -312,11 +320,10 @@ func TestSlowReaderAnswerStaysOutOfTheKernel(t *testing.T) {
 }
 
 // procNetAddr is a as /proc/net/tcp writes it: the IPv4 address as a
-// little-endian hex word, then the port in hex.
+// hex word in the host's byte order, then the port in hex.
 func procNetAddr(a net.Addr) string {
 	ta := a.(*net.TCPAddr)
-	ip := ta.IP.To4()
-	return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], ta.Port)
+	return fmt.Sprintf("%08X:%04X", binary.NativeEndian.Uint32(ta.IP.To4()), ta.Port)
 }
 
 // procNetTxQueue is the send queue (bytes written, not yet acknowledged)

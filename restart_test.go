@@ -758,3 +758,78 @@ func TestFixedWorkerPortStaysNonBlocking(t *testing.T) {
 		t.Fatal("the slot's shared listening socket is in blocking mode")
 	}
 }
+
+// A download that a slow client has not finished when a rolling restart
+// begins keeps its worker until it ends: the drain waits for it, and the
+// client gets every byte. (The public socket's TCP_NOTSENT_LOWAT keeps
+// most of such an answer in the handler's write, not in the kernel, so
+// the old worker must stay for it.)
+func TestSlowDownloadFinishesAcrossRestart(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithShutdownTimeout(20*time.Second))
+	old := s.Workers()[0].PID
+	const size, first = 8 << 20, 64 << 10
+	body := startDownload(t, s.Addr().String(), size, first)
+	restarted := make(chan error, 1)
+	go func() { restarted <- s.Restart(context.Background()) }()
+	waitWorkers(t, s, 10*time.Second, "the new worker in rotation", func(w []WorkerInfo) bool {
+		return w[0].PID != old && w[0].State == WorkerReady
+	})
+	select {
+	case err := <-restarted:
+		t.Fatalf("Restart returned (%v) while a download was under way", err)
+	default:
+	}
+	if !alive(old) {
+		t.Fatal("the old worker exited while a download was under way")
+	}
+	if n, err := io.Copy(io.Discard, body); err != nil || n != size-first {
+		t.Fatalf("read %d more bytes after the restart began, %v; want %d", n, err, size-first)
+	}
+	select {
+	case err := <-restarted:
+		if err != nil {
+			t.Fatalf("Restart: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Restart still waits 10s after the download ended")
+	}
+}
+
+// What the drain of TestSlowDownloadFinishesAcrossRestart cannot wait
+// for: a download still under way when the shutdown timeout passes is
+// cut, and the client sees a short body, not a complete one.
+func TestShutdownTimeoutCutsASlowDownload(t *testing.T) {
+	s := startTest(t, WithWorkers(1), WithShutdownTimeout(300*time.Millisecond))
+	old := s.Workers()[0].PID
+	const size, first = 8 << 20, 64 << 10
+	body := startDownload(t, s.Addr().String(), size, first)
+	err := s.Restart(context.Background())
+	t.Logf("Restart: %v", err)
+	waitFor(t, 10*time.Second, "the old worker gone", func() bool { return !alive(old) })
+	n, err := io.Copy(io.Discard, body)
+	if err == nil || n >= size-first {
+		t.Fatalf("read %d more bytes after the timeout, %v; want fewer than %d and an error", n, err, size-first)
+	}
+	t.Logf("the client got %d of %d bytes, then %v", first+n, size, err)
+}
+
+// startDownload asks addr for size bytes (/download) and reads the
+// head and the first bytes of the body; the rest is for the test to read.
+func startDownload(t *testing.T, addr string, size, first int) io.Reader {
+	t.Helper()
+	c, err := dialChaos(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(time.Minute))
+	fmt.Fprintf(c, "GET /download?n=%d HTTP/1.1\r\nHost: test\r\n\r\n", size)
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil || resp.StatusCode != 200 || resp.ContentLength != int64(size) {
+		t.Fatalf("download: %v, %v", resp, err)
+	}
+	if _, err := io.ReadFull(resp.Body, make([]byte, first)); err != nil {
+		t.Fatal(err)
+	}
+	return resp.Body
+}

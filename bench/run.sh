@@ -10,9 +10,9 @@
 # harness, which prints markdown tables on stdout (progress on stderr):
 # throughput with CPU per 10,000 requests, idle memory, the primary's cost as
 # the pool grows, and other clients beside a slow-read attack. The attack's
-# 1,000 slow readers hold about 2.5 MiB of kernel TCP memory each (0.3 MiB
-# behind defuss, whose sockets limit unsent data), more than a small
-# machine's net.ipv4.tcp_mem allows: run it on a quiet machine. See
+# 1,000 slow readers hold about 2.5 MiB of kernel TCP memory each, more
+# than a small machine's net.ipv4.tcp_mem allows (behind defuss, whose
+# sockets limit unsent data, about 0.3 MiB): run it on a quiet machine. See
 # the doc comment of bench/main.go for every BENCH_* setting. Everything
 # binds 127.0.0.1 only. Every process started is stopped on exit, on error
 # and on Ctrl-C.
