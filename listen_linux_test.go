@@ -289,7 +289,17 @@ func TestSlowReaderAnswerStaysOutOfTheKernel(t *testing.T) {
 		t.Skipf("net.ipv4.tcp_notsent_lowat is %d: the system's limit applies", systemUnsentLimit())
 	}
 	s := startTest(t)
-	c, err := net.Dial("tcp", s.Addr().String())
+	t.Logf("the server's socket held at most %d bytes", unsentQueued(t, s.Addr()))
+}
+
+// unsentQueued asks the server at addr for 32 MiB and reads none of it,
+// and returns the most that the server's socket for this connection (its
+// local address is addr, its remote one the client's) had queued over
+// 500 ms, read from /proc/net/tcp; it fails the test at once if that is
+// more than unsentLimit allows.
+func unsentQueued(t *testing.T, addr net.Addr) int {
+	t.Helper()
+	c, err := net.Dial("tcp", addr.String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,9 +307,7 @@ func TestSlowReaderAnswerStaysOutOfTheKernel(t *testing.T) {
 	if _, err := io.WriteString(c, "GET /download?n=33554432 HTTP/1.1\r\nHost: test\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	// The server's socket for this client: its local address is the
-	// public one, its remote address the client's.
-	local, remote := procNetAddr(s.Addr()), procNetAddr(c.LocalAddr())
+	local, remote := procNetAddr(addr), procNetAddr(c.LocalAddr())
 	const bound = 512 << 10 // unsentLimit, a segment of up to 64 KiB past it, room for what is in flight
 	var most int
 	start := time.Now()
@@ -316,7 +324,7 @@ func TestSlowReaderAnswerStaysOutOfTheKernel(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond) // a sampling interval, not a wait for something
 	}
-	t.Logf("the server's socket held at most %d bytes", most)
+	return most
 }
 
 // procNetAddr is a as /proc/net/tcp writes it: the IPv4 address as a

@@ -95,7 +95,9 @@ func getAsync(addr, path string) <-chan string {
 // Issue 13: socket activation by the real systemd-socket-activate. The
 // first connection, which started the server, is served; the primary
 // serves on the socket systemd chose by name among two, and its workers
-// see none of LISTEN_*; an upgrade passes the activated socket on.
+// see none of LISTEN_*; an upgrade passes the activated socket on. The
+// activated socket limits unsent data (TCP_NOTSENT_LOWAT), before the
+// upgrade and after it.
 func TestSocketActivation(t *testing.T) {
 	app := filepath.Join(t.TempDir(), "app")
 	copyBinary(t, app, "")
@@ -114,6 +116,17 @@ func TestSocketActivation(t *testing.T) {
 			t.Errorf("worker sees %s: %q", k, got)
 		}
 	}
+	// The activated socket gets TCP_NOTSENT_LOWAT as one the primary
+	// opens does, and keeps it across the upgrade (unsentQueued fails the
+	// test if a connection's unsent data is not limited).
+	ba, err := net.ResolveTCPAddr("tcp", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkUnsent := systemUnsentLimit() > unsentLimit
+	if checkUnsent {
+		unsentQueued(t, ba)
+	}
 
 	// The activated socket survives an upgrade.
 	if err := p.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
@@ -128,6 +141,9 @@ func TestSocketActivation(t *testing.T) {
 	}
 	if _, got := get(t, b, "/pid"); !containsPID(workers, got) {
 		t.Errorf("after the upgrade, served by %s, not by the new workers %v", got, workers)
+	}
+	if checkUnsent {
+		unsentQueued(t, ba)
 	}
 }
 
