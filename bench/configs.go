@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -75,6 +76,14 @@ func (t *target) cpu() (c cpuTimes, ok bool) {
 		ok = ok && err == nil
 	}
 	return c, ok
+}
+
+// switches is procSwitches of the proxy; an error where there is none.
+func (t *target) switches() (int64, error) {
+	if t.proxyPID == 0 {
+		return 0, errors.New("no proxy")
+	}
+	return procSwitches(t.proxyPID)
 }
 
 func (t *target) url() string { return "http://" + t.addr }

@@ -144,6 +144,22 @@ func (c cell) cpuMedians() (proxy, servers, total float64) {
 	return proxy, servers, total
 }
 
+// switchesMedian is the median over the runs of the proxy's context
+// switches per request, -1 if no run measured them.
+func (c cell) switchesMedian() float64 {
+	var vs []float64
+	for _, r := range c.runs {
+		if v := r.switchesPerRequest(); v >= 0 {
+			vs = append(vs, v)
+		}
+	}
+	if len(vs) == 0 {
+		return -1
+	}
+	slices.Sort(vs)
+	return vs[(len(vs)-1)/2]
+}
+
 func main() {
 	os.Exit(run())
 }

@@ -109,7 +109,11 @@ func (h *harness) poolTable(ctx context.Context) {
 				case len(cl.runs) > 0:
 					med, _, _ := cl.median()
 					proxy, servers, _ := cl.cpuMedians()
-					row = append(row, fmt.Sprintf("%s + %s (%.0f req/s)", fmtCPU(proxy), fmtCPU(servers), med.rps))
+					sw := "switches n/a"
+					if v := cl.switchesMedian(); v >= 0 {
+						sw = fmt.Sprintf("%.2f switches/req", v)
+					}
+					row = append(row, fmt.Sprintf("%s + %s (%.0f req/s, %s)", fmtCPU(proxy), fmtCPU(servers), med.rps, sw))
 				case cl.err != nil:
 					row = append(row, "error")
 					notes = append(notes, fmt.Sprintf("%s, %d workers, %s: %s", pm.name, c.workers, w.name, firstLine(cl.err.Error())))
@@ -124,7 +128,7 @@ func (h *harness) poolTable(ctx context.Context) {
 	}
 	fmt.Print(markdownTable(rows, right))
 	fmt.Println()
-	fmt.Printf("Each cell is the defuss primary's CPU time per 10,000 requests, plus the workers' together, and the req/s, from wrk runs as in the first table (the median of %d, CPU and req/s each taken on its own). The primary's share must not grow with the pool.\n", h.rounds)
+	fmt.Printf("Each cell is the defuss primary's CPU time per 10,000 requests, plus the workers' together, the req/s, and how many times per request the primary's threads were switched out (voluntary and not, from /proc/PID/task/*/status), from wrk runs as in the first table (the median of %d, each figure taken on its own). The primary's share must not grow with the pool. Its switches per request show how often it slept and woke, which costs more with more processes sharing the CPUs.\n", h.rounds)
 	fmt.Printf("On %d CPUs this shows the primary's own cost per request as the pool grows: its accept, peek and balancing, and in splice mode the copying, with more workers to choose among, more sockets and more heartbeats. It cannot show the pool scaling: beyond %d workers they only share the same cores (each runs with GOMAXPROCS %s), so req/s cannot rise and the workers' CPU per request may grow with the switching between them.\n",
 		h.ncpu, h.ncpu, poolProcs(h.ncpu, h.poolWorkers))
 	for _, n := range notes {

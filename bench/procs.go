@@ -413,3 +413,34 @@ func procCPU(pid int) (time.Duration, error) {
 	}
 	return time.Duration(ts.Nano()), nil
 }
+
+// procSwitches is how many times the threads of process pid have been
+// switched out so far, voluntarily (to wait) or not: the sum of
+// voluntary_ctxt_switches and nonvoluntary_ctxt_switches over
+// /proc/pid/task/*/status. Threads that have exited are not counted; Go
+// keeps its threads.
+func procSwitches(pid int) (int64, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		if err != nil {
+			continue // the thread has exited
+		}
+		for line := range strings.SplitSeq(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if !ok || (k != "voluntary_ctxt_switches" && k != "nonvoluntary_ctxt_switches") {
+				continue
+			}
+			c, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/%d/task/%s/status: %q: %w", pid, t.Name(), line, err)
+			}
+			n += c
+		}
+	}
+	return n, nil
+}

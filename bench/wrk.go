@@ -25,6 +25,16 @@ type wrkResult struct {
 	otherCPU      float64  // share of the CPUs used by processes outside the harness meanwhile; -1 unknown
 	cpu           cpuTimes // CPU time the target's proxy and servers used during the run
 	cpuOK         bool     // cpu was measured
+	switches      int64    // times the proxy's threads were switched out during the run; -1 unknown
+}
+
+// switchesPerRequest is the proxy's context switches per request, or -1
+// if unknown.
+func (r wrkResult) switchesPerRequest() float64 {
+	if r.switches < 0 || r.requests <= 0 {
+		return -1
+	}
+	return float64(r.switches) / float64(r.requests)
 }
 
 // cpuPer10k is d per 10,000 of the run's requests, in milliseconds, or
@@ -73,7 +83,9 @@ func (h *harness) runWrk(ctx context.Context, w workload, t *target, d time.Dura
 	h.reg.notePID(cmd.Process.Pid)
 	before := sampleCPU()
 	cpu0, ok0 := t.cpu()
+	sw0, swErr0 := t.switches()
 	err := cmd.Wait()
+	sw1, swErr1 := t.switches()
 	cpu1, ok1 := t.cpu()
 	after := sampleCPU()
 	if err != nil {
@@ -88,6 +100,10 @@ func (h *harness) runWrk(ctx context.Context, w workload, t *target, d time.Dura
 	r, err := parseWrk(out.String())
 	r.otherCPU = otherCPU(before, after)
 	r.cpu, r.cpuOK = cpu1.sub(cpu0), ok0 && ok1
+	r.switches = -1
+	if swErr0 == nil && swErr1 == nil {
+		r.switches = sw1 - sw0
+	}
 	return r, err
 }
 
