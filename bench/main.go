@@ -15,7 +15,7 @@
 //  2. idle: the proxy process's RSS per idle proxied connection (the
 //     defuss primary beside HAProxy);
 //  3. pool: the defuss primary's CPU per 10,000 requests with 2, 4 and 8
-//     workers, splice and hand-off;
+//     workers, splice and hand-off, and its context switches per request;
 //  4. slow: other clients' latency (wrk) without and beside a slow-read
 //     attack, and what the attack costs the front process and the kernel.
 //
