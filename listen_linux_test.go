@@ -307,6 +307,13 @@ func unsentQueued(t *testing.T, addr net.Addr) int {
 	if _, err := io.WriteString(c, "GET /download?n=33554432 HTTP/1.1\r\nHost: test\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
+	return watchUnsent(t, addr, c)
+}
+
+// watchUnsent is unsentQueued's watch of the server's socket for c, a
+// connection to addr that has asked for a large answer and reads none.
+func watchUnsent(t *testing.T, addr net.Addr, c net.Conn) int {
+	t.Helper()
 	local, remote := procNetAddr(addr), procNetAddr(c.LocalAddr())
 	const bound = 512 << 10 // unsentLimit, a segment of up to 64 KiB past it, room for what is in flight
 	var most int

@@ -104,6 +104,24 @@ func TestSocketActivation(t *testing.T) {
 	a := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	b := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	first := getAsync(b, "/env?k=LISTEN_PID")
+	// A download asked for before the primary is ready, which waits in
+	// the activated socket's accept queue meanwhile: the accept loop
+	// gives it the listener's TCP_NOTSENT_LOWAT too.
+	queued := make(chan net.Conn, 1)
+	go func() {
+		c, err := dialActivated(b)
+		if err == nil {
+			_, err = io.WriteString(c, "GET /download?n=33554432 HTTP/1.1\r\nHost: test\r\n\r\n")
+		}
+		if err != nil {
+			t.Errorf("the queued download: %v", err)
+			if c != nil {
+				c.Close()
+			}
+			c = nil
+		}
+		queued <- c
+	}()
 	p := startPrimaryCmd(t, activateCmd(t, app, 2, "admin:web", "socket=web", a, b), 2, nil)
 	if p.addr != b {
 		t.Errorf("primary serves on %s, want the socket named web, %s", p.addr, b)
@@ -124,6 +142,12 @@ func TestSocketActivation(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkUnsent := systemUnsentLimit() > unsentLimit
+	if qc := <-queued; qc != nil {
+		if checkUnsent {
+			t.Logf("the queued download's socket held at most %d bytes", watchUnsent(t, ba, qc))
+		}
+		qc.Close()
+	}
 	if checkUnsent {
 		unsentQueued(t, ba)
 	}
