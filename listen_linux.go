@@ -86,31 +86,35 @@ func hasPublicSocketOpts(fd int) bool {
 const unsentLimit = 128 << 10
 
 // limitUnsent sets unsentLimit on the listening socket ln (see
-// setUnsentLimit).
-func limitUnsent(ln net.Listener) error {
+// setUnsentLimit). It reports whether it set it.
+func limitUnsent(ln net.Listener) (set bool, err error) {
 	rc, err := listenerConn(ln)
 	if err != nil {
-		return err
+		return false, err
 	}
 	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), systemUnsentLimit()) }); err != nil {
-		return err
+	if err := rc.Control(func(fd uintptr) { set, serr = setUnsentLimit(int(fd), systemUnsentLimit()) }); err != nil {
+		return false, err
 	}
-	return serr
+	return set, serr
 }
 
 // setUnsentLimit sets TCP_NOTSENT_LOWAT to unsentLimit on the socket fd,
 // unless the socket has a value of its own already (an inherited socket:
 // its first owner's choice is kept) or the system's, system, is as low.
-func setUnsentLimit(fd, system int) error {
+// It reports whether it set it.
+func setUnsentLimit(fd, system int) (bool, error) {
 	v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT)
 	if err != nil {
-		return os.NewSyscallError("getsockopt", err)
+		return false, os.NewSyscallError("getsockopt", err)
 	}
 	if v != 0 || system <= unsentLimit {
-		return nil
+		return false, nil
 	}
-	return os.NewSyscallError("setsockopt", unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, unsentLimit))
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, unsentLimit); err != nil {
+		return false, os.NewSyscallError("setsockopt", err)
+	}
+	return true, nil
 }
 
 // systemUnsentLimit is net.ipv4.tcp_notsent_lowat, which applies to a
@@ -121,8 +125,8 @@ func systemUnsentLimit() int {
 	if err != nil {
 		return math.MaxInt
 	}
-	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 63)
-	if err != nil {
+	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil || v > math.MaxInt { // the default, 4294967295, is past a 32-bit int
 		return math.MaxInt
 	}
 	return int(v)

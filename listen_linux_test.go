@@ -209,8 +209,12 @@ func TestSetUnsentLimit(t *testing.T) {
 				t.Fatal(err)
 			}
 			var serr error
-			if err := rc.Control(func(fd uintptr) { serr = setUnsentLimit(int(fd), c.system) }); err != nil || serr != nil {
+			var set bool
+			if err := rc.Control(func(fd uintptr) { set, serr = setUnsentLimit(int(fd), c.system) }); err != nil || serr != nil {
 				t.Fatal(err, serr)
+			}
+			if want := c.own == 0 && c.want == unsentLimit; set != want {
+				t.Errorf("setUnsentLimit reports set %v; want %v", set, want)
 			}
 			if got := getsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != c.want {
 				t.Fatalf("listener's TCP_NOTSENT_LOWAT %d; want %d", got, c.want)

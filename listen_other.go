@@ -23,7 +23,7 @@ func allowHandshakes(net.Listener) error { return errors.ErrUnsupported }
 func acceptQueue(net.Listener) (int, error) { return 0, errors.ErrUnsupported }
 
 // limitUnsent is Linux's: TCP_NOTSENT_LOWAT is left as the system has it.
-func limitUnsent(net.Listener) error { return errors.ErrUnsupported }
+func limitUnsent(net.Listener) (bool, error) { return false, errors.ErrUnsupported }
 
 // socketLingers is not asked here: only Linux's loops close raw.
 func socketLingers(net.Listener) bool { return true }

@@ -32,6 +32,7 @@ type primary struct {
 	exe        string // the binary workers run
 	ln         net.Listener
 	lingers    bool            // closing an accepted socket may wait (socketLingers): closeClient goes through the scheduler
+	unsentSet  bool            // Start set TCP_NOTSENT_LOWAT on ln (limitUnsent): the accept loop sets it on sockets queued before
 	secret     [secretLen]byte // in the PROXY header of every connection to a worker
 
 	pool  *pool      // the slot table
@@ -171,7 +172,9 @@ func startPrimary(c *config, cfgErr error) (_ *Server, err error) {
 	if c.listener == nil {
 		// Only on a socket the primary opened or inherited: WithListener's
 		// owner configured it.
-		if err := limitUnsent(ln); err != nil && !errors.Is(err, errors.ErrUnsupported) {
+		set, err := limitUnsent(ln)
+		p.unsentSet = set
+		if err != nil && !errors.Is(err, errors.ErrUnsupported) {
 			p.log.Debug("TCP_NOTSENT_LOWAT not set: a slow reader's answer may sit whole in the kernel", "err", err)
 		}
 	}

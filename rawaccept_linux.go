@@ -92,13 +92,10 @@ func (p *primary) rawAcceptLoop() (handled bool, err error) {
 		return false, nil
 	}
 	a.optsSet, a.optsEach = optsSet, optsSet && optsEach
-	if a.optsEach {
-		// The same for the listener's TCP_NOTSENT_LOWAT (limitUnsent),
-		// which the queued sockets lack too.
-		lrc.Control(func(fd uintptr) {
-			a.unsent, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT)
-		})
-	}
+	// The same for TCP_NOTSENT_LOWAT where Start set it on the listener
+	// (limitUnsent): sockets queued before then (on a socket from systemd
+	// or from an upgrade's older primary) lack it.
+	a.unsentEach = p.unsentSet
 	// The drain closes the epoll set, which wakes the loop (the listener
 	// is closed by then, and its registration gone with it).
 	done := make(chan struct{})
@@ -213,7 +210,7 @@ type rawAccepter struct {
 	deadline   time.Time                   // file's read deadline: when the oldest pending is due
 	optsSet    bool                        // accepted sockets have net's options, from the listener
 	optsEach   bool                        // until the accept queue is first empty: set them on each
-	unsent     int                         // with optsEach: the listener's TCP_NOTSENT_LOWAT, set on each too (0: none)
+	unsentEach bool                        // until the accept queue is first empty: set unsentLimit on each
 	msg        handoffMsg                  // handOff's message, for send
 	cur        handed                      // handOff's connection, for send
 	send       func(*process, byte) error  // queue
@@ -349,15 +346,15 @@ func (a *rawAccepter) acceptPass(lfd uintptr) {
 		case nil:
 			if a.optsEach {
 				publicSocketOpts(fd) // an error is ignored: the message still says they are set
-				if a.unsent > 0 {
-					unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, a.unsent)
-				}
+			}
+			if a.unsentEach {
+				unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, unsentLimit) // as the listener has it; an error is ignored
 			}
 			a.conn(fd, peer)
 			a.yieldGate()
 		case syscall.EINTR, syscall.ECONNABORTED:
 		case syscall.EAGAIN:
-			a.optsEach = false // what comes now was made with the listener's options
+			a.optsEach, a.unsentEach = false, false // what comes now was made with the listener's options
 			return
 		default:
 			a.acceptErr = os.NewSyscallError("accept4", err)

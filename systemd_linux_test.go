@@ -4,7 +4,7 @@ package defuss
 // and sd_notify into a real AF_UNIX datagram socket.
 
 import (
-	"context"
+	"bufio"
 	"errors"
 	"io"
 	"net"
@@ -68,86 +68,74 @@ func dialActivated(addr string) (net.Conn, error) {
 	}
 }
 
-// getAsync sends GET path to addr in the background, waiting as long as
-// it takes: systemd-socket-activate starts the server on the first
-// connection, which waits in the socket's queue meanwhile.
-func getAsync(addr, path string) <-chan string {
-	out := make(chan string, 1)
-	go func() {
-		tr := &http.Transport{DisableKeepAlives: true, DialContext: func(context.Context, string, string) (net.Conn, error) { return dialActivated(addr) }}
-		c := &http.Client{Transport: tr, Timeout: time.Minute}
-		resp, err := c.Get("http://" + addr + path)
-		if err != nil {
-			out <- "error: " + err.Error()
-			return
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if err != nil {
-			out <- "error: " + err.Error()
-			return
-		}
-		out <- string(b)
-	}()
-	return out
-}
-
 // Issue 13: socket activation by the real systemd-socket-activate. The
 // first connection, which started the server, is served; the primary
 // serves on the socket systemd chose by name among two, and its workers
 // see none of LISTEN_*; an upgrade passes the activated socket on. The
-// activated socket limits unsent data (TCP_NOTSENT_LOWAT), before the
-// upgrade and after it.
+// activated socket limits unsent data (TCP_NOTSENT_LOWAT), on the first
+// connection, which waited in its accept queue until the primary was
+// ready, and on connections before the upgrade and after it.
 func TestSocketActivation(t *testing.T) {
+	socketActivate(t) // where it is missing, skip before anything starts
 	app := filepath.Join(t.TempDir(), "app")
 	copyBinary(t, app, "")
 	a := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	b := "127.0.0.1:" + strconv.Itoa(freePort(t))
-	first := getAsync(b, "/env?k=LISTEN_PID")
-	// A download asked for before the primary is ready, which waits in
-	// the activated socket's accept queue meanwhile: the accept loop
-	// gives it the listener's TCP_NOTSENT_LOWAT too.
-	queued := make(chan net.Conn, 1)
+	// The first connection asks for a download it does not read. It
+	// starts the server and waits in the socket's accept queue until the
+	// primary is ready, which cannot accept before then.
+	type dialed struct {
+		c   net.Conn
+		err error
+	}
+	queued := make(chan dialed, 1)
 	go func() {
 		c, err := dialActivated(b)
 		if err == nil {
 			_, err = io.WriteString(c, "GET /download?n=33554432 HTTP/1.1\r\nHost: test\r\n\r\n")
 		}
-		if err != nil {
-			t.Errorf("the queued download: %v", err)
-			if c != nil {
-				c.Close()
-			}
-			c = nil
-		}
-		queued <- c
+		queued <- dialed{c, err}
 	}()
+	var first dialed
+	taken := false
+	closeFirst := func() {
+		if !taken {
+			first, taken = <-queued, true
+		}
+		if first.c != nil {
+			first.c.Close()
+		}
+	}
+	t.Cleanup(closeFirst) // if the test ends before the check below
 	p := startPrimaryCmd(t, activateCmd(t, app, 2, "admin:web", "socket=web", a, b), 2, nil)
 	if p.addr != b {
 		t.Errorf("primary serves on %s, want the socket named web, %s", p.addr, b)
 	}
-	if got := <-first; got != "false " {
-		t.Errorf("the connection that started the server: %q; want it served by a worker without LISTEN_PID", got)
+	first, taken = <-queued, true
+	if first.err != nil {
+		t.Fatalf("the connection that started the server: %v", first.err)
 	}
-	for _, k := range []string{"LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", envUpgradeFrom} {
-		if _, got := get(t, b, "/env?k="+k); got != "false " {
-			t.Errorf("worker sees %s: %q", k, got)
-		}
-	}
-	// The activated socket gets TCP_NOTSENT_LOWAT as one the primary
-	// opens does, and keeps it across the upgrade (unsentQueued fails the
-	// test if a connection's unsent data is not limited).
 	ba, err := net.ResolveTCPAddr("tcp", b)
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkUnsent := systemUnsentLimit() > unsentLimit
-	if qc := <-queued; qc != nil {
-		if checkUnsent {
-			t.Logf("the queued download's socket held at most %d bytes", watchUnsent(t, ba, qc))
-		}
-		qc.Close()
+	if checkUnsent {
+		t.Logf("the first connection's socket held at most %d bytes", watchUnsent(t, ba, first.c))
 	}
+	first.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if resp, err := http.ReadResponse(bufio.NewReader(first.c), nil); err != nil || resp.StatusCode != 200 || resp.ContentLength != 32<<20 {
+		t.Errorf("the connection that started the server: %v, %v; want it served", resp, err)
+	}
+	closeFirst()
+	for _, k := range []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", envUpgradeFrom} {
+		if _, got := get(t, b, "/env?k="+k); got != "false " {
+			t.Errorf("worker sees %s: %q", k, got)
+		}
+	}
+	// Connections after the start get TCP_NOTSENT_LOWAT from the
+	// listener, and after the upgrade too (unsentQueued fails the test
+	// if a connection's unsent data is not limited).
 	if checkUnsent {
 		unsentQueued(t, ba)
 	}
