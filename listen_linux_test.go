@@ -43,16 +43,21 @@ func publicListener(t *testing.T, lc net.ListenConfig) net.Listener {
 // sockProtocol is the protocol of ln's socket (SO_PROTOCOL).
 func sockProtocol(t *testing.T, ln net.Listener) int {
 	t.Helper()
-	rc, err := listenerConn(ln)
+	return getsockopt(t, ln, unix.SOL_SOCKET, unix.SO_PROTOCOL)
+}
+
+// rawConnOf is c's descriptor, for a c that has one (syscall.Conn).
+func rawConnOf(t *testing.T, c any) syscall.RawConn {
+	t.Helper()
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		t.Fatalf("%T has no descriptor", c)
+	}
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var proto int
-	var gerr error
-	if err := rc.Control(func(fd uintptr) { proto, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) }); err != nil || gerr != nil {
-		t.Fatal(err, gerr)
-	}
-	return proto
+	return rc
 }
 
 // stopHandshakes: a connection the kernel completed before it waits in the
@@ -229,17 +234,8 @@ func TestSetUnsentLimit(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer sc.Close()
-			src, err := sc.(*net.TCPConn).SyscallConn()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got int
-			var gerr error
-			if err := src.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT) }); err != nil {
-				t.Fatal(err)
-			}
-			if gerr != nil || got != c.want {
-				t.Fatalf("accepted socket's TCP_NOTSENT_LOWAT %d, %v; want %d, inherited", got, gerr, c.want)
+			if got := getsockopt(t, sc, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT); got != c.want {
+				t.Fatalf("accepted socket's TCP_NOTSENT_LOWAT %d; want %d, inherited", got, c.want)
 			}
 		})
 	}
@@ -368,14 +364,11 @@ func procNetTxQueue(t *testing.T, local, remote string) (int, bool) {
 	return 0, false
 }
 
-// getsockopt and setsockopt are unix's on ln's socket, failing the test
-// on an error.
-func getsockopt(t *testing.T, ln net.Listener, level, opt int) int {
+// getsockopt and setsockopt are unix's on the socket of c (a listener
+// or a connection), failing the test on an error.
+func getsockopt(t *testing.T, c any, level, opt int) int {
 	t.Helper()
-	rc, err := listenerConn(ln)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rc := rawConnOf(t, c)
 	var v int
 	var gerr error
 	if err := rc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), level, opt) }); err != nil || gerr != nil {
@@ -384,12 +377,9 @@ func getsockopt(t *testing.T, ln net.Listener, level, opt int) int {
 	return v
 }
 
-func setsockopt(t *testing.T, ln net.Listener, level, opt, v int) {
+func setsockopt(t *testing.T, c any, level, opt, v int) {
 	t.Helper()
-	rc, err := listenerConn(ln)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rc := rawConnOf(t, c)
 	var serr error
 	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), level, opt, v) }); err != nil || serr != nil {
 		t.Fatal(err, serr)

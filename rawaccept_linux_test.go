@@ -742,16 +742,7 @@ func TestRawAcceptLeavesWithListenerOptions(t *testing.T) {
 // reports it.
 func listenerDeferAccept(t *testing.T, ln net.Listener) int {
 	t.Helper()
-	lrc, err := ln.(*net.TCPListener).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, gerr := -1, error(nil)
-	lrc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
-	if gerr != nil {
-		t.Fatal(gerr)
-	}
-	return v
+	return getsockopt(t, ln, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT)
 }
 
 // The raw accept loop does not wait to hand a descriptor to a worker

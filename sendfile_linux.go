@@ -75,7 +75,7 @@ func sendFile(dst syscall.RawConn, r io.Reader) (written int64, handled bool, er
 				switch {
 				case err == unix.EINTR:
 				case err == unix.EAGAIN:
-					return false // c's send buffer is full: wait for room
+					return false // dst's send buffer is full: wait for room
 				case err != nil:
 					errno = err
 					return true

@@ -125,31 +125,23 @@ func (c cell) median() (med wrkResult, lo, hi float64) {
 // 10,000 requests of the proxy, of the servers, and of both, each taken on
 // its own; -1 where unknown.
 func (c cell) cpuMedians() (proxy, servers, total float64) {
-	med := func(f func(wrkResult) float64) float64 {
-		var vs []float64
-		for _, r := range c.runs {
-			if v := f(r); v >= 0 {
-				vs = append(vs, v)
-			}
-		}
-		if len(vs) == 0 {
-			return -1
-		}
-		slices.Sort(vs)
-		return vs[(len(vs)-1)/2]
-	}
-	proxy = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy) })
-	servers = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.servers) })
-	total = med(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy + r.cpu.servers) })
+	proxy = c.medianOf(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy) })
+	servers = c.medianOf(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.servers) })
+	total = c.medianOf(func(r wrkResult) float64 { return r.cpuPer10k(r.cpu.proxy + r.cpu.servers) })
 	return proxy, servers, total
 }
 
 // switchesMedian is the median over the runs of the proxy's context
 // switches per request, -1 if no run measured them.
-func (c cell) switchesMedian() float64 {
+func (c cell) switchesMedian() float64 { return c.medianOf(wrkResult.switchesPerRequest) }
+
+// medianOf is the median of f over the runs (the lower of the middle two
+// for an even count), leaving out the runs where f is negative (unknown);
+// -1 if every run is.
+func (c cell) medianOf(f func(wrkResult) float64) float64 {
 	var vs []float64
 	for _, r := range c.runs {
-		if v := r.switchesPerRequest(); v >= 0 {
+		if v := f(r); v >= 0 {
 			vs = append(vs, v)
 		}
 	}
